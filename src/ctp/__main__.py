@@ -1,0 +1,5 @@
+import sys
+
+from ctp.cli import main
+
+sys.exit(main())

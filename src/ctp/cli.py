@@ -1,0 +1,67 @@
+"""The ``ctp`` command line: one subcommand per stage, each in ``ctp.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ctp import __version__
+from ctp.errors import CTPError
+
+# Subcommand modules; each defines register(subparsers) and sets func=run on its parser.
+COMMANDS = ("eval", "compress", "train_prompt", "generate", "zeroshot", "run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctp",
+        description="Compress a causal LM (SparseGPT, GPTQ, baselines), learn a soft prompt that "
+        "recovers its quality, and measure what came back.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctp {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"ctp.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"ctp.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose, args.quiet)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return int(args.func(args) or 0)
+    except CTPError as e:
+        print(f"ctp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Arguments and output shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ctp.errors import CTPError
+from ctp.io import atomic_write_json
+from ctp.models.load import DEFAULT_MODEL, NAMED_MODELS, default_device
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"named model ({', '.join(NAMED_MODELS)}), a Hugging Face or ctp-compressed directory, "
+                        f"a .gguf file, or a hub id (default: {DEFAULT_MODEL})")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype for evaluation (default: float32)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, metavar="P",
+                   help="a prompt to prepend: a ctp prompt file (.safetensors), or 'hard' for the paper's hard prompt")
+
+
+def device_of(args) -> str:
+    return args.device or default_device()
+
+
+def parse_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise CTPError(f"empty {what} list", f"pass a comma-separated list of {what}")
+    return items
+
+
+def load_prompt_arg(spec: str | None, model, tokenizer, info):
+    """Resolve ``--prompt``: None, 'hard', or a prompt artifact checked against the model."""
+    if spec is None:
+        return None
+    from ctp.prompt.embed import hard_prompt
+
+    if spec == "hard":
+        return hard_prompt(model, tokenizer)
+    from ctp.prompt.artifact import load_prompt
+
+    return load_prompt(spec, info).embeddings
+
+
+def write_json(path: str | None, obj) -> None:
+    if path:
+        atomic_write_json(Path(path), obj)
+
+
+def print_table(rows: list[dict], columns: list[str], file=None) -> None:
+    """A plain aligned table on stdout."""
+    file = file or sys.stdout
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,92 @@
+"""Perplexity following the GPTQ protocol, with an optional prompt.
+
+The text of one split is cut into non-overlapping windows of ``seqlen`` tokens;
+each window is scored on its own (tokens 2..seqlen given their prefix), and the
+perplexity is exp of the mean NLL over all scored tokens. A prompt of k
+embeddings is prepended to every window; it is not scored and the scored
+tokens are the same with and without it, so the two numbers compare directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctp.data.corpora import corpus_ids, eval_windows
+from ctp.prompt.embed import token_nll
+
+
+@dataclass
+class PPLResult:
+    dataset: str
+    split: str
+    source: str
+    seqlen: int
+    n_windows: int
+    n_tokens: int  # tokens scored
+    nll: float  # mean NLL per scored token (nats)
+    ppl: float
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    batch_size: int = 1,
+    progress: bool | str = False,
+) -> tuple[float, int]:
+    """Sum of NLL and number of scored tokens over ``windows`` (n, seqlen)."""
+    device = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    batches = range(0, windows.shape[0], batch_size)
+    desc = progress if isinstance(progress, str) else "perplexity"
+    for start in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
+        ids = windows[start : start + batch_size].to(device)  # (b, seqlen)
+        nll = token_nll(model, ids, prompt)  # (b, seqlen-1)
+        total += float(nll.double().sum())
+        count += nll.numel()
+    return total, count
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    dataset: str = "wikitext2",
+    split: str = "test",
+    seqlen: int = 1024,
+    prompt: torch.Tensor | None = None,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    source: str = "local",
+    progress: bool = True,
+) -> PPLResult:
+    """Perplexity of ``model`` (with ``prompt`` prepended, if given) on one split of a corpus."""
+    t0 = time.perf_counter()
+    ids, ref = corpus_ids(dataset, split, tokenizer, source)
+    windows = eval_windows(ids, seqlen, max_windows)
+    label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({prompt.shape[0]})" if prompt is not None else "")
+    total, count = window_nll(model, windows, prompt, batch_size, progress=label if progress else False)
+    nll = total / count
+    return PPLResult(
+        dataset=ref.name,
+        split=ref.split,
+        source=ref.source,
+        seqlen=seqlen,
+        n_windows=int(windows.shape[0]),
+        n_tokens=count,
+        nll=nll,
+        ppl=math.exp(nll),
+        prompt_tokens=0 if prompt is None else int(prompt.shape[0]),
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,165 @@
+"""Atomic, verifiable artifact I/O.
+
+Every file ctp writes goes to a temporary name in the same directory, is
+fsynced, then renamed over the target, so a crash never leaves a half-written
+artifact under the real name. Directory artifacts are built in a temporary
+sibling directory and renamed into place the same way. Safetensors files carry
+a format version and a SHA-256 of their tensors in their metadata, checked on
+load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ctp.errors import CTPError
+
+FORMAT_VERSION = "1"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CTPError(f"{what} {path} does not exist", "check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CTPError(f"{what} {path} is not valid JSON ({e})", "the file is damaged: recreate it") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Build a directory artifact in a temporary sibling, then rename it to ``path``.
+
+    On an exception the temporary directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CTPError(f"{path} already exists", "pass another --out or remove it")
+    if path.exists() and not path.is_dir():
+        raise CTPError(f"{path} exists and is not a directory", "pass another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of the tensors (order independent)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
+                 kind: str = "ctp") -> Path:
+    """Write safetensors atomically with ``format_version``, ``kind``, ``sha256`` and JSON ``ctp`` metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "sha256": tensors_digest(tensors),
+        "ctp": json.dumps(metadata or {}, default=str),
+    }
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifact") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`save_tensors`, verifying kind, version and checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CTPError(f"{what} {path} does not exist", "check the path")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise CTPError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})",
+                       "the file is truncated or damaged: recreate it") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CTPError(f"{what} {path} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
+                       "recreate it with this version of ctp")
+    if kind is not None and meta.get("kind") != kind:
+        raise CTPError(f"{path} is a '{meta.get('kind')}' file, not a {kind}", f"pass a {kind} file")
+    if meta.get("sha256") != tensors_digest(tensors):
+        raise CTPError(f"{what} {path} fails its checksum", "the file was modified or damaged: recreate it")
+    try:
+        extra = json.loads(meta.get("ctp", "{}"))
+    except json.JSONDecodeError as e:
+        raise CTPError(f"{what} {path} has damaged metadata", "recreate it") from e
+    return tensors, extra

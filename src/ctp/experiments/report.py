@@ -1,0 +1,283 @@
+"""The report of an experiment: Markdown tables in the paper's shapes, PNG plots, from results records.
+
+Pure presentation: it reads the flat records that the runner wrote (``results.json``)
+and never runs a model, so a report can be rebuilt at any time with
+``ctp run FILE --report-only``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from ctp.experiments.config import FULL, ExperimentConfig
+from ctp.io import atomic_write_text
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        if abs(x) >= 1000:
+            return f"{x:.4g}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _ppl_index(records: list[dict]) -> dict:
+    """(model, role, prompt name, dataset) -> ppl."""
+    idx = {}
+    for r in records:
+        if r.get("kind") == "ppl":
+            idx[(r["model"], r["role"], r["prompt"], r["dataset"])] = r["ppl"]
+    return idx
+
+
+def _get(idx: dict, model: str, role: str, dataset: str, prompt: str | None = None):
+    for (m, ro, p, d), v in idx.items():
+        if m == model and ro == role and d == dataset and (prompt is None or p == prompt):
+            return v
+    return None
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -> Path:
+    """Write ``report.md`` and its plots into ``root``; returns the report path."""
+    root = Path(root)
+    idx = _ppl_index(records)
+    models = [r for r in records if r.get("kind") == "model"]
+    comp_label = {r["model"]: (r.get("compression") or "uncompressed") for r in models}
+    parts: list[str] = [f"# Experiment `{cfg.name}`", ""]
+    parts.append(f"Model: `{cfg.model}`. Every number below was measured by `ctp run` from the experiment "
+                 f"file stored beside this report (`experiment.json`); raw records are in `results.json`.")
+    parts.append("")
+
+    # ---------------------------------------------------------------- compression summary
+    if models:
+        rows = []
+        for r in models:
+            s = r.get("summary") or {}
+            rows.append([r["model"], comp_label[r["model"]],
+                         None if r.get("disk_bytes") is None else r["disk_bytes"] / 2**20,
+                         s.get("sparsity"), s.get("seconds")])
+        parts += ["## Compressed models", "",
+                  _table(["label", "compression", "size on disk (MiB)", "sparsity", "compress time (s)"], rows), ""]
+
+    # ---------------------------------------------------------------- main perplexity table
+    if cfg.perplexity:
+        p = cfg.perplexity
+        ds = p.datasets
+        parts += [f"## Perplexity ({p.split} split, seqlen {p.seqlen}"
+                  + (f", at most {p.max_windows} windows" if p.max_windows else "") + ")", "",
+                  "Without a prompt, with the paper's hard prompt, and with the prompt learned on this model "
+                  f"({cfg.prompt.tokens if cfg.prompt else 0} tokens, trained on {cfg.prompt.data if cfg.prompt else '–'} train).",
+                  ""]
+        header = ["model", "compression"]
+        for d in ds:
+            header += [f"{d} none", f"{d} hard", f"{d} learned"]
+        rows = []
+        for label in cfg.labels():
+            row = [label, comp_label.get(label, "")]
+            for d in ds:
+                row += [_get(idx, label, "none", d), _get(idx, label, "hard", d), _get(idx, label, "learned", d)]
+            rows.append(row)
+        parts += [_table(header, rows), ""]
+        fig_path = _plot_ppl(cfg, idx, root)
+        if fig_path:
+            parts += [f"![perplexity versus compression]({fig_path.name})", ""]
+
+    # ---------------------------------------------------------------- cross-compression transfer
+    prompted = cfg.prompted()
+    if cfg.perplexity and cfg.transfer and cfg.transfer.compression and len(prompted) > 1:
+        parts += ["## Cross-compression transfer", "",
+                  "Perplexity of each target model (columns) with the prompt learned on each source model (rows); "
+                  "the diagonal is the model's own prompt, the last row no prompt.", ""]
+        for d in cfg.perplexity.datasets:
+            matrix = _transfer_matrix(idx, prompted, d)
+            rows = [[f"source {s}"] + [matrix[s].get(t) for t in prompted] for s in prompted]
+            rows.append(["no prompt"] + [_get(idx, t, "none", d) for t in prompted])
+            parts += [f"**{d}**", "", _table(["prompt \\ target"] + prompted, rows), ""]
+        fig_path = _plot_transfer(cfg, idx, prompted, root)
+        parts += [f"![transfer heat map]({fig_path.name})", ""]
+
+    # ---------------------------------------------------------------- cross-dataset transfer (Table 4)
+    if cfg.transfer and cfg.transfer.datasets and cfg.prompt:
+        spec = cfg.transfer.datasets
+        label = spec.model or (prompted or [FULL])[0]
+        rows = []
+        for role, name in (("none", "no prompt"), ("direct", "prompt learned on the target set"),
+                           ("transferred", f"prompt learned on {cfg.prompt.data}, transferred")):
+            rows.append([name] + [_get(idx, label, role, d) for d in spec.train_on])
+        parts += [f"## Cross-dataset transfer ({label})", "", _table(["", *spec.train_on], rows), ""]
+
+    # ---------------------------------------------------------------- prompt length ablation (Table 1)
+    if cfg.length_ablation and cfg.prompt:
+        la = cfg.length_ablation
+        label = la.model or (prompted or [FULL])[0]
+        datasets = cfg.perplexity.datasets if cfg.perplexity else [la.dataset or cfg.prompt.data]
+        rows = [[("baseline (0 tokens)" if k == 0 else f"{k} tokens")] + [_get(idx, label, f"length{k}", d) for d in datasets]
+                for k in la.tokens]
+        parts += [f"## Prompt length ablation ({label})", "", _table(["# tokens", *datasets], rows), ""]
+        fig_path = _plot_length(cfg, idx, label, datasets, root)
+        parts += [f"![perplexity versus prompt length]({fig_path.name})", ""]
+
+    # ---------------------------------------------------------------- zero-shot (Table 5)
+    zs = [r for r in records if r.get("kind") == "zeroshot"]
+    if zs:
+        tasks = cfg.zeroshot.tasks
+        rows = []
+        for r in zs:
+            by_task = {t["task"]: t for t in r["tasks_results"]}
+            row = [r["model"], r["prompt"]]
+            for t in tasks:
+                tr = by_task.get(t)
+                row.append("–" if tr is None else f"{tr['acc_norm']:.3f} ± {tr['acc_norm_stderr']:.3f}")
+            rows.append(row)
+        n = zs[0]["tasks_results"][0]["n"] if zs[0]["tasks_results"] else 0
+        parts += ["## Zero-shot accuracy (acc_norm ± standard error)", "",
+                  f"{n} items per task" + (f" (limit {cfg.zeroshot.limit})" if cfg.zeroshot.limit else "") + "; "
+                  "the learned prompt was trained for language modelling only (cross-task transfer).", "",
+                  _table(["model", "prompt", *tasks], rows), ""]
+
+    # ---------------------------------------------------------------- latency (A.4)
+    lat = [r for r in records if r.get("kind") == "latency"]
+    if lat:
+        rows = [[r["model"], r["prompt_tokens"], r["context_len"], r["prefill_s"] * 1e3, r["prefill_cached_s"] * 1e3,
+                 r["per_token_s"] * 1e3] for r in lat]
+        parts += [f"## Latency of prompt tokens (device: {lat[0]['device']})", "",
+                  "Prefill of prompt + context recomputing the prompt each request, prefill with the prompt's "
+                  "keys and values cached once (prefix caching), and one decoding step with the KV cache; "
+                  "medians in milliseconds.", "",
+                  _table(["model", "prompt tokens", "context", "prefill (ms)", "prefill, cached prompt (ms)",
+                          "per token (ms)"], rows), ""]
+        fig_path = _plot_latency(lat, root)
+        parts += [f"![latency versus prompt length]({fig_path.name})", ""]
+
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _transfer_matrix(idx: dict, prompted: list[str], dataset: str) -> dict:
+    """source -> target -> perplexity; a prompt's name starts with its source label and '@'."""
+    m: dict = defaultdict(dict)
+    for (target, role, prompt, d), v in idx.items():
+        if d != dataset or target not in prompted:
+            continue
+        if role == "learned":
+            m[target][target] = v
+        elif role == "transfer":
+            m[prompt.split("@", 1)[0]][target] = v
+    return m
+
+
+def _plot_ppl(cfg: ExperimentConfig, idx: dict, root: Path) -> Path | None:
+    compressed = list(cfg.compressions)
+    if not compressed:
+        return None
+    plt = _plt()
+    ds = cfg.perplexity.datasets
+    fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4), squeeze=False)
+    for ax, d in zip(axes[0], ds):
+        x = range(len(compressed))
+        for role, style in (("none", "o-"), ("hard", "s--"), ("learned", "^-")):
+            y = [_get(idx, label, role, d) for label in compressed]
+            if any(v is not None for v in y):
+                ax.plot(x, [math.nan if v is None else v for v in y], style, label=f"{role} prompt")
+        full = _get(idx, FULL, "none", d)
+        if full is not None:
+            ax.axhline(full, color="green", lw=1, label="full model")
+        ax.set_xticks(list(x), compressed, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_title(d)
+        ax.set_ylabel("perplexity")
+        ax.legend(fontsize=8)
+    path = root / "ppl_vs_compression.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _plot_transfer(cfg: ExperimentConfig, idx: dict, prompted: list[str], root: Path) -> Path:
+    plt = _plt()
+    ds = cfg.perplexity.datasets
+    fig, axes = plt.subplots(1, len(ds), figsize=(4.5 * len(ds), 4), squeeze=False)
+    for ax, d in zip(axes[0], ds):
+        m = _transfer_matrix(idx, prompted, d)
+        grid = [[math.nan if m[s].get(t) is None else m[s][t] for t in prompted] for s in prompted]
+        im = ax.imshow([[math.log(v) if v == v else math.nan for v in row] for row in grid], cmap="viridis_r")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, _fmt(v, 1), ha="center", va="center", color="white", fontsize=8)
+        ax.set_xticks(range(len(prompted)), prompted, rotation=30, ha="right")
+        ax.set_yticks(range(len(prompted)), prompted)
+        ax.set_xlabel("target model")
+        ax.set_ylabel("prompt source")
+        ax.set_title(f"{d} perplexity")
+        fig.colorbar(im, ax=ax, label="log perplexity", fraction=0.046)
+    path = root / "transfer_heatmap.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _plot_length(cfg: ExperimentConfig, idx: dict, label: str, datasets: list[str], root: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ks = cfg.length_ablation.tokens
+    for d in datasets:
+        y = [_get(idx, label, f"length{k}", d) for k in ks]
+        ax.plot(ks, [math.nan if v is None else v for v in y], "o-", label=d)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"prompt length ablation ({label})")
+    ax.legend()
+    path = root / "length_ablation.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _plot_latency(lat: list[dict], root: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    by_model: dict = defaultdict(list)
+    for r in lat:
+        by_model[r["model"]].append(r)
+    for model, rs in by_model.items():
+        rs = sorted(rs, key=lambda r: r["prompt_tokens"])
+        ks = [r["prompt_tokens"] for r in rs]
+        axes[0].plot(ks, [r["prefill_s"] * 1e3 for r in rs], "o-", label=f"{model}")
+        axes[0].plot(ks, [r["prefill_cached_s"] * 1e3 for r in rs], "s--", label=f"{model}, cached prompt")
+        axes[1].plot(ks, [r["per_token_s"] * 1e3 for r in rs], "o-", label=model)
+    axes[0].set_title(f"prefill of {lat[0]['context_len']} context tokens")
+    axes[1].set_title("one decoding step (KV cache)")
+    for ax in axes:
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("milliseconds")
+        ax.legend(fontsize=8)
+    path = root / "latency.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path

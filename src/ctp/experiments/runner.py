@@ -1,0 +1,317 @@
+"""Run an experiment grid with content-hash caching, so reruns skip finished work.
+
+Layout of a run directory (``runs/<name>`` by default)::
+
+    models/<label>-<hash>/          compressed model artifacts (ctp compress format)
+    prompts/<label>-<data>-k<k>-<hash>.safetensors   learned prompts (+ .ckpt while training)
+    cells/<kind>-<hash>.json        one finished measurement each
+    experiment.json                 the resolved experiment config
+    results.json                    every measurement, flat
+    report.md, *.png                the report (see ctp.experiments.report)
+
+Every artifact and cell is keyed by a hash of everything that determines it
+(model, compression config, prompt settings, evaluation settings, and the keys
+of what it depends on). An interrupted run resumes: finished cells and
+artifacts are reused, and a prompt whose training was cut off resumes from its
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ctp.errors import CTPError
+from ctp.experiments.config import FULL, ExperimentConfig
+from ctp.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+def content_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class PromptRef:
+    """A prompt used in a measurement: none, the hard prompt, or a learned one."""
+
+    name: str  # 'none', 'hard', or a learned prompt's id
+    key: str  # content key ('' for none)
+    path: str | None = None
+    source_model: str | None = None
+    data: str | None = None
+    tokens: int = 0
+
+
+NONE = PromptRef("none", "")
+
+
+@dataclass
+class Runner:
+    cfg: ExperimentConfig
+    root: Path
+    progress: bool = True
+    records: list[dict] = field(default_factory=list)
+    _loaded: tuple[str, object, object, object] | None = None
+
+    # ------------------------------------------------------------------ keys and paths
+
+    def _device(self) -> str:
+        from ctp.models.load import default_device
+
+        return self.cfg.device or default_device()
+
+    def compress_config(self, label: str):
+        from ctp.compress.config import CompressConfig
+
+        cal = self.cfg.calibration
+        spec = dict(self.cfg.compressions[label])
+        spec.setdefault("nsamples", cal.nsamples)
+        spec.setdefault("seqlen", cal.seqlen)
+        spec.setdefault("calib_dataset", cal.dataset)
+        spec.setdefault("seed", cal.seed)
+        return CompressConfig.from_dict(spec)
+
+    def model_key(self, label: str) -> str:
+        if label == FULL:
+            return content_hash({"model": self.cfg.model})
+        return content_hash({"model": self.cfg.model, "compress": self.compress_config(label).to_dict()})
+
+    def model_path(self, label: str) -> str:
+        if label == FULL:
+            return self.cfg.model
+        return str(self.root / "models" / f"{label}-{self.model_key(label)}")
+
+    # ------------------------------------------------------------------ stage 1: compressed models
+
+    def ensure_model(self, label: str) -> str:
+        path = self.model_path(label)
+        if label == FULL or Path(path, "ctp_compression.json").is_file():
+            return path
+        from ctp.compress import compress_model, save_compressed
+        from ctp.models.load import load_model
+
+        cfg = self.compress_config(label)
+        log.info("compressing %s (%s)", label, cfg.label())
+        model, tok, _ = load_model(self.cfg.model)
+        report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress)
+        save_compressed(model, tok, report, path)
+        self._loaded = None
+        return path
+
+    def load(self, label: str):
+        """The model of ``label`` (kept loaded while consecutive work uses it)."""
+        if self._loaded is None or self._loaded[0] != label:
+            from ctp.models.load import load_model
+
+            self._loaded = None
+            model, tok, info = load_model(self.ensure_model(label), device=self._device())
+            self._loaded = (label, model, tok, info)
+        return self._loaded[1], self._loaded[2], self._loaded[3]
+
+    # ------------------------------------------------------------------ stage 2: learned prompts
+
+    def prompt_ref(self, label: str, data: str | None = None, tokens: int | None = None) -> PromptRef:
+        p = self.cfg.prompt
+        if p is None:
+            raise CTPError("the experiment has no 'prompt' section", "add one to learn prompts")
+        data = data or p.data
+        tokens = p.tokens if tokens is None else tokens
+        key = content_hash({"model": self.model_key(label), "data": data, "tokens": tokens, "init": p.init,
+                            "train": p.train, "seed": self.cfg.seed})
+        name = f"{label}@{data}" + ("" if tokens == p.tokens else f"/k{tokens}")
+        path = self.root / "prompts" / f"{label}-{data}-k{tokens}-{key}.safetensors"
+        return PromptRef(name, key, str(path), label, data, tokens)
+
+    def ensure_prompt(self, ref: PromptRef) -> PromptRef:
+        if ref.path is None or Path(ref.path).is_file():
+            return ref
+        from ctp.prompt.soft import PromptConfig
+        from ctp.prompt.train import TrainConfig, train_prompt
+
+        p = self.cfg.prompt
+        model, tok, info = self.load(ref.source_model)
+        pcfg = PromptConfig(num_tokens=ref.tokens, init=p.init, seed=self.cfg.seed)
+        tcfg = TrainConfig(**{"data": ref.data, "seed": self.cfg.seed, **p.train})
+        log.info("learning prompt %s (%d tokens on %s)", ref.name, ref.tokens, ref.data)
+        train_prompt(model, tok, info, pcfg, tcfg, out_path=ref.path, resume=True, progress=self.progress)
+        return ref
+
+    def prompt_tensor(self, ref: PromptRef, model, tok, info) -> torch.Tensor | None:
+        if ref.name == "none":
+            return None
+        if ref.name == "hard":
+            from ctp.prompt.embed import hard_prompt
+
+            return hard_prompt(model, tok)
+        from ctp.prompt.artifact import load_prompt
+
+        return load_prompt(self.ensure_prompt(ref).path, info).embeddings
+
+    def hard_ref(self) -> PromptRef:
+        return PromptRef("hard", "hard")
+
+    # ------------------------------------------------------------------ cells
+
+    def cell(self, kind: str, spec: dict, compute: Callable[[], dict]) -> dict:
+        """A cached measurement: ``compute()`` runs only when no finished cell has this key."""
+        path = self.root / "cells" / f"{kind}-{content_hash({'kind': kind, **spec})}.json"
+        if path.is_file():
+            record = read_json(path, "cached result")
+        else:
+            t0 = time.perf_counter()
+            record = {"kind": kind, **spec, **compute()}
+            record["seconds"] = time.perf_counter() - t0
+            atomic_write_json(path, record)
+        self.records.append(record)
+        return record
+
+    def ppl(self, label: str, ref: PromptRef, dataset: str, role: str) -> dict:
+        s = self.cfg.perplexity
+        spec = {"model": label, "model_key": self.model_key(label), "prompt": ref.name, "prompt_key": ref.key,
+                "prompt_tokens": ref.tokens, "prompt_source": ref.source_model, "prompt_data": ref.data,
+                "dataset": dataset, "split": s.split, "seqlen": s.seqlen, "max_windows": s.max_windows,
+                "role": role}
+
+        def compute():
+            from ctp.eval.perplexity import perplexity
+
+            model, tok, info = self.load(label)
+            prompt = self.prompt_tensor(ref, model, tok, info)
+            r = perplexity(model, tok, dataset, s.split, s.seqlen, prompt=prompt, batch_size=s.batch_size,
+                           max_windows=s.max_windows, progress=self.progress)
+            return {"ppl": r.ppl, "nll": r.nll, "n_tokens": r.n_tokens, "n_windows": r.n_windows}
+
+        return self.cell("ppl", spec, compute)
+
+    # ------------------------------------------------------------------ the grid
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / "experiment.json", cfg.to_dict())
+        self.records = []
+        for label in cfg.labels():
+            self.ensure_model(label)
+            self.records.append({"kind": "model", "model": label, "model_key": self.model_key(label),
+                                 **self._model_summary(label)})
+        for label in cfg.prompted():
+            self.ensure_prompt(self.prompt_ref(label))
+        if cfg.perplexity:
+            self._perplexity()
+        if cfg.transfer and cfg.transfer.datasets and cfg.prompt:
+            self._dataset_transfer()
+        if cfg.length_ablation and cfg.prompt:
+            self._length_ablation()
+        if cfg.zeroshot:
+            self._zeroshot()
+        if cfg.latency:
+            self._latency()
+        atomic_write_json(self.root / "results.json", {"experiment": cfg.to_dict(), "records": self.records})
+        return self.records
+
+    def _model_summary(self, label: str) -> dict:
+        if label == FULL:
+            return {"compression": None, "disk_bytes": None}
+        path = Path(self.model_path(label))
+        meta = read_json(path / "ctp_compression.json", "compression metadata")
+        disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        return {"compression": self.compress_config(label).label(), "disk_bytes": disk,
+                "summary": meta.get("report", meta.get("summary"))}
+
+    def _perplexity(self) -> None:
+        cfg = self.cfg
+        prompted = cfg.prompted()
+        transfer = cfg.transfer is not None and cfg.transfer.compression
+        # group by target model so each model loads once
+        for label in cfg.labels():
+            refs: list[tuple[PromptRef, str]] = [(NONE, "none")]
+            if cfg.perplexity.hard_prompt:
+                refs.append((self.hard_ref(), "hard"))
+            if label in prompted:
+                refs.append((self.prompt_ref(label), "learned"))
+            if transfer:
+                refs += [(self.prompt_ref(src), "transfer") for src in prompted if src != label]
+            for ref, role in refs:
+                for d in cfg.perplexity.datasets:
+                    self.ppl(label, ref, d, role)
+
+    def _dataset_transfer(self) -> None:
+        spec = self.cfg.transfer.datasets
+        label = spec.model or (self.cfg.prompted() or [FULL])[0]
+        for d in spec.train_on:
+            direct = self.ensure_prompt(self.prompt_ref(label, data=d))
+            self.ppl(label, direct, d, "direct")
+            self.ppl(label, self.prompt_ref(label), d, "transferred")
+            self.ppl(label, NONE, d, "none")
+
+    def _length_ablation(self) -> None:
+        spec = self.cfg.length_ablation
+        label = spec.model or (self.cfg.prompted() or [FULL])[0]
+        data = spec.dataset or self.cfg.prompt.data
+        datasets = self.cfg.perplexity.datasets if self.cfg.perplexity else [data]
+        for k in spec.tokens:
+            ref = NONE if k == 0 else self.ensure_prompt(self.prompt_ref(label, data=data, tokens=k))
+            for d in datasets:
+                self.ppl(label, ref, d, f"length{k}")
+
+    def _zeroshot(self) -> None:
+        z = self.cfg.zeroshot
+        prompted = self.cfg.prompted()
+        for label in z.models or self.cfg.labels():
+            refs = [NONE] + ([self.hard_ref()] if z.hard_prompt else [])
+            if label in prompted:
+                refs.append(self.prompt_ref(label))
+            for ref in refs:
+                spec = {"model": label, "model_key": self.model_key(label), "prompt": ref.name,
+                        "prompt_key": ref.key, "tasks": z.tasks, "limit": z.limit}
+
+                def compute(label=label, ref=ref):
+                    from ctp.eval.zeroshot import evaluate_tasks
+
+                    model, tok, info = self.load(label)
+                    prompt = self.prompt_tensor(ref, model, tok, info)
+                    res = evaluate_tasks(model, tok, z.tasks, prompt=prompt, limit=z.limit,
+                                         batch_size=z.batch_size, progress=self.progress)
+                    return {"tasks_results": [r.to_dict() for r in res]}
+
+                self.cell("zeroshot", spec, compute)
+
+    def _latency(self) -> None:
+        from ctp.eval.latency import measure_latency
+
+        lat = self.cfg.latency
+        for label in lat.models or [FULL]:
+            for k in lat.prompt_tokens:
+                spec = {"model": label, "model_key": self.model_key(label), "prompt_tokens": k,
+                        "context_len": lat.context_len, "new_tokens": lat.new_tokens, "device": self._device()}
+
+                def compute(label=label, k=k):
+                    model, _, _ = self.load(label)
+                    d = model.get_input_embeddings().weight.shape[1]
+                    prompt = None if k == 0 else torch.randn(k, d, generator=torch.Generator().manual_seed(0)) * 0.02
+                    r = measure_latency(model, prompt, lat.context_len, lat.new_tokens, repeats=lat.repeats)
+                    return r.to_dict()
+
+                self.cell("latency", spec, compute)
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
+                   report: bool = True) -> Path:
+    """Run (or resume) an experiment and write its report; returns the run directory."""
+    root = Path(out_dir) if out_dir else Path("runs") / cfg.name
+    runner = Runner(cfg, root, progress=progress)
+    records = runner.run()
+    if report:
+        from ctp.experiments.report import write_report
+
+        write_report(cfg, records, root)
+    return root

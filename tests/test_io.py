@@ -1,0 +1,70 @@
+import os
+
+import pytest
+import torch
+
+from ctp.errors import CTPError
+from ctp.io import atomic_dir, atomic_write_text, load_tensors, read_json, save_tensors
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(4, 3, generator=g), "b": torch.arange(7, dtype=torch.int32)}
+
+
+def test_save_load_identity_with_metadata(tmp_path):
+    p = save_tensors(tmp_path / "x.safetensors", _tensors(), {"k": 3, "name": "p"}, kind="ctp-test")
+    t, meta = load_tensors(p, kind="ctp-test")
+    assert meta == {"k": 3, "name": "p"}
+    for name, v in _tensors().items():
+        assert torch.equal(t[name], v)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    p = save_tensors(tmp_path / "x.safetensors", _tensors(), kind="ctp-test")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 10])
+    with pytest.raises(CTPError, match="truncated or damaged"):
+        load_tensors(p, kind="ctp-test")
+
+
+def test_tampered_tensor_fails_checksum(tmp_path):
+    p = save_tensors(tmp_path / "x.safetensors", _tensors(), kind="ctp-test")
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF  # flip bits in the last tensor byte
+    p.write_bytes(bytes(data))
+    with pytest.raises(CTPError, match="checksum"):
+        load_tensors(p, kind="ctp-test")
+
+
+def test_wrong_kind_and_missing_file(tmp_path):
+    p = save_tensors(tmp_path / "x.safetensors", _tensors(), kind="ctp-a")
+    with pytest.raises(CTPError, match="not a ctp-b"):
+        load_tensors(p, kind="ctp-b")
+    with pytest.raises(CTPError, match="does not exist"):
+        load_tensors(tmp_path / "nope.safetensors")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "art"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as d:
+            (d / "half.bin").write_bytes(b"x")
+            raise RuntimeError("crash while writing")
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+    with atomic_dir(target) as d:
+        (d / "ok.txt").write_text("done")
+    assert (target / "ok.txt").read_text() == "done"
+    # replacing an existing artifact keeps the old one until the new one is complete
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as d:
+            raise RuntimeError
+    assert (target / "ok.txt").read_text() == "done"
+
+
+def test_damaged_json(tmp_path):
+    p = atomic_write_text(tmp_path / "c.json", '{"a": 1')
+    with pytest.raises(CTPError, match="not valid JSON"):
+        read_json(p)

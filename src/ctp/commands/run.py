@@ -34,8 +34,15 @@ def run(args) -> int:
         cfg.device = args.device
     root = Path(args.out) if args.out else Path("runs") / cfg.name
     if args.report_only:
-        records = read_json(root / "results.json", "results file")["records"]
-        path = write_report(cfg, records, root)
+        from ctp.experiments.report import write_index
+        from ctp.experiments.runner import model_slug
+
+        configs = cfg.per_model()
+        for sub in configs:
+            sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
+            path = write_report(sub, read_json(sub_root / "results.json", "results file")["records"], sub_root)
+        if len(configs) > 1:
+            path = write_index(cfg, [model_slug(c.model) for c in configs], root)
     else:
         root = run_experiment(cfg, root, progress=not args.quiet)
         path = root / "report.md"

@@ -129,6 +129,7 @@ class LatencySpec:
 class ExperimentConfig:
     name: str
     model: str = "smollm2-135m"
+    models: list[str] | None = None  # several models: the same grid runs once per model
     seed: int = 0
     device: str | None = None
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
@@ -149,6 +150,12 @@ class ExperimentConfig:
         for where, names in self._label_refs():
             for n in names:
                 require(n in labels, f"'{where}' names unknown model '{n}'", f"use one of: {', '.join(self.labels())}")
+
+    def per_model(self) -> list[ExperimentConfig]:
+        """One config per model (``models`` expands into copies with ``model`` set)."""
+        if not self.models:
+            return [self]
+        return [dataclasses.replace(self, model=m, models=None) for m in self.models]
 
     def labels(self) -> list[str]:
         return [FULL, *self.compressions]

@@ -179,6 +179,15 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
     return path
 
 
+def write_index(cfg: ExperimentConfig, slugs: list[str], root: str | Path) -> Path:
+    """The top-level report of a several-model experiment: links to each model's report."""
+    lines = [f"# Experiment `{cfg.name}`", "", "One report per model:", ""]
+    lines += [f"- [{s}]({s}/report.md)" for s in slugs]
+    path = Path(root) / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 def _transfer_matrix(idx: dict, prompted: list[str], dataset: str) -> dict:
     """source -> target -> perplexity; a prompt's name starts with its source label and '@'."""
     m: dict = defaultdict(dict)

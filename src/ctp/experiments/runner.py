@@ -304,14 +304,26 @@ class Runner:
                 self.cell("latency", spec, compute)
 
 
+def model_slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
                    report: bool = True) -> Path:
-    """Run (or resume) an experiment and write its report; returns the run directory."""
-    root = Path(out_dir) if out_dir else Path("runs") / cfg.name
-    runner = Runner(cfg, root, progress=progress)
-    records = runner.run()
-    if report:
-        from ctp.experiments.report import write_report
+    """Run (or resume) an experiment and write its report; returns the run directory.
 
-        write_report(cfg, records, root)
+    With several ``models``, each runs in its own subdirectory ``<out>/<model>``
+    and ``<out>/report.md`` links their reports.
+    """
+    from ctp.experiments.report import write_index, write_report
+
+    root = Path(out_dir) if out_dir else Path("runs") / cfg.name
+    configs = cfg.per_model()
+    for sub in configs:
+        sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
+        records = Runner(sub, sub_root, progress=progress).run()
+        if report:
+            write_report(sub, records, sub_root)
+    if report and len(configs) > 1:
+        write_index(cfg, [model_slug(c.model) for c in configs], root)
     return root

@@ -1,0 +1,25 @@
+"""Compression of causal LMs: SparseGPT, GPTQ, both jointly, and baselines.
+
+* :mod:`ctp.compress.config`: ``PruneConfig``, ``QuantConfig``, ``CompressConfig``;
+* :mod:`ctp.compress.kernels` / :mod:`ctp.compress.quant`: pure per-matrix kernels;
+* :mod:`ctp.compress.registry`: ``compress_weight`` (method name -> kernel);
+* :mod:`ctp.compress.driver`: ``compress_model``, the layer-by-layer pipeline;
+* :mod:`ctp.compress.artifact`: ``save_compressed`` / ``load_compressed``, the packed format.
+"""
+
+from ctp.compress.artifact import load_compressed, save_compressed
+from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
+from ctp.compress.driver import CompressionReport, compress_model
+from ctp.compress.registry import CompressedWeight, compress_weight
+
+__all__ = [
+    "CompressConfig",
+    "CompressedWeight",
+    "CompressionReport",
+    "PruneConfig",
+    "QuantConfig",
+    "compress_model",
+    "compress_weight",
+    "load_compressed",
+    "save_compressed",
+]

@@ -1,0 +1,181 @@
+"""``ctp compress``: prune and/or quantize a model layer by layer, save a packed artifact.
+
+Flags map one-to-one onto :class:`~ctp.compress.config.CompressConfig` fields (``--blocksize``
+and ``--percdamp`` set both the prune and the quant config); ``--config FILE`` loads a whole
+config from JSON or YAML and explicit flags override it. At least one of ``--sparsity``,
+``--nm`` or ``--bits`` (or a config file) says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ctp.commands.common import add_model_args, device_of, print_table
+from ctp.errors import CTPError, require
+
+# flag dest -> (section, CompressConfig / PruneConfig / QuantConfig field)
+_PRUNE_FLAGS = {"prune_method": "method", "sparsity": "sparsity"}
+_QUANT_FLAGS = {"quant_method": "method", "bits": "bits", "group_size": "group_size", "sym": "sym",
+                "act_order": "act_order", "true_sequential": "true_sequential"}
+_TOP_FLAGS = {"nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib_dataset", "seed": "seed"}
+_SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="compress a model (SparseGPT, GPTQ, both, or a baseline) and save it packed",
+        description="Layer-by-layer compression on calibration text: prune (--sparsity / --nm), quantize "
+                    "(--bits), or both (sparsegpt + gptq run jointly in one pass). The output directory is "
+                    "loadable by every ctp command (--model DIR) and stores codes and masks, not dense weights.",
+    )
+    add_model_args(p)
+    p.add_argument("--out", default=None, help="output directory (required)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a CompressConfig as JSON or YAML (unknown keys rejected); flags override it")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed per row, e.g. 0.5")
+    g.add_argument("--nm", default=None, metavar="N:M", help="semi-structured: keep N of every M inputs, e.g. 2:4")
+    g.add_argument("--prune-method", default=None, help="sparsegpt (default) | magnitude | wanda")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8")
+    g.add_argument("--quant-method", default=None, help="gptq (default) | rtn")
+    g.add_argument("--group-size", type=int, default=None, help="inputs per (scale, zero) group; -1: per row (default)")
+    g.add_argument("--sym", action="store_true", default=None, help="symmetric grid")
+    g.add_argument("--act-order", action="store_true", default=None,
+                   help="GPTQ: quantize columns by descending Hessian diagonal")
+    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
+                   help="compress all linears of a block from one pass instead of in execution order")
+    g = p.add_argument_group("calibration and solver")
+    g.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    g.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    g.add_argument("--calib", default=None, help="calibration corpus, train split: c4 (default) | wikitext2 | ptb")
+    g.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    g.add_argument("--percdamp", type=float, default=None, help="Hessian dampening (default 0.01)")
+    g.add_argument("--blocksize", type=int, default=None, help="columns per lazy OBS block (default 128)")
+    g.add_argument("--calib-batch", type=int, default=8, help="calibration windows per block forward (memory)")
+    p.add_argument("--save-dtype", default="auto",
+                   help="dtype of the uncompressed tensors on disk: auto (the model's, exact), float16, "
+                        "bfloat16, float32")
+    p.set_defaults(func=run)
+
+
+def _read_config_file(path: str) -> dict:
+    f = Path(path)
+    require(f.is_file(), f"config file {path} does not exist", "check the path")
+    text = f.read_text(encoding="utf-8")
+    try:
+        if f.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise their own error types
+        raise CTPError(f"config file {path} cannot be parsed ({str(e).splitlines()[0]})",
+                       "write it as JSON or YAML") from e
+    require(isinstance(data, dict), f"config file {path} does not hold a mapping", "write key: value pairs")
+    return data
+
+
+def _parse_nm(value: str) -> tuple[int, int]:
+    parts = value.split(":")
+    try:
+        n, m = (int(x) for x in parts)
+    except ValueError:
+        raise CTPError(f"--nm {value!r} is not of the form N:M", "pass e.g. --nm 2:4") from None
+    return n, m
+
+
+def build_config(args):
+    """The :class:`CompressConfig` described by ``--config`` and the flags (flags win)."""
+    from ctp.compress.config import CompressConfig
+
+    base = _read_config_file(args.config) if args.config else {}
+    base = CompressConfig.from_dict(base).to_dict() if base else {}  # validate the file on its own first
+    prune = dict(base.get("prune") or {})
+    quant = dict(base.get("quant") or {})
+    top = {k: v for k, v in base.items() if k not in ("prune", "quant")}
+
+    require(not (args.sparsity is not None and args.nm is not None),
+            "--sparsity and --nm both given", "pass one: --sparsity for unstructured, --nm for N:M")
+    if args.sparsity is not None:
+        prune.update(sparsity=args.sparsity, prune_n=0, prune_m=0)
+    if args.nm is not None:
+        n, m = _parse_nm(args.nm)
+        prune.update(prune_n=n, prune_m=m)
+        prune.pop("sparsity", None)
+    if args.bits is not None:
+        quant["bits"] = args.bits
+    for dest, key in _PRUNE_FLAGS.items():
+        if dest != "sparsity" and getattr(args, dest) is not None:
+            require(bool(prune), f"--{dest.replace('_', '-')} needs --sparsity or --nm",
+                    "say how much to prune")
+            prune[key] = getattr(args, dest)
+    for dest, key in _QUANT_FLAGS.items():
+        if dest != "bits" and getattr(args, dest) is not None:
+            flag = "--no-true-sequential" if dest == "true_sequential" else f"--{dest.replace('_', '-')}"
+            require(bool(quant), f"{flag} needs --bits", "say how many bits to quantize to")
+            quant[key] = getattr(args, dest)
+    for key in ("blocksize", "percdamp"):
+        value = getattr(args, key)
+        if value is not None:
+            for section in (prune, quant):
+                if section:
+                    section[key] = value
+    for dest, key in _TOP_FLAGS.items():
+        if getattr(args, dest) is not None:
+            top[key] = getattr(args, dest)
+    require(bool(prune or quant), "nothing to compress",
+            "pass --sparsity, --nm and/or --bits (or --config FILE)")
+    return CompressConfig.from_dict({**top, "prune": prune or None, "quant": quant or None})
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def run(args) -> int:
+    from ctp.compress.artifact import save_compressed
+    from ctp.compress.driver import compress_model
+    from ctp.models.load import load_model, parse_dtype
+
+    require(args.out is not None, "--out is required", "pass --out DIR for the compressed model")
+    require(args.save_dtype in _SAVE_DTYPES, f"unknown --save-dtype {args.save_dtype!r}",
+            f"use one of {', '.join(_SAVE_DTYPES)}")
+    require(args.calib_batch >= 1, f"--calib-batch {args.calib_batch} must be at least 1", "use e.g. 8")
+    cfg = build_config(args)
+    out = Path(args.out)
+    require(not out.exists() or out.is_dir(), f"{out} exists and is not a directory", "pass another --out")
+    require(not (out.exists() and any(out.iterdir()) and not (out / "ctp_compression.json").is_file()),
+            f"{out} is a non-empty directory that is not a ctp compressed model",
+            "pass a new or empty directory for --out")
+
+    model, tok, info = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks move to --device one by one
+    report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
+                            chunk=args.calib_batch)
+    dense_dtype = None if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
+    storage = save_compressed(model, tok, report, report.compressed, out, dense_dtype=dense_dtype,
+                              source=info.to_dict())
+    weights = storage["weights_file_bytes"]
+    rows = [
+        {"metric": "recipe", "value": report.label},
+        {"metric": "model", "value": f"{info.spec} ({info.model_type})"},
+        {"metric": "time", "value": f"{report.seconds:.1f} s"},
+        {"metric": "calibration", "value": f"{cfg.nsamples} x {cfg.seqlen} tokens of {cfg.calib_dataset} train"},
+        {"metric": "compressed linears", "value": f"{len(report.compressed)} ({report.n_params:,} weights)"},
+        {"metric": "achieved sparsity", "value": f"{report.sparsity:.4f}"},
+        {"metric": "bits", "value": str(report.bits or "-")},
+        {"metric": "bits per compressed weight", "value": f"{storage['linear_bits_per_weight']:.3f}"},
+        {"metric": "weights on disk", "value": f"{_mb(weights)} (dense part {storage['dense_dtype']})"},
+        {"metric": "dense fp16 size",
+         "value": f"{_mb(storage['fp16_bytes'])} (x{weights / storage['fp16_bytes']:.3f})"},
+        {"metric": f"dense {storage['model_dtype']} size",
+         "value": f"{_mb(storage['original_bytes'])} (x{weights / storage['original_bytes']:.3f})"},
+        {"metric": "mean layer recon error", "value": f"{report.mean_recon_error:.4g}"},
+        {"metric": "mean relative recon error", "value": f"{report.mean_rel_error:.4g}"},
+        {"metric": "saved to", "value": str(out)},
+    ]
+    print_table(rows, ["metric", "value"])
+    return 0

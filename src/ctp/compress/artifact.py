@@ -1,0 +1,386 @@
+"""The compressed-model artifact: a directory that really is smaller, and rebuilds bit-exactly.
+
+Layout (written atomically with :func:`ctp.io.atomic_dir`)::
+
+    DIR/
+      config.json                 the Hugging Face model config (plus generation_config.json if any)
+      tokenizer files             tokenizer.save_pretrained
+      ctp_compression.json        format version, CompressConfig, summary, storage sizes, tensor index
+      dense.safetensors           every tensor that was not compressed (embeddings, norms, head, biases)
+      compressed.safetensors      the compressed linear layers, packed (see below)
+      compression_report.json     the full per-layer report, when a CompressionReport was given
+
+Each compressed linear ``NAME`` (full module name; matrices are (out, in) whatever the
+module's layout, GPT-2's Conv1D included) is stored as one of three *kinds*:
+
+``quant``        ``NAME.codes``: every code, ``bits`` bits each (``pack_int``, row-major).
+``sparse_quant`` ``NAME.codes``: the codes of the *kept* weights only, in row-major order of
+                 the mask, ``bits`` bits each, plus ``NAME.mask`` (``pack_mask``, 1 bit per
+                 weight). 50% sparse + 4-bit thus costs 0.5 * 4 + 1 = 3 bits per weight.
+``sparse``       ``NAME.values``: the kept weights in the dense dtype, plus ``NAME.mask``.
+
+Quantized kinds also hold ``NAME.scale`` (out, n_groups) **fp32**, ``NAME.zero`` (the integer
+zero points, packed at ``bits`` bits) and ``NAME.g_idx`` (int16/int32 group of each input
+column) only when act-order makes it differ from contiguous groups. Scales stay fp32
+because the kernels compute the in-memory weights from fp32 scales; storing them rounded
+to fp16 would change the weights (by up to ~5e-4 relative) and break the bit-exact
+rebuild. At group size 128 this costs 0.25 bit per weight (fp16 would save 0.125); with
+per-row grids it is negligible. N:M masks are stored as plain bitmasks (1 bit per weight);
+an index encoding (2 bits per kept weight for 2:4) would be a possible improvement.
+
+The rebuilt fp32 matrix ``dequantize(codes, scale[:, g_idx], zero[:, g_idx]) * mask`` is cast
+to the module's dtype exactly as the compression kernels cast it, so a model loaded from
+the artifact gives the same logits, bit for bit, as the in-memory compressed model
+(when the dense part is stored in the model's own dtype, the default). ``save_compressed``
+checks the rebuild against the live weights before writing anything.
+
+Dense tensors that share storage (tied embeddings: SmolLM2's LM head is its token
+embedding) are stored once and re-tied on load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ctp.compress.config import CompressConfig
+from ctp.compress.quant import dequantize, max_code, pack_int, pack_mask, unpack_int, unpack_mask
+from ctp.compress.registry import CompressedWeight
+from ctp.errors import CTPError
+from ctp.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
+from ctp.models.adapter import set_weight_matrix, weight_matrix
+
+log = logging.getLogger(__name__)
+
+MARKER = "ctp_compression.json"  # same name as ctp.models.load.COMPRESSED_MARKER
+FORMAT_VERSION = 1
+DENSE_FILE = "dense.safetensors"
+COMPRESSED_FILE = "compressed.safetensors"
+REPORT_FILE = "compression_report.json"
+DENSE_KIND = "ctp-compressed-dense"
+COMPRESSED_KIND = "ctp-compressed-linears"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _kind(cw: CompressedWeight) -> str:
+    if cw.quantized:
+        return "sparse_quant" if cw.mask is not None else "quant"
+    if cw.mask is None:
+        raise ValueError("a compressed weight with neither codes nor mask has nothing to store")
+    return "sparse"
+
+
+def _trivial_g_idx(g_idx: Tensor, n_groups: int) -> bool:
+    """True when ``g_idx`` is the contiguous grouping ``arange(in) // (in / n_groups)``."""
+    cols = g_idx.numel()
+    if cols % n_groups:
+        return False
+    return bool(torch.equal(g_idx.long().cpu(), torch.arange(cols) // (cols // n_groups)))
+
+
+def encode_weight(name: str, cw: CompressedWeight, value_dtype: torch.dtype) -> tuple[dict[str, Tensor], dict]:
+    """The stored tensors of one compressed linear and its index entry."""
+    kind = _kind(cw)
+    rows, cols = cw.weight.shape
+    tensors: dict[str, Tensor] = {}
+    entry: dict[str, Any] = {"kind": kind, "shape": [rows, cols]}
+    mask = None if cw.mask is None else cw.mask.cpu().bool()
+    if mask is not None:
+        tensors[f"{name}.mask"] = pack_mask(mask)
+        entry["n_kept"] = int(mask.sum())
+    if kind == "sparse":
+        tensors[f"{name}.values"] = cw.weight.detach().cpu()[mask].to(value_dtype)  # (n_kept,) row-major
+        return tensors, entry
+
+    assert cw.codes is not None and cw.scale is not None and cw.zero is not None and cw.bits is not None
+    bits = cw.bits
+    codes = cw.codes.cpu()
+    kept_codes = codes[mask] if mask is not None else codes.reshape(-1)  # row-major order
+    tensors[f"{name}.codes"] = pack_int(kept_codes.contiguous(), bits)
+    zero = cw.zero.cpu().float()
+    if not (torch.equal(zero, zero.round()) and float(zero.min()) >= 0 and float(zero.max()) <= max_code(bits)):
+        raise ValueError(f"{name}: zero points are not integers in [0, {max_code(bits)}]")
+    tensors[f"{name}.scale"] = cw.scale.cpu().float().contiguous()  # (rows, n_groups) fp32: exact
+    tensors[f"{name}.zero"] = pack_int(zero.to(torch.uint8).contiguous(), bits)
+    n_groups = cw.scale.shape[1]
+    g_idx = cw.g_idx.cpu() if cw.g_idx is not None else None
+    if g_idx is not None and not _trivial_g_idx(g_idx, n_groups):
+        small = cols <= torch.iinfo(torch.int16).max and n_groups <= torch.iinfo(torch.int16).max
+        tensors[f"{name}.g_idx"] = g_idx.to(torch.int16 if small else torch.int32)
+    entry.update(bits=bits, sym=bool(cw.sym), n_groups=n_groups, g_idx=f"{name}.g_idx" in tensors)
+    return tensors, entry
+
+
+def decode_weight(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor:
+    """The fp32 (out, in) matrix of one stored linear (inverse of :func:`encode_weight`)."""
+    rows, cols = entry["shape"]
+    numel = rows * cols
+    mask = None
+    if entry["kind"] in ("sparse", "sparse_quant"):
+        mask = unpack_mask(tensors[f"{name}.mask"], numel).view(rows, cols)
+        if int(mask.sum()) != entry["n_kept"]:
+            raise CTPError(f"{name}: the mask keeps {int(mask.sum())} weights, the index says {entry['n_kept']}",
+                           "the artifact is damaged: recreate it")
+    if entry["kind"] == "sparse":
+        values = tensors[f"{name}.values"]
+        w = torch.zeros(rows, cols, dtype=values.dtype)
+        w[mask] = values
+        return w.float()
+
+    bits, n_groups = entry["bits"], entry["n_groups"]
+    zero = unpack_int(tensors[f"{name}.zero"], bits, rows * n_groups).view(rows, n_groups).float()
+    scale = tensors[f"{name}.scale"].float()  # (rows, n_groups)
+    if entry["g_idx"]:
+        g = tensors[f"{name}.g_idx"].long()
+    else:
+        g = torch.arange(cols) // (cols // n_groups)  # (cols,) contiguous groups
+    if mask is None:
+        codes = unpack_int(tensors[f"{name}.codes"], bits, numel).view(rows, cols)
+    else:
+        # Pruned positions hold the zero-point code, as the kernels leave them (-> exactly 0).
+        codes = zero[:, g].to(torch.uint8)  # (rows, cols)
+        codes[mask] = unpack_int(tensors[f"{name}.codes"], bits, entry["n_kept"])
+    w = dequantize(codes, scale[:, g], zero[:, g])  # (rows, cols) fp32
+    return w if mask is None else w * mask
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that share storage with an earlier key: {alias: kept key}."""
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        sig = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and sig in seen:
+            aliases[key] = seen[sig]
+        else:
+            seen[sig] = key
+    return aliases
+
+
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_compressed(
+    model: nn.Module,
+    tokenizer,
+    report_or_cfg,
+    compressed: dict[str, CompressedWeight] | str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    dense_dtype: torch.dtype | None = None,
+    source: dict | None = None,
+) -> dict:
+    """Write the compressed ``model`` as an artifact directory; returns its storage summary.
+
+    ``report_or_cfg`` is a :class:`~ctp.compress.driver.CompressionReport` (its config,
+    summary and full report are recorded) or a :class:`CompressConfig`. ``compressed``
+    maps full module names to what :func:`~ctp.compress.driver.compress_model` produced
+    (default: the report's ``compressed``; ``save_compressed(model, tok, report, out_dir)``
+    works too); the live module weights must equal their rebuild (checked). ``dense_dtype``
+    (default: the model's dtype) stores the uncompressed tensors and pruned-only values
+    in another precision; then the loaded model matches the in-memory one cast to it.
+    ``source`` (e.g. ``ModelInfo.to_dict()``) records where the model came from.
+    """
+    from ctp.compress.driver import CompressionReport
+
+    if out_dir is None and isinstance(compressed, (str, Path)):
+        compressed, out_dir = None, compressed
+    if out_dir is None:
+        raise TypeError("save_compressed needs out_dir")
+    if isinstance(report_or_cfg, CompressionReport):
+        report, cfg_dict = report_or_cfg, report_or_cfg.config
+        if compressed is None:
+            compressed = report.compressed
+    elif isinstance(report_or_cfg, CompressConfig):
+        report, cfg_dict = None, report_or_cfg.to_dict()
+    else:
+        raise TypeError("report_or_cfg must be a CompressionReport or a CompressConfig")
+    if not compressed:
+        raise ValueError("nothing was compressed")
+    assert not isinstance(compressed, (str, Path))
+    model_dtype = next(model.parameters()).dtype
+    dense_dtype = dense_dtype or model_dtype
+    if dense_dtype not in _DTYPE_NAMES:
+        raise CTPError(f"cannot store weights as {dense_dtype}", "use float32, float16 or bfloat16")
+
+    modules = dict(model.named_modules())
+    comp_tensors: dict[str, Tensor] = {}
+    index: dict[str, dict] = {}
+    skip = set()
+    for name, cw in compressed.items():
+        if name not in modules:
+            raise ValueError(f"{name} is not a module of the model")
+        mod = modules[name]
+        live = weight_matrix(mod).detach().cpu()
+        tensors, entry = encode_weight(name, cw, dense_dtype)
+        entry["layout"] = "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+        # -0.0 and +0.0 compare equal here: pruned weights may carry either sign of zero.
+        if dense_dtype == model_dtype and not torch.equal(decode_weight(name, entry, tensors).to(live.dtype), live):
+            raise RuntimeError(f"{name}: the stored payload does not rebuild the model's weight")
+        comp_tensors.update(tensors)
+        index[name] = entry
+        skip.add(f"{name}.weight")
+
+    aliases = _aliases(model)
+    dense = {k: v.detach().cpu().to(dense_dtype) if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items() if k not in skip and k not in aliases}
+
+    linear_params = sum(math.prod(e["shape"]) for e in index.values())
+    n_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
+    comp_bytes, dense_bytes = _nbytes(comp_tensors), _nbytes(dense)
+    storage = {
+        "dense_dtype": _DTYPE_NAMES[dense_dtype],
+        "model_dtype": _DTYPE_NAMES.get(model_dtype, str(model_dtype)),
+        "n_params": n_params,
+        "linear_params": linear_params,
+        "compressed_linear_bytes": comp_bytes,  # tensor payload of compressed.safetensors
+        "dense_bytes": dense_bytes,
+        "linear_fp16_bytes": 2 * linear_params,
+        "linear_bits_per_weight": 8 * comp_bytes / linear_params,
+        "fp16_bytes": 2 * n_params,
+        "original_bytes": n_params * torch.empty((), dtype=model_dtype).element_size(),
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": cfg_dict,
+        "label": CompressConfig.from_dict(cfg_dict).label(),
+        "summary": report.summary() if report is not None else None,
+        "source": source,
+        "storage": storage,
+        "tokenizer": tokenizer is not None,
+        "aliases": aliases,
+        "tensors": index,
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except (ValueError, OSError) as e:  # an invalid generation config must not sink the artifact
+                log.warning("generation config not saved: %s", e)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_tensors(tmp / DENSE_FILE, dense, {"dtype": storage["dense_dtype"]}, kind=DENSE_KIND)
+        save_tensors(tmp / COMPRESSED_FILE, comp_tensors, {"format_version": FORMAT_VERSION}, kind=COMPRESSED_KIND)
+        if report is not None:
+            atomic_write_json(tmp / REPORT_FILE, report.to_dict())
+        sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
+        storage["file_bytes"] = sizes
+        storage["weights_file_bytes"] = sizes[DENSE_FILE] + sizes[COMPRESSED_FILE]
+        storage["total_bytes"] = sum(sizes.values())
+        atomic_write_json(tmp / MARKER, meta)
+    log.info("wrote %s: %.1f MB of weights (%.2f bits per compressed weight)", out_dir,
+             storage["weights_file_bytes"] / 1e6, storage["linear_bits_per_weight"])
+    return storage
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_index(path: str | Path) -> dict:
+    """The validated ``ctp_compression.json`` of an artifact directory."""
+    meta = read_json(Path(path) / MARKER, "compression index")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CTPError(f"{path} has compressed-model format {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
+                       "recreate it with this version of ctp")
+    for key in ("config", "tensors", "storage"):
+        if key not in meta:
+            raise CTPError(f"{Path(path) / MARKER} lacks '{key}'", "the artifact is damaged: recreate it")
+    return meta
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Rebuild ``(model, tokenizer, compression)`` from an artifact directory.
+
+    The model is built from its config without random initialisation, the dense tensors
+    are loaded, each compressed linear is rebuilt from its packed payload and tied
+    weights are re-tied. ``dtype`` is the returned model's dtype; when it is the dtype the
+    artifact was stored in (its ``storage.dense_dtype``), the logits equal the in-memory
+    compressed model's bit for bit. ``compression`` is the index minus the tensor list.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta = read_index(path)
+    cfg = CompressConfig.from_dict(meta["config"])  # validates the recorded recipe
+    stored = _NAME_DTYPES.get(meta["storage"].get("dense_dtype", "float32"), torch.float32)
+    dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
+    comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if meta.get("tokenizer", True) else None
+    except (OSError, ValueError) as e:
+        raise CTPError(f"cannot read the model config or tokenizer in {path}: {str(e).splitlines()[0]}",
+                       "the artifact is damaged: recreate it") from e
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        no_init_weights = nullcontext  # type: ignore[assignment]
+    with no_init_weights():  # every weight is overwritten below
+        model = AutoModelForCausalLM.from_config(config, dtype=stored)
+    index: dict[str, dict] = meta["tensors"]
+    aliases: dict[str, str] = meta.get("aliases", {})
+    result = model.load_state_dict(dense, strict=False)
+    expected_missing = {f"{n}.weight" for n in index} | set(aliases)
+    missing = set(result.missing_keys) - expected_missing
+    if missing or result.unexpected_keys:
+        raise CTPError(f"{path} does not fit its model config (missing {sorted(missing)[:3]}, "
+                       f"unexpected {sorted(result.unexpected_keys)[:3]})", "the artifact is damaged: recreate it")
+    modules = dict(model.named_modules())
+    for name, entry in index.items():
+        if name not in modules:
+            raise CTPError(f"{path}: compressed layer {name} is not in the model", "the artifact is damaged")
+        mod = modules[name]
+        w = decode_weight(name, entry, comp)  # (out, in) fp32
+        if tuple(weight_matrix(mod).shape) != tuple(entry["shape"]):
+            raise CTPError(f"{path}: {name} has shape {entry['shape']}, the model expects "
+                           f"{tuple(weight_matrix(mod).shape)}", "the artifact is damaged: recreate it")
+        set_weight_matrix(mod, w)
+    _retie(model, aliases)
+    if dtype != stored:
+        model.to(dtype)
+    model.eval()
+    compression = {k: v for k, v in meta.items() if k not in ("tensors", "aliases", "tokenizer")}
+    compression["label"] = cfg.label()
+    return model, tokenizer, compression
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias key share its source tensor again (tied embeddings)."""
+    if not aliases:
+        return
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for alias, src in aliases.items():
+        a_mod, _, a_name = alias.rpartition(".")
+        s_mod, _, s_name = src.rpartition(".")
+        a_owner, s_owner = model.get_submodule(a_mod), model.get_submodule(s_mod)
+        if getattr(a_owner, a_name) is getattr(s_owner, s_name):
+            continue
+        setattr(a_owner, a_name, getattr(s_owner, s_name))
+
+
+def artifact_size(path: str | Path) -> int:
+    """Bytes of every file in an artifact directory."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+__all__ = ["MARKER", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]

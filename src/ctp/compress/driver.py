@@ -1,0 +1,388 @@
+"""The layer-by-layer compression driver: one sequential pipeline for every architecture.
+
+``compress_model`` walks the decoder blocks in order, the way SparseGPT and GPTQ do:
+
+1. draw ``cfg.nsamples`` calibration windows of ``cfg.seqlen`` tokens;
+2. run the model's forward once per chunk of windows with every decoder block's
+   ``forward`` temporarily replaced by a *catcher* that records the block's inputs
+   (hidden states of block 0, and the positional/keyword arguments of each block:
+   attention mask, position ids, rotary ``position_embeddings``...) and passes the
+   hidden states through unchanged; the catcher of the last block stops the forward,
+   so the LM head never runs. Recording per block matters for families whose blocks
+   differ (Gemma 3 alternates sliding-window and global attention, each with its own
+   mask and rotary table);
+3. for each block: move only that block to the compute device (every other block stays
+   where it is, so a model larger than the device compresses), hook its linear layers
+   to accumulate their input Hessians ``H = 2/n sum x x^T`` (fp32), run the block on
+   all calibration inputs, compress each linear with
+   :func:`ctp.compress.registry.compress_weight` and write the result back. With
+   ``cfg.quant.true_sequential`` the linears are compressed group by group in
+   execution order (:func:`ctp.models.adapter.sequential_groups`), re-running the block
+   between groups so later groups see the compressed earlier ones; otherwise all of
+   them are compressed from one pass (SparseGPT's reference behaviour, and always for
+   pruning alone);
+4. re-run the compressed block on its inputs: those outputs feed the next block, so
+   every block is calibrated on what the compressed model actually produces.
+
+Architecture differences come only from :mod:`ctp.models.adapter`; nothing here names a
+model class. GPT-2's ``Conv1D`` sees the same ``(..., in_features)`` input as
+``nn.Linear`` and is read and written through ``weight_matrix`` / ``set_weight_matrix``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ctp.compress.config import CompressConfig
+from ctp.compress.kernels import accumulate_hessian
+from ctp.compress.registry import CompressedWeight, compress_weight
+from ctp.errors import require
+from ctp.models.adapter import (decoder_layers, get_arch, linear_layers, sequential_groups, set_weight_matrix,
+                                weight_matrix)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 8  # calibration windows per block forward
+
+
+class _StopForward(Exception):
+    """Raised by the last block's catcher: the inputs are recorded, the rest of the forward is not needed."""
+
+
+@dataclass
+class _BlockCall:
+    """How the model calls one decoder block, minus the hidden states.
+
+    ``args``/``kwargs`` were recorded from the first calibration chunk of ``batch`` windows;
+    ``hidden_kw`` is True when the hidden states were passed as ``hidden_states=``.
+    """
+
+    args: tuple
+    kwargs: dict[str, Any]
+    batch: int
+    hidden_kw: bool = False
+
+    def __call__(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        """Run ``layer`` on ``hidden`` (b, T, d) and return its output hidden states (b, T, d)."""
+        b = hidden.shape[0]
+        args, kwargs = self.args, self.kwargs
+        if b != self.batch:  # a shorter last chunk: cut arguments that carry the batch dimension
+            args, kwargs = _slice_batch(args, self.batch, b), _slice_batch(kwargs, self.batch, b)
+        out = layer(*args, hidden_states=hidden, **kwargs) if self.hidden_kw else layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out  # blocks return a tensor or a tuple
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples/lists/dicts."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _slice_batch(obj: Any, batch: int, b: int) -> Any:
+    """Keep the first ``b`` rows of every tensor whose leading dimension is the recorded ``batch``."""
+    return _map_tensors(obj, lambda t: t[:b] if t.dim() > 0 and t.shape[0] == batch else t)
+
+
+def _drop_caches(obj: Any) -> Any:
+    """Replace KV-cache objects by None: blocks are replayed many times and must not accumulate state."""
+    if isinstance(obj, dict):
+        return {k: _drop_caches(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_drop_caches(o) for o in obj)
+    return None if type(obj).__name__.endswith("Cache") else obj
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class CompressionReport:
+    """What a compression run did: config, per-layer / per-linear statistics and totals.
+
+    ``compressed`` maps each compressed module's full name to its
+    :class:`~ctp.compress.registry.CompressedWeight` (codes, masks, scales: what the
+    artifact stores); it is not part of :meth:`to_dict`.
+    """
+
+    config: dict
+    label: str
+    model_type: str
+    calibration: dict
+    layers: list[dict] = field(default_factory=list)  # per block: index, seconds, linears {name: stats}
+    seconds: float = 0.0
+    sparsity: float = 0.0  # achieved pruned fraction (by mask) over all compressed linears
+    zero_fraction: float = 0.0  # exact zeros in the compressed linears (pruned or rounded to 0)
+    bits: int | None = None
+    n_params: int = 0  # weights in the compressed linears
+    mean_recon_error: float = float("nan")  # mean of trace((W-W')H(W-W')^T) over linears
+    mean_rel_error: float = float("nan")  # mean of recon_error / trace(W H W^T)
+    compressed: dict[str, CompressedWeight] = field(default_factory=dict, repr=False)
+
+    def linear_stats(self) -> dict[str, dict]:
+        """Flat ``{module name: stats}`` over all blocks."""
+        return {name: s for layer in self.layers for name, s in layer["linears"].items()}
+
+    def summary(self) -> dict:
+        """The headline numbers (no per-linear detail)."""
+        return {
+            "label": self.label,
+            "model_type": self.model_type,
+            "seconds": self.seconds,
+            "sparsity": self.sparsity,
+            "zero_fraction": self.zero_fraction,
+            "bits": self.bits,
+            "n_params": self.n_params,
+            "n_linears": len(self.linear_stats()),
+            "mean_recon_error": self.mean_recon_error,
+            "mean_rel_error": self.mean_rel_error,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "calibration": self.calibration,
+            **self.summary(),
+            "layers": self.layers,
+        }
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@contextmanager
+def _catchers(layers: nn.ModuleList, calls: list[_BlockCall | None], store: list[Tensor]) -> Iterator[None]:
+    """Temporarily replace each block's ``forward`` by a recorder (see the module docstring)."""
+    last = len(layers) - 1
+
+    def make(i: int):
+        def catcher(*args, **kwargs):
+            hidden_kw = not args
+            hidden = kwargs.pop("hidden_states") if hidden_kw else args[0]
+            rest = args if hidden_kw else args[1:]
+            if i == 0:
+                store.append(hidden.detach())
+            if calls[i] is None:  # the first chunk's arguments serve every chunk
+                calls[i] = _BlockCall(_drop_caches(rest), _drop_caches(kwargs), hidden.shape[0], hidden_kw)
+            if i == last:
+                raise _StopForward
+            return hidden
+
+        return catcher
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = make(i)  # instance attribute shadows the class method
+        yield
+    finally:
+        for layer in layers:
+            if "forward" in layer.__dict__:
+                del layer.forward
+
+
+@torch.no_grad()
+def _capture_inputs(model: nn.Module, windows: Tensor, chunk: int) -> tuple[list[Tensor], list[_BlockCall]]:
+    """Block-0 hidden states per chunk, and each block's call arguments."""
+    layers = decoder_layers(model)
+    calls: list[_BlockCall | None] = [None] * len(layers)
+    store: list[Tensor] = []
+    emb_device = model.get_input_embeddings().weight.device
+    with _catchers(layers, calls, store):
+        for start in range(0, windows.shape[0], chunk):
+            ids = windows[start : start + chunk].to(emb_device)  # (b, T)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    if any(c is None for c in calls) or len(store) != math.ceil(windows.shape[0] / chunk):
+        raise RuntimeError("the model's forward did not call every decoder block once per chunk")
+    return store, calls  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _calibration(tokenizer, cfg: CompressConfig, calib_ids: Tensor | None) -> tuple[Tensor, dict]:
+    if calib_ids is not None:
+        require(calib_ids.dim() == 2 and calib_ids.shape[0] >= 1,
+                f"calibration ids must be (n, seqlen), got shape {tuple(calib_ids.shape)}",
+                "pass a 2-D LongTensor of windows")
+        return calib_ids.long(), {"source": "given", "nsamples": calib_ids.shape[0], "seqlen": calib_ids.shape[1]}
+    from ctp.data.corpora import corpus_ids, sample_windows
+
+    ids, ref = corpus_ids(cfg.calib_dataset, "train", tokenizer)
+    windows = sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)  # (nsamples, seqlen)
+    return windows, {**ref.to_dict(), "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed}
+
+
+def _check_widths(model: nn.Module, cfg: CompressConfig) -> None:
+    """Fail before any work if a layer cannot take the recipe (group size, N:M width)."""
+    for layer in decoder_layers(model):
+        for mod in linear_layers(layer).values():
+            cfg.check_width(weight_matrix(mod).shape[1])
+
+
+@torch.no_grad()
+def _run_block(layer: nn.Module, call: _BlockCall, inps: list[Tensor]) -> list[Tensor]:
+    return [call(layer, h) for h in inps]
+
+
+@torch.no_grad()
+def _compress_group(
+    layer: nn.Module,
+    names: list[str],
+    call: _BlockCall,
+    inps: list[Tensor],
+    cfg: CompressConfig,
+) -> dict[str, tuple[CompressedWeight, dict]]:
+    """Collect the Hessians of ``names`` from one pass over ``inps``, then compress them."""
+    mods = linear_layers(layer)
+    hess: dict[str, list] = {n: [None, 0] for n in names}  # name -> [H, n_samples]
+
+    def hook(name: str):
+        def fn(_mod, inp, _out):
+            x = inp[0].detach()  # (b, T, in): Linear and Conv1D alike
+            hess[name][0], hess[name][1] = accumulate_hessian(hess[name][0], hess[name][1], x)
+
+        return fn
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        _run_block(layer, call, inps)
+    finally:
+        for h in handles:
+            h.remove()
+
+    out: dict[str, tuple[CompressedWeight, dict]] = {}
+    for n in names:
+        H, count = hess.pop(n)
+        mod = mods[n]
+        W = weight_matrix(mod)  # (out, in), a view of the module's weight
+        Wf = W.float()
+        base = float(((Wf @ H) * Wf).sum())  # trace(W H W^T): the output energy, for a relative error
+        del Wf
+        t0 = time.perf_counter()
+        cw = compress_weight(W, H, count, cfg)
+        set_weight_matrix(mod, cw.weight)
+        stats = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                 for k, v in cw.stats.items()}
+        stats.update(seconds=time.perf_counter() - t0, bits=cw.bits, shape=list(cw.weight.shape), n_samples=count)
+        if "recon_error" in stats and base > 0:
+            stats["rel_error"] = stats["recon_error"] / base
+        out[n] = (cw, stats)
+        del H
+    return out
+
+
+def compress_model(
+    model: nn.Module,
+    tokenizer,
+    cfg: CompressConfig,
+    device: str | torch.device | None = None,
+    calib_ids: Tensor | None = None,
+    progress: bool = True,
+    chunk: int = DEFAULT_CHUNK,
+) -> CompressionReport:
+    """Compress every linear layer of every decoder block of ``model`` in place.
+
+    ``device`` is where each block is compressed (default: cuda if available, else
+    cpu); blocks are moved there one at a time and back afterwards. ``calib_ids``
+    (n, seqlen) replaces the calibration windows drawn from ``cfg.calib_dataset``
+    (train split). ``chunk`` windows go through a block at a time. Returns a
+    :class:`CompressionReport` whose ``compressed`` holds what the artifact stores.
+    """
+    from ctp.models.load import default_device
+
+    require(chunk >= 1, f"chunk {chunk} must be at least 1", "pass a positive number of windows per forward")
+    device = torch.device(device or default_device())
+    arch = get_arch(model)
+    layers = decoder_layers(model)
+    _check_widths(model, cfg)
+    t_start = time.perf_counter()
+
+    windows, calib = _calibration(tokenizer, cfg, calib_ids)
+    was_training = model.training
+    model.eval()
+    log.info("compressing %d blocks with %s on %s (%d calibration windows of %d tokens)",
+             len(layers), cfg.label(), device, windows.shape[0], windows.shape[1])
+
+    to_dev = lambda t: t.to(device)  # noqa: E731
+    inps, calls = _capture_inputs(model, windows, chunk)
+    inps = [h.to(device) for h in inps]
+    calls = [_BlockCall(_map_tensors(c.args, to_dev), _map_tensors(c.kwargs, to_dev), c.batch, c.hidden_kw)
+             for c in calls]
+
+    true_seq = cfg.quant is not None and cfg.quant.true_sequential
+    report = CompressionReport(config=cfg.to_dict(), label=cfg.label(), model_type=model.config.model_type,
+                               calibration=calib, bits=None if cfg.quant is None else cfg.quant.bits)
+    bar = tqdm(range(len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress)
+    for i in bar:
+        t_layer = time.perf_counter()
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
+        results: dict[str, tuple[CompressedWeight, dict]] = {}
+        for names in groups:
+            results.update(_compress_group(layer, names, calls[i], inps, cfg))
+        inps = _run_block(layer, calls[i], inps)  # compressed outputs feed the next block
+        layer.to(home)
+
+        linears = {}
+        for n, (cw, stats) in results.items():
+            full = f"{arch.layers}.{i}.{n}"
+            mod = layer.get_submodule(n)
+            cw.weight = weight_matrix(mod).detach()  # the module's own (now compressed) weight, no copy
+            for attr in ("mask", "codes", "scale", "zero", "g_idx"):
+                t = getattr(cw, attr)
+                if t is not None:
+                    setattr(cw, attr, t.cpu())
+            report.compressed[full] = cw
+            linears[full] = stats
+        seconds = time.perf_counter() - t_layer
+        errs = [s["recon_error"] for s in linears.values() if "recon_error" in s]
+        report.layers.append({"index": i, "seconds": seconds, "recon_error": float(sum(errs)), "linears": linears})
+        bar.set_postfix(err=f"{sum(errs):.3g}", s=f"{seconds:.1f}")
+        log.debug("block %d: %.1fs, recon error %.4g", i, seconds, sum(errs))
+
+    del inps
+    model.train(was_training)
+    _finish(report, time.perf_counter() - t_start)
+    log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
+             len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
+    return report
+
+
+def _finish(report: CompressionReport, seconds: float) -> None:
+    """Totals over all compressed linears."""
+    report.seconds = seconds
+    stats = report.linear_stats()
+    n_params = sum(math.prod(s["shape"]) for s in stats.values())
+    zeros = sum(s.get("zero_fraction", 0.0) * math.prod(s["shape"]) for s in stats.values())
+    pruned = sum(s.get("sparsity", 0.0) * math.prod(s["shape"]) for s in stats.values())
+    report.n_params = n_params
+    report.sparsity = pruned / n_params if n_params else 0.0
+    report.zero_fraction = zeros / n_params if n_params else 0.0
+    errs = [s["recon_error"] for s in stats.values() if "recon_error" in s]
+    rels = [s["rel_error"] for s in stats.values() if "rel_error" in s]
+    report.mean_recon_error = sum(errs) / len(errs) if errs else float("nan")
+    report.mean_rel_error = sum(rels) / len(rels) if rels else float("nan")
+
+
+__all__ = ["CompressionReport", "DEFAULT_CHUNK", "compress_model"]

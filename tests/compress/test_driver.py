@@ -1,0 +1,213 @@
+"""The layer-by-layer driver on tiny models of every family: exact sparsity, working models,
+baselines beaten, true-sequential modes, the block-input replay, and the calibration path."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS
+from conftest import make_tiny as _make_tiny
+
+from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
+from ctp.compress.driver import _BlockCall, _capture_inputs, compress_model
+from ctp.compress.kernels import n_pruned
+from ctp.errors import CTPError
+from ctp.models.adapter import decoder_layers, get_arch, linear_layers, weight_matrix
+
+FAMILIES = list(TINY_CONFIGS)
+SPARSE50 = CompressConfig(prune=PruneConfig(sparsity=0.5))
+GPTQ4 = CompressConfig(quant=QuantConfig(bits=4))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_tiny(family: str):
+    return _make_tiny(family)
+
+
+def make_tiny(family: str):
+    """A fresh copy of the tiny model of ``family`` (built once per session: random init is slow)."""
+    return copy.deepcopy(_cached_tiny(family))
+
+
+def calib(n: int = 8, seqlen: int = 40, seed: int = 0) -> torch.Tensor:
+    """Random token windows (n, seqlen): the driver only needs ids, and these are fast."""
+    return torch.randint(0, 49152, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, cfg, ids=None, chunk=3):
+    ids = calib() if ids is None else ids
+    return compress_model(model, None, cfg, device="cpu", calib_ids=ids, progress=False, chunk=chunk)
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def all_linears(model) -> dict[str, torch.nn.Module]:
+    arch = get_arch(model)
+    return {f"{arch.layers}.{i}.{n}": m for i, layer in enumerate(decoder_layers(model))
+            for n, m in linear_layers(layer).items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cfg", [SPARSE50, GPTQ4], ids=["sparsegpt50", "gptq4"])
+def test_every_family_compresses_every_linear(family, cfg):
+    model = make_tiny(family)
+    probe = calib(2, 24, seed=1)
+    dense = logits(model, probe)
+    report = run(model, cfg)
+    linears = all_linears(model)
+    assert set(report.compressed) == set(linears)  # nothing missed, nothing extra
+    for name, mod in linears.items():
+        W = weight_matrix(mod)
+        cw = report.compressed[name]
+        assert torch.equal(cw.weight, W)  # the report holds the live weight
+        if cfg.prune is not None:  # exact per-row sparsity, pruned weights exactly zero
+            rows, cols = W.shape
+            assert torch.all(cw.mask.sum(1) == cols - n_pruned(cols, 0.5)), name
+            assert torch.all(W[~cw.mask] == 0)
+        else:  # per-row grid: at most 2**bits distinct values in a row
+            assert max(len(torch.unique(r)) for r in W) <= 16, name
+    out = logits(model, probe)
+    assert torch.isfinite(out).all()
+    rel = float((out - dense).norm() / dense.norm())
+    assert 1e-4 < rel < 1.0  # changed, but not destroyed
+    if cfg.prune is not None:
+        assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+    stats = report.linear_stats()
+    assert all(s["recon_error"] >= 0 and s["seconds"] >= 0 for s in stats.values())
+    assert math.isfinite(report.mean_recon_error) and 0 < report.mean_rel_error < 1
+    json.dumps(report.to_dict())  # serialisable
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_replayed_block_calls_reproduce_the_model_forward(family):
+    """Captured block inputs/arguments, replayed block by block, give the model's own block outputs.
+
+    seqlen 40 exceeds Gemma 3's sliding window (32), so a per-block mask matters; 5 windows in
+    chunks of 2 exercise the shorter last chunk."""
+    model = make_tiny(family)
+    ids = calib(5, 40)
+    layers = decoder_layers(model)
+    want: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.register_forward_hook(
+        lambda m, a, o, i=i: want[i].append(o[0] if isinstance(o, tuple) else o)) for i, layer in enumerate(layers)]
+    for s in range(0, 5, 2):
+        model(input_ids=ids[s : s + 2], use_cache=False)
+    for h in hooks:
+        h.remove()
+    inps, calls = _capture_inputs(model, ids, chunk=2)
+    assert [h.shape[0] for h in inps] == [2, 2, 1]
+    for i, layer in enumerate(layers):
+        inps = [calls[i](layer, h) for h in inps]
+        for got, ref in zip(inps, want[i]):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in layer.__dict__ for layer in layers)  # catchers removed
+
+
+def test_block_call_accepts_tuple_outputs_and_slices_batch_arguments():
+    class Block(torch.nn.Module):
+        def forward(self, h, bias=None, scale=None):
+            return (h + bias + scale, "extra")
+
+    call = _BlockCall(args=(), kwargs={"bias": torch.ones(4, 3, 2), "scale": torch.ones(1, 3, 2)}, batch=4)
+    out = call(Block(), torch.zeros(2, 3, 2))  # a chunk of 2 from a recorded batch of 4
+    assert out.shape == (2, 3, 2) and torch.all(out == 2)
+
+
+def layer0_errors(model, cfg):
+    report = run(model, cfg)
+    return {n.split(".", 3)[-1]: s["recon_error"] for n, s in report.layers[0]["linears"].items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sparsegpt_beats_magnitude_layerwise(family):
+    """Block 0 sees identical inputs in each run (all-at-once mode), so errors compare linear by linear.
+
+    (Wanda is not compared here: on a random model with near-uniform input norms it is
+    magnitude pruning up to noise; the kernel tests compare it on structured inputs.)"""
+    errs = {m: layer0_errors(make_tiny(family), CompressConfig(prune=PruneConfig(method=m)))
+            for m in ("sparsegpt", "magnitude")}
+    for name, mag in errs["magnitude"].items():
+        assert errs["sparsegpt"][name] < mag, name
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_beats_rtn_layerwise(bits):
+    q = dict(bits=bits, true_sequential=False)
+    gptq = layer0_errors(make_tiny("llama"), CompressConfig(quant=QuantConfig(method="gptq", **q)))
+    rtn = layer0_errors(make_tiny("llama"), CompressConfig(quant=QuantConfig(method="rtn", **q)))
+    for name in rtn:
+        assert gptq[name] < rtn[name], name
+
+
+def test_true_sequential_on_and_off():
+    on = run(make_tiny("llama"), CompressConfig(quant=QuantConfig(bits=4, true_sequential=True)))
+    off = run(make_tiny("llama"), CompressConfig(quant=QuantConfig(bits=4, true_sequential=False)))
+    first = "model.layers.0.self_attn.q_proj"
+    # The first group sees the dense block input in both modes; later groups see compressed inputs with it on.
+    assert torch.equal(on.compressed[first].weight, off.compressed[first].weight)
+    later = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(on.compressed[later].weight, off.compressed[later].weight)
+    for r in (on, off):
+        assert len(r.compressed) == 14 and math.isfinite(r.mean_recon_error)
+
+
+def test_joint_sparse_and_quantized():
+    model = make_tiny("qwen2")
+    report = run(model, CompressConfig(prune=PruneConfig(sparsity=0.5), quant=QuantConfig(bits=4, group_size=32)))
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3) and report.bits == 4
+    for name, cw in report.compressed.items():
+        W = cw.weight
+        assert torch.all(W[~cw.mask] == 0)
+        groups = W.reshape(W.shape[0], -1, 32)  # (rows, groups, 32)
+        levels = max(len(torch.unique(g)) for row in groups for g in row)
+        assert levels <= 16 + 1, name  # 16 grid points, plus the zero of pruned weights
+        assert cw.codes is not None and cw.scale.shape == (W.shape[0], W.shape[1] // 32)
+
+
+def test_nm_and_baselines_run_through_the_driver():
+    model = make_tiny("gpt2")
+    report = run(model, CompressConfig(prune=PruneConfig(method="wanda", prune_n=2, prune_m=4),
+                                       quant=QuantConfig(method="rtn", bits=8)))
+    for cw in report.compressed.values():
+        groups = cw.mask.reshape(cw.mask.shape[0], -1, 4)  # (rows, groups, 4)
+        assert torch.all(groups.sum(-1) == 2)
+
+
+def test_bad_width_fails_before_any_work():
+    model = make_tiny("llama")
+    before = {n: weight_matrix(m).clone() for n, m in all_linears(model).items()}
+    with pytest.raises(CTPError, match="group_size 48"):
+        run(model, CompressConfig(quant=QuantConfig(bits=4, group_size=48)))
+    assert all(torch.equal(weight_matrix(m), before[n]) for n, m in all_linears(model).items())
+
+
+def test_calibration_from_the_corpus(tokenizer):
+    model = make_tiny("llama")
+    cfg = CompressConfig(prune=PruneConfig(sparsity=0.5), nsamples=3, seqlen=32, calib_dataset="c4", seed=1)
+    report = compress_model(model, tokenizer, cfg, device="cpu", progress=False)
+    assert report.calibration["name"] == "c4" and report.calibration["split"] == "train"
+    assert report.calibration["nsamples"] == 3 and report.calibration["seqlen"] == 32
+    assert report.linear_stats()["model.layers.0.self_attn.q_proj"]["n_samples"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_offload_to_cuda_matches_cpu():
+    """Blocks move to the GPU one at a time and back; the result matches a CPU run closely."""
+    cfg = CompressConfig(prune=PruneConfig(sparsity=0.5), quant=QuantConfig(bits=4))
+    cpu = make_tiny("llama")
+    gpu = make_tiny("llama")
+    run(cpu, cfg)
+    compress_model(gpu, None, cfg, device="cuda", calib_ids=calib(), progress=False, chunk=3)
+    assert all(p.device.type == "cpu" for p in gpu.parameters())
+    probe = calib(2, 24, seed=1)
+    a, b = logits(cpu, probe), logits(gpu, probe)
+    assert float((a - b).norm() / a.norm()) < 0.05

@@ -103,7 +103,7 @@ class Runner:
         log.info("compressing %s (%s)", label, cfg.label())
         model, tok, _ = load_model(self.cfg.model)
         report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress)
-        save_compressed(model, tok, report, path)
+        save_compressed(model, tok, report, out_dir=path)
         self._loaded = None
         return path
 

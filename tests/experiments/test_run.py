@@ -1,0 +1,95 @@
+"""End to end: ``ctp run`` on a tiny model, caching, resuming after an interruption, and the report."""
+
+import json
+
+import pytest
+
+from ctp.cli import main
+from ctp.experiments.config import ExperimentConfig
+from ctp.experiments.runner import run_experiment
+
+
+def tiny_experiment(model_dir: str, name: str = "tiny") -> dict:
+    return {
+        "name": name,
+        "model": model_dir,
+        "device": "cpu",
+        "calibration": {"nsamples": 4, "seqlen": 64, "dataset": "c4"},
+        "compressions": {"sp50": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
+                         "q4": {"quant": {"method": "gptq", "bits": 4, "group_size": 32}}},
+        "prompt": {"tokens": 4, "data": "c4",
+                   "train": {"steps": 4, "seqlen": 32, "batch_size": 2, "eval_every": 2, "eval_windows": 2}},
+        "perplexity": {"datasets": ["c4", "ptb"], "seqlen": 64, "max_windows": 2},
+        "zeroshot": {"tasks": ["piqa"], "limit": 4, "models": ["full", "q4"]},
+        "transfer": {"compression": True, "datasets": {"model": "q4", "train_on": ["ptb"]}},
+        "length_ablation": {"model": "q4", "tokens": [0, 2]},
+        "latency": {"models": ["full"], "prompt_tokens": [0, 4], "context_len": 16, "new_tokens": 2, "repeats": 1},
+    }
+
+
+def _cells(root):
+    return sorted(p.name for p in (root / "cells").glob("*.json"))
+
+
+def _ppl_records(root):
+    recs = json.loads((root / "results.json").read_text())["records"]
+    return sorted((r["model"], r["role"], r["prompt"], r["dataset"], round(r["ppl"], 6))
+                  for r in recs if r["kind"] == "ppl")
+
+
+@pytest.mark.slow
+def test_run_report_cache_and_resume(tiny_dir, tmp_path, monkeypatch):
+    cfg = ExperimentConfig.from_dict(tiny_experiment(tiny_dir))
+    root = run_experiment(cfg, tmp_path / "a", progress=False)
+
+    report = (root / "report.md").read_text()
+    for section in ("Compressed models", "Perplexity", "Cross-compression transfer", "Cross-dataset transfer",
+                    "Prompt length ablation", "Zero-shot accuracy", "Latency"):
+        assert section in report, section
+    for png in ("ppl_vs_compression.png", "transfer_heatmap.png", "length_ablation.png", "latency.png"):
+        assert (root / png).stat().st_size > 1000
+    recs = json.loads((root / "results.json").read_text())["records"]
+    ppl = [r for r in recs if r["kind"] == "ppl"]
+    # 3 models x {none, hard} + 2 learned + 2 transferred, on 2 datasets; plus Table 4 and the ablation
+    assert {r["role"] for r in ppl} >= {"none", "hard", "learned", "transfer", "direct", "transferred", "length2"}
+    assert all(r["ppl"] > 1 for r in ppl)
+
+    # a rerun recomputes nothing: every measurement comes from its cached cell
+    import ctp.eval.perplexity as P
+
+    def boom(*a, **k):
+        raise AssertionError("a cached cell was recomputed")
+
+    monkeypatch.setattr(P, "perplexity", boom)
+    before = _cells(root)
+    run_experiment(cfg, root, progress=False)
+    assert _cells(root) == before
+    monkeypatch.undo()
+
+    # an interrupted run resumes and reaches the same results as the uninterrupted one
+    import ctp.experiments.runner as R
+
+    calls = {"n": 0}
+    real_cell = R.Runner.cell
+
+    def dying_cell(self, kind, spec, compute):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt  # killed in the middle of the grid
+        return real_cell(self, kind, spec, compute)
+
+    monkeypatch.setattr(R.Runner, "cell", dying_cell)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "results.json").exists()
+    run_experiment(cfg, tmp_path / "b", progress=False)
+    assert _ppl_records(tmp_path / "b") == _ppl_records(root)
+
+
+def test_cli_run_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: x\nperplexity: {datasets: [c4], seqln: 3}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'seqln'" in err[0]

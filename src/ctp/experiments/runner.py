@@ -86,9 +86,20 @@ class Runner:
         return content_hash({"model": self.cfg.model, "compress": self.compress_config(label).to_dict()})
 
     def model_path(self, label: str) -> str:
+        """Where the compressed model of ``label`` lives.
+
+        An identical artifact (same content key) already made by a sibling run under
+        the same parent directory is reused instead of compressing again.
+        """
         if label == FULL:
             return self.cfg.model
-        return str(self.root / "models" / f"{label}-{self.model_key(label)}")
+        key = self.model_key(label)
+        own = self.root / "models" / f"{label}-{key}"
+        if not (own / "ctp_compression.json").is_file():
+            for other in sorted(self.root.parent.glob(f"*/models/*-{key}")):
+                if (other / "ctp_compression.json").is_file():
+                    return str(other)
+        return str(own)
 
     # ------------------------------------------------------------------ stage 1: compressed models
 

@@ -1,0 +1,118 @@
+"""``ctp train-prompt``: learn a soft prompt on a frozen (typically compressed) model.
+
+Flags map one-to-one onto :class:`~ctp.prompt.soft.PromptConfig` and
+:class:`~ctp.prompt.train.TrainConfig` fields. ``--cpu-demo`` starts from the
+small CPU preset instead of the paper's settings; explicit flags override
+either. Rerunning the same command after an interruption resumes from the
+checkpoint next to ``--out``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from ctp.commands.common import add_model_args, device_of, write_json
+from ctp.errors import require
+
+# flag dest -> TrainConfig field
+_TRAIN_FLAGS = {
+    "lr": "lr", "weight_decay": "weight_decay", "batch_size": "batch_size", "seqlen": "seqlen", "steps": "steps",
+    "warmup": "warmup_steps", "schedule": "schedule", "min_lr_ratio": "min_lr_ratio", "grad_clip": "grad_clip",
+    "eval_every": "eval_every", "eval_windows": "eval_windows", "data": "data", "data_source": "data_source",
+    "seed": "seed", "precision": "precision", "grad_checkpointing": "gradient_checkpointing",
+    "checkpoint_every": "checkpoint_every", "max_minutes": "max_minutes",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train-prompt",
+        help="learn a soft prompt on a frozen model (the paper's section 4)",
+        description="Learn k prompt embeddings that minimise next-token loss on --data (train split) with the "
+                    "model frozen; keep the prompt with the best validation perplexity. Defaults are the paper's "
+                    "(AdamW lr 1e-3, wd 1e-5, batch 4, seqlen 1024, 100 tokens); --cpu-demo is a small preset "
+                    "for a CPU.",
+    )
+    add_model_args(p)
+    p.add_argument("--out", required=True, metavar="P.safetensors", help="where to write the prompt")
+    p.add_argument("--peft-dir", default=None, metavar="DIR", help="also export the prompt as a PEFT adapter here")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the summary and history as JSON here")
+    g = p.add_argument_group("prompt")
+    g.add_argument("--tokens", type=int, default=100, help="prompt length k (default 100, the paper's)")
+    g.add_argument("--init", default="vocab", choices=["vocab", "text", "random"],
+                   help="start from sampled vocabulary rows (default), a text's embedding, or noise")
+    g.add_argument("--init-text", default=None, help="the text for --init text")
+    g = p.add_argument_group("training (defaults: the paper's, or the --cpu-demo preset)")
+    g.add_argument("--cpu-demo", action="store_true",
+                   help="small preset for a CPU: seqlen 256, batch 2, 150 steps, lr 1e-2, eval every 25")
+    g.add_argument("--data", default=None, help="training corpus (train split; validation split picks the best): "
+                                                 "c4 (default) | wikitext2 | ptb")
+    g.add_argument("--data-source", default=None, choices=["local", "hub"])
+    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 1000)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-5)")
+    g.add_argument("--batch-size", type=int, default=None, help="windows per step (default 4)")
+    g.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 1024)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 5%% of steps, max 100)")
+    g.add_argument("--schedule", default=None, choices=["cosine", "linear", "constant"],
+                   help="decay after warmup (default cosine)")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="decay floor as a fraction of lr (default 0.1)")
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0 disables (default 1.0)")
+    g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default 100)")
+    g.add_argument("--eval-windows", type=int, default=None, help="validation windows (default 16)")
+    g.add_argument("--seed", type=int, default=None, help="seeds the init and the batches (default 0)")
+    g.add_argument("--precision", default=None, choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast mode (default auto: bf16 on GPUs that support it, none on CPU); "
+                        "the prompt itself is always fp32")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write a resumable checkpoint every N steps, 0 never (default 100)")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop after this long, keeping the best prompt")
+    g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.set_defaults(func=run)
+
+
+def build_configs(args):
+    """(PromptConfig, TrainConfig) from parsed arguments."""
+    from ctp.prompt.soft import PromptConfig
+    from ctp.prompt.train import TrainConfig
+
+    given = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+    names = {f.name for f in fields(TrainConfig)}
+    assert set(given) <= names  # the flag table names real fields
+    tcfg = TrainConfig.cpu_demo(**given) if args.cpu_demo else TrainConfig(**given)
+    pcfg = PromptConfig(num_tokens=args.tokens, init=args.init, init_text=args.init_text,
+                        seed=args.seed if args.seed is not None else 0)
+    return pcfg, tcfg
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def run(args) -> int:
+    from ctp.models.load import load_model
+    from ctp.prompt.artifact import export_peft
+    from ctp.prompt.train import train_prompt
+
+    require(args.out.endswith(".safetensors"), f"--out {args.out} should end in .safetensors",
+            "pass e.g. --out prompt.safetensors")
+    pcfg, tcfg = build_configs(args)
+    model, tok, info = load_model(args.model, dtype=args.dtype, device=device_of(args))
+    art, hist = train_prompt(model, tok, info, pcfg, tcfg, out_path=args.out, resume=not args.no_resume,
+                             progress=not args.quiet)
+    if args.peft_dir:
+        export_peft(art, args.peft_dir)
+    comp = "dense" if not info.compression else "compressed"
+    print(f"prompt: {art.num_tokens} tokens x {art.embeddings.shape[1]} on {info.spec} ({comp})")
+    print(f"steps: {hist.steps_done}/{tcfg.steps}" + (f" (stopped: {hist.stopped})" if hist.stopped else ""))
+    print(f"validation PPL ({tcfg.data}, {art.validation['windows']} x {tcfg.seqlen} tokens): "
+          f"no prompt {_fmt(hist.val_ppl_no_prompt)}, initial prompt {_fmt(hist.evals[0]['val_ppl'])}, "
+          f"best {_fmt(hist.best_val_ppl)} at step {hist.best_step}")
+    print(f"time: {hist.seconds:.0f}s")
+    print(f"saved: {args.out}" + (f" and PEFT adapter {args.peft_dir}" if args.peft_dir else ""))
+    write_json(args.json, {"model": info.to_dict(), "prompt": art.metadata(), "history": hist.to_dict(),
+                           "out": args.out, "peft_dir": args.peft_dir})
+    return 0

@@ -1,0 +1,100 @@
+"""A soft prompt: k learned vectors prepended to every input, and how they start.
+
+The prompt lives in the output space of the model's input-embedding module
+(``model.get_input_embeddings()(ids)``), so families that scale their
+embeddings (Gemma) get prompts of the right scale from every initialisation.
+Following Lester et al. and the paper (section 4.2), the default start is k
+rows sampled from the vocabulary embedding; a text's embedding and Gaussian
+noise with the embedding's spread are the alternatives. The prompt is always
+an fp32 tensor of shape (k, hidden), whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ctp.errors import CTPError, require
+
+MAX_PROMPT_TOKENS = 4096
+
+
+class PromptInit(str, enum.Enum):
+    """How a soft prompt starts."""
+
+    VOCAB = "vocab"  # rows of the vocabulary embedding, sampled uniformly (the paper's default)
+    TEXT = "text"  # the embedding of a text, repeated or cropped to k tokens
+    RANDOM = "random"  # normal noise with the embedding output's standard deviation
+
+
+@dataclass
+class PromptConfig:
+    """Shape and initialisation of a soft prompt."""
+
+    num_tokens: int = 100  # k, the paper's default
+    init: PromptInit = PromptInit.VOCAB
+    init_text: str | None = None  # needed by init=TEXT
+    seed: int = 0  # seeds the vocabulary sample and the random init
+
+    def __post_init__(self):
+        try:
+            self.init = PromptInit(self.init.value if isinstance(self.init, PromptInit) else str(self.init).lower())
+        except ValueError:
+            raise CTPError(f"unknown prompt init '{self.init}'",
+                           f"use one of {', '.join(i.value for i in PromptInit)}") from None
+        require(isinstance(self.num_tokens, int) and 1 <= self.num_tokens <= MAX_PROMPT_TOKENS,
+                f"prompt length {self.num_tokens} is out of range",
+                f"use between 1 and {MAX_PROMPT_TOKENS} tokens (the paper uses 100)")
+        require(isinstance(self.seed, int) and self.seed >= 0, f"seed {self.seed} must be a non-negative integer",
+                "pass --seed 0 or another non-negative integer")
+        if self.init is PromptInit.TEXT:
+            require(bool(self.init_text and self.init_text.strip()), "init 'text' needs a text to start from",
+                    "pass --init-text 'some words' or use --init vocab")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["init"] = self.init.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PromptConfig:
+        return cls(**{k: d[k] for k in ("num_tokens", "init", "init_text", "seed") if k in d})
+
+
+def _sampleable_ids(tokenizer, vocab_rows: int) -> torch.Tensor:
+    """Token ids worth sampling: ids the tokenizer can produce, minus special tokens (no padding rows)."""
+    n = min(vocab_rows, len(tokenizer)) if tokenizer is not None else vocab_rows
+    keep = torch.ones(n, dtype=torch.bool)
+    if tokenizer is not None:
+        special = [i for i in (tokenizer.all_special_ids or []) if 0 <= i < n]
+        keep[special] = False
+    ids = torch.nonzero(keep).flatten()
+    require(ids.numel() > 0, "the vocabulary has no ordinary tokens to sample", "use --init random")
+    return ids
+
+
+@torch.no_grad()
+def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig) -> torch.Tensor:
+    """The starting prompt, fp32, shape (k, hidden), on the embedding's device."""
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
+    k = cfg.num_tokens
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init is PromptInit.TEXT:
+        ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        require(len(ids) > 0, f"init text {cfg.init_text!r} has no tokens", "pass a non-empty --init-text")
+        reps = -(-k // len(ids))  # ceil(k / len)
+        ids = torch.tensor(ids * reps, dtype=torch.long)[:k]  # (k,)
+        return emb(ids.to(device)).float().clone()
+    pool = _sampleable_ids(tokenizer, emb.weight.shape[0])
+    if cfg.init is PromptInit.VOCAB:
+        ids = pool[torch.randint(0, pool.numel(), (k,), generator=gen)]  # (k,)
+        return emb(ids.to(device)).float().clone()
+    # RANDOM: N(0, std) where std is the spread of embedding outputs over a sample of the vocabulary
+    probe = pool[torch.randint(0, pool.numel(), (min(4096, pool.numel()),), generator=gen)]
+    std = float(emb(probe.to(device)).float().std())
+    noise = torch.randn(k, emb.weight.shape[1], generator=gen, dtype=torch.float32) * std  # (k, hidden)
+    return noise.to(device)

@@ -1,0 +1,475 @@
+"""Learning a soft prompt on a frozen (typically compressed) model: the paper's section 4.2.
+
+The model's parameters never change: only the prompt E (k, hidden) is
+optimised, to minimise the mean next-token NLL of text windows with E
+prepended (Eq. 1). Compared with the paper's released code:
+
+* the prompt is an fp32 master parameter whatever the model's dtype or the
+  autocast mode, so small updates are never rounded away;
+* weight decay is applied (an AdamW parameter group with ``weight_decay`` set);
+* the best prompt is chosen on the *validation* split, never on the test text
+  it is later scored on;
+* training is resumable: a checkpoint next to the output (prompt, optimizer
+  state, best prompt, RNG state, step, history) is written atomically, and a
+  rerun with the same settings continues to the same final prompt an
+  uninterrupted run reaches (each step's batch is drawn from a generator
+  seeded by (seed, step), so it does not depend on where a run started).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctp.data.corpora import canonical, corpus_ids, eval_windows, sample_windows
+from ctp.errors import CTPError, require
+from ctp.eval.perplexity import window_nll
+from ctp.io import load_tensors, save_tensors
+from ctp.models.adapter import decoder_layers
+from ctp.prompt.artifact import PromptArtifact, artifact_for, embedding_fingerprint, save_prompt
+from ctp.prompt.embed import token_nll
+from ctp.prompt.soft import PromptConfig, init_prompt
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "ctp-prompt-checkpoint"
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+VAL_SPLIT = "validation"
+
+
+@dataclass
+class TrainConfig:
+    """How to learn a prompt. Defaults follow the paper's appendix A.1 (AdamW, lr 1e-3, wd 1e-5, batch 4, seqlen 1024)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 4
+    seqlen: int = 1024
+    steps: int = 1000  # the paper runs up to 30k and keeps the best validation checkpoint
+    warmup_steps: int | None = None  # None: 5% of the steps (at most 100)
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1  # the decay's floor, as a fraction of lr
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    eval_every: int = 100
+    eval_windows: int = 16  # validation windows of seqlen tokens used to pick the best prompt
+    data: str = "c4"
+    train_split: str = "train"
+    data_source: str = "local"
+    seed: int = 0
+    precision: str = "auto"  # auto | no | bf16 | fp16: autocast mode; the prompt itself is always fp32
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100  # 0: never write a resumable checkpoint
+    max_minutes: float | None = None  # stop (keeping the best prompt) once training has run this long
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        self.data = canonical(self.data)
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        require(self.lr > 0 and math.isfinite(self.lr), f"learning rate {self.lr} must be positive", "pass e.g. --lr 1e-3")
+        require(self.weight_decay >= 0, f"weight decay {self.weight_decay} must be >= 0", "pass e.g. --weight-decay 1e-5")
+        require(self.batch_size >= 1, f"batch size {self.batch_size} must be at least 1", "pass --batch-size 1 or more")
+        require(self.seqlen >= 2, f"seqlen {self.seqlen} is too short", "pass --seqlen 2 or more")
+        require(self.steps >= 1, f"steps {self.steps} must be at least 1", "pass --steps 1 or more")
+        require(self.warmup_steps is None or self.warmup_steps >= 0,
+                f"warmup {self.warmup_steps} must be >= 0", "pass --warmup 0 or more")
+        require(self.schedule in SCHEDULES, f"unknown schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio {self.min_lr_ratio} must be in [0, 1]", "pass e.g. 0.1")
+        require(self.grad_clip >= 0, f"grad clip {self.grad_clip} must be >= 0", "pass 0 to disable clipping")
+        require(self.eval_every >= 1, f"eval_every {self.eval_every} must be at least 1", "pass --eval-every 1 or more")
+        require(self.eval_windows >= 1, f"eval_windows {self.eval_windows} must be at least 1",
+                "pass --eval-windows 1 or more")
+        require(self.train_split in ("train", "validation", "test"), f"unknown split '{self.train_split}'",
+                "use train")
+        require(self.train_split != VAL_SPLIT, "the prompt cannot be trained on the validation split it is selected on",
+                "train on the train split")
+        require(self.precision in PRECISIONS, f"unknown precision '{self.precision}'", f"use one of {', '.join(PRECISIONS)}")
+        require(self.checkpoint_every >= 0, f"checkpoint_every {self.checkpoint_every} must be >= 0",
+                "pass 0 to disable checkpoints")
+        require(self.max_minutes is None or self.max_minutes > 0, f"max_minutes {self.max_minutes} must be positive",
+                "omit it for no time limit")
+        require(isinstance(self.seed, int) and self.seed >= 0, f"seed {self.seed} must be a non-negative integer",
+                "pass --seed 0")
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps actually used (never more than the steps)."""
+        return min(100, self.steps // 20) if self.warmup_steps is None else min(self.warmup_steps, self.steps)
+
+    @classmethod
+    def cpu_demo(cls, **overrides) -> TrainConfig:
+        """A preset that learns a useful prompt for a ~100M model on a 2-core CPU in well under 30 minutes."""
+        base = dict(seqlen=256, batch_size=2, steps=150, lr=1e-2, warmup_steps=10, eval_every=25,
+                    eval_windows=8, checkpoint_every=25)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "betas" else v) for k, v in d.items() if k in names})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine/linear decay to the floor."""
+    w = cfg.warmup
+    if w and step < w:
+        return cfg.lr * (step + 1) / w
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - w) / max(1, cfg.steps - w))
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (1 - (1 - floor) * progress)
+
+
+def make_optimizer(prompt: nn.Parameter, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the prompt alone, with the weight decay in the parameter group (where AdamW applies it)."""
+    return torch.optim.AdamW([{"params": [prompt], "weight_decay": cfg.weight_decay}], lr=cfg.lr,
+                             betas=cfg.betas, eps=cfg.eps)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the training batch of ``step``: a function of (seed, step) only, so resuming is exact."""
+    return (seed * 1_000_003 + step * 7919 + 1) % (2**62)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast mode actually used: 'no', 'bf16' or 'fp16' ('auto' picks bf16 only on GPUs supporting it)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "no"
+    if precision == "fp16":
+        require(device.type == "cuda", f"fp16 mixed precision is not supported on {device.type}",
+                "use --precision bf16 or no on a CPU")
+    if precision == "bf16" and device.type == "cuda":
+        require(torch.cuda.is_bf16_supported(), "this GPU does not support bf16", "use --precision fp16 or no")
+    return precision
+
+
+def autocast_context(mode: str, device: torch.device):
+    """An autocast context for ``mode`` ('no' gives a null context)."""
+    if mode == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True):
+    """Recompute each decoder layer's activations in the backward pass (activation checkpointing).
+
+    Transformers' own switch (``gradient_checkpointing_enable``) only acts in
+    training mode, which also turns dropout on in families that have it (OPT,
+    GPT-2); prompt learning needs the model exactly as it is evaluated. So each
+    decoder layer's forward is wrapped with non-reentrant
+    ``torch.utils.checkpoint`` while the model stays in eval mode.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model))
+    for layer in layers:
+        inner = layer.forward
+
+        def wrapped(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        layer.forward = wrapped
+    try:
+        yield
+    finally:
+        for layer in layers:
+            if "forward" in vars(layer):
+                del layer.forward
+
+
+@dataclass
+class TrainHistory:
+    """What happened during training (JSON-ready)."""
+
+    train_loss: list[float] = field(default_factory=list)  # one per step
+    lr: list[float] = field(default_factory=list)  # one per step
+    evals: list[dict] = field(default_factory=list)  # {"step", "val_ppl", "val_nll"}
+    val_ppl_no_prompt: float | None = None
+    best_step: int = 0
+    best_val_ppl: float = math.inf
+    steps_done: int = 0
+    seconds: float = 0.0
+    stopped: str | None = None  # why training ended early, if it did
+    resumed_from: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainHistory:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def checkpoint_path_for(out_path: str | Path) -> Path:
+    """``P.safetensors`` -> ``P.ckpt.safetensors`` next to it."""
+    out_path = Path(out_path)
+    stem = out_path.name[: -len(".safetensors")] if out_path.name.endswith(".safetensors") else out_path.name
+    return out_path.with_name(f"{stem}.ckpt.safetensors")
+
+
+def _model_identity(model: nn.Module, info) -> dict:
+    return {"spec": info.spec, "path": info.path, "hidden_size": info.hidden_size,
+            "tokenizer_hash": info.tokenizer_hash, "embedding_hash": embedding_fingerprint(model),
+            "compression": info.compression}
+
+
+def _save_checkpoint(path: Path, prompt: nn.Parameter, best: torch.Tensor, opt: torch.optim.Optimizer,
+                     scaler, step: int, history: TrainHistory, identity: dict, prompt_cfg: PromptConfig,
+                     train_cfg: TrainConfig) -> None:
+    state = opt.state.get(prompt, {})
+    tensors = {"prompt": prompt.detach(), "best_prompt": best, "rng_cpu": torch.get_rng_state()}
+    scalars = []
+    for name, value in state.items():  # AdamW: step (0-dim), exp_avg, exp_avg_sq
+        if torch.is_tensor(value):
+            if value.dim() == 0:  # stored as shape (1,), restored to a scalar
+                scalars.append(name)
+                value = value.reshape(1)
+            tensors[f"opt.{name}"] = value.detach()
+    meta = {"step": step, "opt_scalars": scalars, "history": history.to_dict(), "identity": identity,
+            "prompt_config": prompt_cfg.to_dict(), "train_config": train_cfg.to_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    save_tensors(path, tensors, metadata=meta, kind=CHECKPOINT_KIND)
+
+
+def _comparable(cfg: dict) -> dict:
+    # max_minutes only bounds one run's wall time and checkpoint_every only when state is saved:
+    # neither changes the prompt a finished run reaches.
+    return {k: v for k, v in cfg.items() if k not in ("max_minutes", "checkpoint_every")}
+
+
+def _load_checkpoint(path: Path, identity: dict, prompt_cfg: PromptConfig, train_cfg: TrainConfig):
+    tensors, meta = load_tensors(path, kind=CHECKPOINT_KIND, what="prompt training checkpoint")
+    fix = f"pass --no-resume to start over, or delete {path}"
+    saved_id = meta.get("identity", {})
+    for key in ("hidden_size", "tokenizer_hash", "embedding_hash", "compression"):
+        if saved_id.get(key) != identity.get(key):
+            raise CTPError(f"checkpoint {path} belongs to another model ({key} {saved_id.get(key)!r}, "
+                           f"this model has {identity.get(key)!r})", fix)
+    if meta.get("prompt_config") != prompt_cfg.to_dict():
+        raise CTPError(f"checkpoint {path} was made with prompt settings {meta.get('prompt_config')}, "
+                       f"not {prompt_cfg.to_dict()}", fix)
+    saved_cfg, cfg = _comparable(meta.get("train_config", {})), _comparable(train_cfg.to_dict())
+    if saved_cfg != cfg:
+        diff = ", ".join(f"{k} {saved_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in sorted(set(saved_cfg) | set(cfg))
+                         if saved_cfg.get(k) != cfg.get(k))
+        raise CTPError(f"checkpoint {path} was made with other training settings ({diff})", fix)
+    return tensors, meta
+
+
+def _evaluate(model, windows, prompt, batch_size, amp) -> tuple[float, float]:
+    with amp:
+        total, count = window_nll(model, windows, prompt, batch_size=batch_size)
+    nll = total / count
+    return nll, (math.exp(nll) if nll < 700 else math.inf)
+
+
+def train_prompt(
+    model: nn.Module,
+    tokenizer,
+    model_info,
+    prompt_cfg: PromptConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    out_path: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    checkpoint_path: str | Path | None = None,
+    callback: Callable[[int, TrainHistory, nn.Parameter], None] | None = None,
+) -> tuple[PromptArtifact, TrainHistory]:
+    """Learn a soft prompt on the frozen ``model``; return the best-on-validation prompt and the history.
+
+    Every ``eval_every`` steps (and after the last) the validation perplexity of
+    the current prompt is measured on the first ``eval_windows`` windows of the
+    validation split, and the best prompt so far is kept. A non-finite loss or
+    gradient stops training with a warning and returns the best prompt found
+    before it. With ``out_path`` the artifact is saved there, and a resumable
+    checkpoint is written every ``checkpoint_every`` steps to ``checkpoint_path``
+    (default ``<out>.ckpt.safetensors``); it is removed once the artifact is saved.
+    ``callback(step, history, prompt)`` runs after each step (after any eval and checkpoint) with the live
+    fp32 prompt parameter (read it, do not modify it).
+    """
+    prompt_cfg = prompt_cfg or PromptConfig()
+    cfg = train_cfg or TrainConfig()
+    t_start = time.perf_counter()
+    device = model.get_input_embeddings().weight.device
+    mode = resolve_precision(cfg.precision, device)
+    amp = autocast_context(mode, device)
+    require(prompt_cfg.num_tokens + cfg.seqlen <= _max_positions(model),
+            f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen}) exceeds the model's "
+            f"{_max_positions(model)} positions", "use a shorter --seqlen or fewer --tokens")
+
+    # The base model is frozen and stays in eval mode (no dropout): only the prompt learns.
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+
+    train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
+    val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
+    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows)  # (n_val, seqlen)
+    require(train_ids.numel() > cfg.seqlen, f"the training text has {train_ids.numel()} tokens, "
+            f"not more than one window of {cfg.seqlen}", "use a shorter --seqlen")
+
+    prompt = nn.Parameter(init_prompt(model, tokenizer, prompt_cfg).to(device=device, dtype=torch.float32))
+    opt = make_optimizer(prompt, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
+    history = TrainHistory()
+    best = prompt.detach().clone()
+    start = 0
+
+    identity = _model_identity(model, model_info)
+    ckpt = Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None)
+    if ckpt is not None and ckpt.exists():
+        if resume:
+            tensors, meta = _load_checkpoint(ckpt, identity, prompt_cfg, cfg)
+            with torch.no_grad():
+                prompt.copy_(tensors["prompt"].to(device))
+            best = tensors["best_prompt"].to(device=device, dtype=torch.float32)
+            scalars = set(meta.get("opt_scalars", []))
+            state = {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")}
+            state = {k: (v.reshape(()) if k in scalars else v) for k, v in state.items()}
+            if state:
+                sd = opt.state_dict()
+                sd["state"] = {0: state}
+                opt.load_state_dict(sd)
+            if meta.get("scaler"):
+                scaler.load_state_dict(meta["scaler"])
+            torch.set_rng_state(tensors["rng_cpu"])
+            history = TrainHistory.from_dict(meta["history"])
+            start = int(meta["step"])
+            history.resumed_from.append(start)
+            log.info("resuming prompt training from %s at step %d/%d", ckpt, start, cfg.steps)
+        else:
+            log.info("ignoring the existing checkpoint %s (no resume); it will be overwritten", ckpt)
+
+    if start == 0 and not history.evals:
+        history.val_ppl_no_prompt = _evaluate(model, val_windows, None, cfg.batch_size, amp)[1]
+        nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
+        history.evals.append({"step": 0, "val_ppl": ppl, "val_nll": nll})
+        history.best_val_ppl, history.best_step = ppl, 0
+        best = prompt.detach().clone()
+        log.info("validation PPL: no prompt %.3f, initial prompt %.3f", history.val_ppl_no_prompt, ppl)
+
+    seconds_before = history.seconds
+    t_loop = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train prompt", disable=not progress, unit="step", leave=False)
+    step = start
+    try:
+        with checkpointed_layers(model, cfg.gradient_checkpointing):
+            for step in range(start, cfg.steps):
+                lr = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step))
+                batch = batch.to(device)  # (batch_size, seqlen)
+                with amp:
+                    loss = token_nll(model, batch, prompt).mean()
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    history.stopped = f"non-finite loss ({loss_value}) at step {step}"
+                    break
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)) if cfg.grad_clip > 0 \
+                    else float(prompt.grad.norm())
+                if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                    history.stopped = f"non-finite gradient at step {step}"
+                    break
+                scaler.step(opt)  # with fp16, skips the update on overflow and lowers the scale
+                scaler.update()
+                history.train_loss.append(loss_value)
+                history.lr.append(lr)
+                done = step + 1
+                history.steps_done = done
+                bar.update(1)
+
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
+                    history.evals.append({"step": done, "val_ppl": ppl, "val_nll": nll})
+                    if ppl < history.best_val_ppl:
+                        history.best_val_ppl, history.best_step = ppl, done
+                        best = prompt.detach().clone()
+                    if not math.isfinite(ppl):
+                        history.stopped = f"non-finite validation perplexity at step {done}"
+                history.seconds = seconds_before + (time.perf_counter() - t_loop)
+                bar.set_postfix(loss=f"{loss_value:.3f}", val_ppl=f"{history.evals[-1]['val_ppl']:.2f}",
+                                best=f"{history.best_val_ppl:.2f}", refresh=False)
+                if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    _save_checkpoint(ckpt, prompt, best, opt, scaler, done, history, identity, prompt_cfg, cfg)
+                if callback is not None:
+                    callback(done, history, prompt)
+                if history.stopped:
+                    break
+                if cfg.max_minutes is not None and history.seconds > cfg.max_minutes * 60 and done < cfg.steps:
+                    history.stopped = f"time limit of {cfg.max_minutes} minutes reached at step {done}"
+                    if history.evals[-1]["step"] != done:
+                        nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
+                        history.evals.append({"step": done, "val_ppl": ppl, "val_nll": nll})
+                        if ppl < history.best_val_ppl:
+                            history.best_val_ppl, history.best_step = ppl, done
+                            best = prompt.detach().clone()
+                    break
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    history.seconds = seconds_before + (time.perf_counter() - t_loop)
+    if history.stopped:
+        log.warning("prompt training stopped early: %s; keeping the best prompt (step %d, validation PPL %.3f)",
+                    history.stopped, history.best_step, history.best_val_ppl)
+    art = artifact_for(
+        model, model_info, best,
+        data=train_ref.to_dict(), validation={**val_ref.to_dict(), "seqlen": cfg.seqlen,
+                                              "windows": int(val_windows.shape[0])},
+        steps=history.steps_done, best_step=history.best_step, best_val_ppl=history.best_val_ppl,
+        val_ppl_no_prompt=history.val_ppl_no_prompt, train_config=cfg.to_dict(), prompt_config=prompt_cfg.to_dict(),
+    )
+    if out_path is not None:
+        save_prompt(out_path, art)
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
+    log.info("prompt training: %d steps in %.0fs (this run %.0fs), best validation PPL %.3f at step %d",
+             history.steps_done, history.seconds, time.perf_counter() - t_start, history.best_val_ppl,
+             history.best_step)
+    return art, history
+
+
+def _max_positions(model: nn.Module) -> int:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1 << 30
+
+
+__all__ = ["TrainConfig", "TrainHistory", "train_prompt", "make_optimizer", "lr_at", "checkpoint_path_for", "checkpointed_layers",
+           "resolve_precision", "autocast_context", "step_seed"]

@@ -1,0 +1,362 @@
+"""How fast ctp compresses: per-layer SparseGPT / GPTQ, Hessian accumulation, a whole model, and 7B.
+
+Sections (each a ratio against a baseline timed alternately with it in the same run):
+
+``kernels``  :func:`ctp.compress.kernels.sparsegpt` (50% unstructured) and
+             :func:`~ctp.compress.kernels.gptq` (4-bit, one asymmetric grid per row, the
+             library default) against :func:`bench._reference.obs_unblocked`, the same
+             algorithm without lazy batching, on the default model's shapes and on a
+             7B-like 4096x4096 layer. Both must give the same weights: printed are the max
+             abs difference, the fraction of equal masks / codes and both reconstruction
+             errors ``trace((W-W')H(W-W')^T)``. (GPTQ's rounding can flip a code where a
+             value sits within fp32 noise of a rounding boundary; the flipped error then
+             propagates along its row, so a handful of codes differ although the math is
+             the same. The reconstruction errors show whether that matters.)
+             The 4096-wide baseline runs on a slice of ``--big-rows`` rows (the fast path
+             on the same slice, for the ratio); the fast path also runs once on the full
+             layer for the absolute time.
+``hessian``  :func:`~ctp.compress.kernels.accumulate_hessian` on chunks of 8 windows (what
+             the driver does) against GPTQ's ``add_batch`` called per sequence, and (on
+             fewer tokens) against one rank-1 update per token.
+``model``    (opt-in, minutes) :func:`ctp.compress.compress_model` on a real model with
+             50% SparseGPT and 4-bit GPTQ, ``--nsamples`` x ``--seqlen`` calibration tokens.
+``7b``       an extrapolation to LLaMA-7B from the figures above (assumptions printed).
+
+Inputs are synthetic: W ~ N(0, 0.02^2), H from activations with log-normal channel scales
+plus a low-rank shared component (timings do not depend on the values).
+
+    python -m bench.compress_speed                       # kernels + hessian + 7b, a few minutes
+    python -m bench.compress_speed --model smollm2-135m  # + whole-model compression
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench._common import base_parser, finish, interleaved, machine, median, setup, table, timed
+from bench._reference import hessian_per_sample, hessian_per_token, obs_unblocked
+from ctp.compress import kernels as K
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHAPES = "576x576,1536x576,576x1536"  # SmolLM2-135M: q/o (k/v are 192x576), gate/up, down
+SPARSITY = 0.5
+BITS = 4
+
+# LLaMA-7B: 32 blocks of q, k, v, o (4096x4096), gate, up (11008x4096), down (4096x11008)
+LLAMA7B = {"layers": 32, "hidden": 4096, "intermediate": 11008, "nsamples": 128, "seqlen": 2048,
+           "shapes": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]}
+
+
+def parse_shapes(s: str) -> list[tuple[int, int]]:
+    """'576x576,1536x576' -> [(576, 576), (1536, 576)] as (out, in); '' or 'none' -> []."""
+    if not s or s.lower() == "none":
+        return []
+    out = []
+    for part in s.split(","):
+        o, i = part.lower().split("x")
+        out.append((int(o), int(i)))
+    return out
+
+
+def synthetic_inputs(d: int, tokens: int, seed: int, device: torch.device) -> Tensor:
+    """(tokens, d) activations: log-normal channel scales plus a shared rank-16 component."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(0.7 * torch.randn(d, generator=g))  # (d,)
+    X = torch.randn(tokens, d, generator=g) * scale  # (tokens, d)
+    X += 0.5 * torch.randn(tokens, 16, generator=g) @ torch.randn(16, d, generator=g)
+    return X.to(device)
+
+
+def synthetic_layer(out_f: int, in_f: int, tokens: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(W (out, in), H (in, in)) for one layer."""
+    g = torch.Generator().manual_seed(seed + 1)
+    W = (0.02 * torch.randn(out_f, in_f, generator=g)).to(device)
+    H, _ = K.accumulate_hessian(None, 0, synthetic_inputs(in_f, tokens, seed, device)[None])
+    return W, H
+
+
+def _compare(algo: str, fast: K.KernelResult, base: tuple, W: Tensor, H: Tensor) -> dict[str, Any]:
+    """How far the blocked kernel's result is from the unblocked baseline's."""
+    Qb, keep_b, codes_b = base
+    out: dict[str, Any] = {
+        "max_abs_diff": float((fast.weight.float() - Qb).abs().max()),
+        "weight_scale": float(W.abs().max()),
+        "recon_fast": K.reconstruction_error(W, fast.weight, H),
+        "recon_base": K.reconstruction_error(W, Qb, H),
+    }
+    if algo == "sparsegpt":
+        out["agree"] = float((fast.mask == keep_b).float().mean())  # masks
+    else:
+        out["agree"] = float((fast.codes == codes_b).float().mean())  # codes
+    out["recon_rel_diff"] = abs(out["recon_fast"] - out["recon_base"]) / max(out["recon_base"], 1e-30)
+    return out
+
+
+def _runners(algo: str, W: Tensor, H: Tensor, blocksize: int):
+    if algo == "sparsegpt":
+        return (lambda: K.sparsegpt(W, H, SPARSITY, blocksize=blocksize),
+                lambda: obs_unblocked(W, H, sparsity=SPARSITY, blocksize=blocksize))
+    return (lambda: K.gptq(W, H, BITS, blocksize=blocksize),
+            lambda: obs_unblocked(W, H, bits=BITS, blocksize=blocksize))
+
+
+def bench_kernels(shapes, repeats, tokens, blocksize, device, big_rows=None) -> list[dict[str, Any]]:
+    """Blocked kernel vs unblocked baseline per (algorithm, shape), interleaved; medians."""
+    rows_out = []
+    for si, (o, i) in enumerate(shapes):
+        W, H = synthetic_layer(o, i, tokens, seed=si, device=device)
+        n_rows = o if big_rows is None else min(big_rows, o)
+        Ws = W[:n_rows].contiguous()  # (n_rows, in): the rows both paths run on
+        for algo in ("sparsegpt", "gptq"):
+            fast, base = _runners(algo, Ws, H, blocksize)
+            cpu: dict[str, list[float]] = {}
+            times, first = interleaved({"fast": fast, "baseline": base}, repeats, device, cpu=cpu)
+            row = {"algo": algo, "shape": [o, i], "rows_run": n_rows, "repeats": repeats,
+                   "fast_s": median(times["fast"]), "baseline_s": median(times["baseline"])}
+            row["speedup"] = row["baseline_s"] / row["fast_s"]
+            row["speedup_cpu"] = median(cpu["baseline"]) / median(cpu["fast"])  # process CPU time ratio
+            row.update(_compare(algo, first["fast"], first["baseline"], Ws, H))
+            if n_rows < o:  # the full layer, fast path only, for the absolute per-layer time
+                full = _runners(algo, W, H, blocksize)[0]
+                row["fast_full_s"] = timed(full, device)[0]
+            rows_out.append(row)
+            log.info("%s %dx%d: fast %.3fs baseline %.3fs", algo, o, i, row["fast_s"], row["baseline_s"])
+        del W, H
+    return rows_out
+
+
+def bench_prepare(d: int, tokens: int, device: torch.device) -> float:
+    """Seconds of :func:`ctp.compress.kernels.prepare_hessian` (dampening + H^-1 factor) at width d."""
+    _, H = synthetic_layer(1, d, tokens, seed=99, device=device)
+    return timed(lambda: K.prepare_hessian(H, 0.01), device)[0]
+
+
+def bench_hessian(nsamples, seqlen, d, repeats, per_token_samples, device, chunk=8) -> dict[str, Any]:
+    """Hessian accumulation: driver-style chunks vs per-sequence add_batch vs per-token rank-1."""
+    X = synthetic_inputs(d, nsamples * seqlen, seed=7, device=device).view(nsamples, seqlen, d)  # (n, T, d)
+
+    def batched(X=X):
+        H, n = None, 0
+        for s in range(0, X.shape[0], chunk):
+            H, n = K.accumulate_hessian(H, n, X[s : s + chunk], inplace=H is not None)
+        return H
+
+    cpu: dict[str, list[float]] = {}
+    times, first = interleaved({"batched": batched, "per_sample": lambda: hessian_per_sample(X)}, repeats, device,
+                               cpu=cpu)
+    tokens = nsamples * seqlen
+    t_fast = median(times["batched"])
+    out: dict[str, Any] = {
+        "nsamples": nsamples, "seqlen": seqlen, "d": d, "chunk": chunk, "repeats": repeats,
+        "batched_s": t_fast, "per_sample_s": median(times["per_sample"]),
+        "max_rel_diff_per_sample": float((first["batched"] - first["per_sample"]).abs().max()
+                                         / first["per_sample"].abs().max()),
+        "batched_tokens_per_s": tokens / t_fast,
+        "batched_gflops": 2 * tokens * d * d / t_fast / 1e9,  # the (d, tokens) @ (tokens, d) product
+        "s_per_token_d2": t_fast / (tokens * d * d),
+    }
+    out["speedup_vs_per_sample"] = out["per_sample_s"] / out["batched_s"]
+    out["speedup_vs_per_sample_cpu"] = median(cpu["per_sample"]) / median(cpu["batched"])
+    if per_token_samples:
+        Xs = X[:per_token_samples]
+        times, first = interleaved({"batched": lambda: batched(Xs), "per_token": lambda: hessian_per_token(Xs)},
+                                   max(1, repeats - 1), device)
+        out["per_token_tokens"] = per_token_samples * seqlen
+        out["per_token_s"] = median(times["per_token"])
+        out["batched_small_s"] = median(times["batched"])
+        out["speedup_vs_per_token"] = out["per_token_s"] / out["batched_small_s"]
+        out["max_rel_diff_per_token"] = float((first["batched"] - first["per_token"]).abs().max()
+                                              / first["per_token"].abs().max())
+    return out
+
+
+def bench_model(spec: str, nsamples: int, seqlen: int, device: torch.device) -> list[dict[str, Any]]:
+    """Time :func:`ctp.compress.compress_model` for 50% SparseGPT and 4-bit GPTQ on ``spec``."""
+    from ctp.compress import CompressConfig, PruneConfig, QuantConfig, compress_model
+    from ctp.models.load import load_model
+
+    model, tok, info = load_model(spec)
+    recipes = {
+        f"sparsegpt{int(SPARSITY * 100)}": CompressConfig(prune=PruneConfig(sparsity=SPARSITY), nsamples=nsamples,
+                                                         seqlen=seqlen),
+        f"gptq{BITS}": CompressConfig(quant=QuantConfig(bits=BITS), nsamples=nsamples, seqlen=seqlen),
+    }
+    out = []
+    for label, cfg in recipes.items():
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        rep = compress_model(m, tok, cfg, device=device, progress=False)
+        total = time.perf_counter() - t0
+        kernel_s = sum(s.get("seconds", 0.0) for s in rep.linear_stats().values())
+        out.append({"model": spec, "recipe": label, "nsamples": nsamples, "seqlen": seqlen,
+                    "blocks": len(rep.layers), "linears": len(rep.compressed), "seconds": total,
+                    "kernel_seconds": kernel_s, "other_seconds": total - kernel_s,
+                    "per_block_s": median([la["seconds"] for la in rep.layers]),
+                    "mean_rel_error": rep.mean_rel_error})
+        del m, rep
+    return out
+
+
+def extrapolate_7b(kernels: list[dict], prep_s: float | None, big: tuple[int, int] | None,
+                   hessian: dict | None, calibrations: tuple[tuple[int, int], ...] = ((128, 2048),)) -> dict[str, Any]:
+    """Time to compress LLaMA-7B, from this run's figures. Assumptions are returned with the numbers.
+
+    ``calibrations``: (nsamples, seqlen) settings for which the Hessian and forward costs are added.
+    """
+    L = LLAMA7B
+    out: dict[str, Any] = {"assumptions": [], "calibrations": []}
+    by = {(r["algo"], tuple(r["shape"])): r for r in kernels}
+    if big is not None:
+        for algo in ("sparsegpt", "gptq"):
+            r = by.get((algo, big))
+            if r is None:
+                continue
+            t_layer = r.get("fast_full_s", r["fast_s"])
+            n = big[1]
+            est: dict[str, Any] = {"measured_layer_s": t_layer, "simple_s": t_layer * 7 * L["layers"]}
+            if prep_s is not None and big == (4096, 4096):
+                # t(rows, cols) = prep * (cols/n)^3 + loop * rows * cols^2 / (rows0 * n^2)
+                loop = max(t_layer - prep_s, 0.0)
+                est["shape_aware_s"] = sum(prep_s * (c / n) ** 3 + loop * (ro * c * c) / (big[0] * n * n)
+                                           for ro, c in L["shapes"]) * L["layers"]
+            out[algo] = est
+        out["assumptions"] += [
+            "simple: the measured 4096x4096 per-layer time x 7 linears x 32 blocks",
+            "shape_aware: per-linear time = H-inverse prep (measured at 4096, scaled by cols^3) + OBS loop "
+            "(measured at 4096x4096 minus prep, scaled by rows*cols^2), summed over q,k,v,o 4096x4096, "
+            "gate,up 11008x4096, down 4096x11008, x 32 blocks",
+        ]
+    if hessian is not None:
+        s = hessian["s_per_token_d2"]
+        gflops = hessian["batched_gflops"] * 1e9
+        d2 = sum(c * c for _, c in L["shapes"])  # one Hessian per linear, as the driver hooks each one
+        params = sum(r * c for r, c in L["shapes"])  # per block
+        passes = {"sparsegpt": 2, "gptq": 5}
+        for ns, T in calibrations:
+            tokens = ns * T
+            c: dict[str, Any] = {"nsamples": ns, "seqlen": T, "hessian_s": s * tokens * d2 * L["layers"],
+                                 "forward_pass_s": (2 * params * tokens + 4 * ns * T * T * L["hidden"])
+                                 * L["layers"] / gflops}
+            for algo in ("sparsegpt", "gptq"):
+                if algo in out:
+                    extra = c["hessian_s"] + passes[algo] * c["forward_pass_s"]
+                    c[f"{algo}_total_simple_s"] = out[algo]["simple_s"] + extra
+                    if "shape_aware_s" in out[algo]:
+                        c[f"{algo}_total_shape_aware_s"] = out[algo]["shape_aware_s"] + extra
+            out["calibrations"].append(c)
+        out["assumptions"] += [
+            "hessian: this run's batched seconds per token*d^2 x tokens x sum of d^2 over the 7 linears x 32",
+            "forward passes at this run's batched-matmul GFLOP/s: 2*params*tokens + 4*T^2*d per sequence per block; "
+            "sparsegpt runs each block twice (Hessians, outputs), gptq with true_sequential 5 times "
+            "(4 groups + outputs)",
+        ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="out x in shapes, comma separated ('none' to skip)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per path at the small shapes")
+    p.add_argument("--big", default="4096x4096", help="7B-like shape ('none' to skip)")
+    p.add_argument("--big-rows", type=int, default=256, help="rows of the big layer both paths run on for the ratio")
+    p.add_argument("--big-repeats", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=4096, help="synthetic calibration tokens per Hessian")
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--hessian", default="32x512x576", help="nsamples x seqlen x width ('none' to skip)")
+    p.add_argument("--per-token-samples", type=int, default=2, help="sequences in the per-token Hessian baseline")
+    p.add_argument("--model", default=None, help="also time compress_model on this model (e.g. smollm2-135m)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    args = p.parse_args(argv)
+    device = setup(args)
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"bench": "compress_speed", "machine": machine(), "device": str(device),
+                              "args": vars(args)}
+
+    shapes = parse_shapes(args.shapes)
+    kernels = bench_kernels(shapes, args.repeats, args.tokens, args.blocksize, device) if shapes else []
+    big = parse_shapes(args.big)
+    big_shape = big[0] if big else None
+    prep_s = None
+    if big_shape is not None:
+        kernels += bench_kernels([big_shape], args.big_repeats, max(args.tokens, 2 * big_shape[1]), args.blocksize,
+                                 device, big_rows=args.big_rows)
+        prep_s = bench_prepare(big_shape[1], max(args.tokens, 2 * big_shape[1]), device)
+    result["kernels"] = kernels
+    result["prepare_hessian_s"] = prep_s
+
+    hessian = None
+    if args.hessian and args.hessian.lower() != "none":
+        n, T, d = (int(x) for x in args.hessian.lower().split("x"))
+        hessian = bench_hessian(n, T, d, args.repeats, args.per_token_samples, device)
+    result["hessian"] = hessian
+    result["model"] = bench_model(args.model, args.nsamples, args.seqlen, device) if args.model else None
+    calibs = tuple(dict.fromkeys([(128, 2048), (args.nsamples, args.seqlen)]))  # the paper's, and this run's
+    result["llama7b"] = extrapolate_7b(kernels, prep_s, big_shape, hessian, calibs)
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
+    print(report(result))
+    return finish(result, args)
+
+
+def report(r: dict[str, Any]) -> str:
+    """The human-readable summary of a result dict."""
+    m = r["machine"]
+    parts = [f"compress_speed on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads, "
+             f"torch {m['torch']}), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}"]
+    if r["kernels"]:
+        parts.append(table(r["kernels"], ["algo", "shape", "rows_run", "repeats", "fast_s", "baseline_s", "speedup",
+                                          "speedup_cpu", "max_abs_diff", "agree", "recon_rel_diff", "fast_full_s"],
+                           "per-layer kernel (blocked) vs unblocked OBS baseline, medians"))
+    if r.get("prepare_hessian_s") is not None:
+        parts.append(f"prepare_hessian (dampening + Cholesky inverse) at the big width: {r['prepare_hessian_s']:.3f}s")
+    h = r.get("hessian")
+    if h:
+        line = (f"Hessian {h['nsamples']}x{h['seqlen']}x{h['d']}: batched (chunks of {h['chunk']}) "
+                f"{h['batched_s']:.3f}s "
+                f"({h['batched_gflops']:.1f} GFLOP/s), per-sample loop {h['per_sample_s']:.3f}s -> "
+                f"speedup {h['speedup_vs_per_sample']:.2f}x (max rel diff {h['max_rel_diff_per_sample']:.1e})")
+        if "per_token_s" in h:
+            line += (f"\n  on {h['per_token_tokens']} tokens: per-token rank-1 loop {h['per_token_s']:.3f}s vs batched "
+                     f"{h['batched_small_s']:.4f}s -> speedup {h['speedup_vs_per_token']:.0f}x "
+                     f"(max rel diff {h['max_rel_diff_per_token']:.1e})")
+        parts.append(line)
+    if r.get("model"):
+        parts.append(table(r["model"], ["model", "recipe", "nsamples", "seqlen", "blocks", "linears", "seconds",
+                                        "kernel_seconds", "other_seconds", "per_block_s", "mean_rel_error"],
+                           "whole-model compress_model"))
+    e = r.get("llama7b") or {}
+    lines = []
+    for algo in ("sparsegpt", "gptq"):
+        if algo in e:
+            x = e[algo]
+            line = f"  {algo} kernels alone: {x['simple_s'] / 60:.1f} min (simple)"
+            if "shape_aware_s" in x:
+                line += f", {x['shape_aware_s'] / 60:.1f} min (shape-aware)"
+            lines.append(line)
+    for c in e.get("calibrations", []):
+        line = (f"  calibration {c['nsamples']}x{c['seqlen']}: Hessians {c['hessian_s'] / 60:.1f} min, one forward "
+                f"pass over all blocks {c['forward_pass_s'] / 60:.1f} min")
+        for algo in ("sparsegpt", "gptq"):
+            if f"{algo}_total_simple_s" in c:
+                line += f"; {algo} total {c[f'{algo}_total_simple_s'] / 3600:.1f} h (simple)"
+                if f"{algo}_total_shape_aware_s" in c:
+                    line += f" / {c[f'{algo}_total_shape_aware_s'] / 3600:.1f} h (shape-aware)"
+        lines.append(line)
+    if lines:
+        parts.append("LLaMA-7B extrapolation (this machine):\n" + "\n".join(lines)
+                     + "\n  assumptions:\n" + "\n".join(f"   - {a}" for a in e["assumptions"]))
+    parts.append(f"wall time {r['wall_s']:.0f}s")
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

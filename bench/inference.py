@@ -1,0 +1,382 @@
+"""What a compressed model gives at run time: weight memory, and speed with real low-bit kernels.
+
+Sections:
+
+``memory``  bytes of ctp's packed artifact (``save_compressed``: codes at ``bits`` bits,
+            1-bit masks, fp32 scales) per recipe, against the dense model in fp32 / fp16,
+            and the in-memory bytes of each run-time format.
+``linear``  one linear layer ``y = x W^T`` per shape and token count, every format timed
+            alternately with dense fp32 (the baseline):
+
+            - ``fp32``: dense fp32 (the baseline);
+            - ``fake4``: what ctp runs today, a dense fp32 matrix holding 4-bit values:
+              the same matmul, so no speedup by construction;
+            - ``bf16``: dense bf16 weights and activations;
+            - ``int8``: ``torch._weight_int8pack_mm`` (8-bit symmetric per-row codes);
+            - ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (4-bit, groups of 64, fp32
+              activations; ``int4-bf16`` with bf16 activations);
+            - ``csr50``: 50% unstructured sparsity as a torch CSR matrix (``torch.sparse``);
+              stored dense, unstructured sparsity is just fp32 zeros: no speedup;
+            - ``2:4``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS),
+              which exists only on CUDA.
+
+            Each low-bit result is checked against the dense matmul of its dequantized
+            weight (``max_rel_err`` = max abs difference / max abs reference).
+``model``   a whole model's forward (prefill tokens/s, no cache) and greedy decoding
+            (tokens/s with the KV cache) with every decoder linear swapped for the int8 /
+            int4 kernels, against the dense fp32 model and the fake-quantized one; the
+            logits of each kernel model are compared with those of its fake-quantized twin.
+            Embeddings, norms and the (tied) LM head stay dense fp32, as in ctp's artifacts.
+
+    python -m bench.inference                        # default model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench._common import base_parser, finish, interleaved, machine, median, setup, table
+from bench._kernels import Int4Linear, Int8Linear, buffer_bytes, int4_mm, int4_weight, int8_weight
+from bench.compress_speed import parse_shapes
+from ctp.compress import kernels as K
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP = 64  # divides every SmolLM2 width (576, 1536, 192); 128 does not divide 576
+
+
+def _quant4(W: Tensor, group: int = INT4_GROUP) -> K.KernelResult:
+    return K.rtn_quantize(W, 4, group, sym=False)
+
+
+def _quant8(W: Tensor) -> K.KernelResult:
+    return K.rtn_quantize(W, 8, -1, sym=True)
+
+
+def _loop(fn, n: int):
+    """A closure running ``fn`` ``n`` times (per-call times are the total / n)."""
+
+    def run():
+        out = None
+        for _ in range(n):
+            out = fn()
+        return out
+
+    return run
+
+
+def _rel_err(y: Tensor, ref: Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear_formats(W: Tensor, x: Tensor, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], dict]:
+    """({format: callable}, {format: (reference output, weight bytes)}, {format: why unavailable})."""
+    fns: dict[str, Any] = {"fp32": lambda: F.linear(x, W)}
+    ref: dict[str, Any] = {"fp32": (None, W.numel() * 4)}
+    skipped: dict[str, str] = {}
+
+    q4 = _quant4(W.cpu())
+    W4 = q4.weight.to(device)  # fp32 dense holding 4-bit values
+    fns["fake4"] = lambda: F.linear(x, W4)
+    ref["fake4"] = (None, W.numel() * 4)
+
+    Wb, xb = W.to(torch.bfloat16), x.to(torch.bfloat16)
+    fns["bf16"] = lambda: F.linear(xb, Wb)
+    ref["bf16"] = (None, W.numel() * 2)
+
+    try:
+        q8 = _quant8(W.cpu())
+        w8, s8 = int8_weight(q8.codes, q8.scale, q8.zero)
+        w8, s8 = w8.to(device), s8.to(device)
+        deq8 = (w8.float() * s8[:, None])  # (out, in)
+        torch._weight_int8pack_mm(x, w8, s8)  # raises here if the op is missing for this device
+        fns["int8"] = lambda: torch._weight_int8pack_mm(x, w8, s8)
+        ref["int8"] = (F.linear(x, deq8), w8.numel() + s8.numel() * 4)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        skipped["int8"] = str(e).splitlines()[0]
+
+    for name, act in (("int4", torch.float32), ("int4-bf16", torch.bfloat16)):
+        try:
+            packed, sz, G = int4_weight(q4.codes, q4.scale, q4.zero, q4.g_idx, device, act)
+            xa = x.to(act)
+            int4_mm(xa, packed, G, sz)
+            fns[name] = lambda xa=xa, packed=packed, G=G, sz=sz: int4_mm(xa, packed, G, sz)
+            nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+            ref[name] = (F.linear(xa.float(), W4), nbytes)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            skipped[name] = str(e).splitlines()[0]
+
+    W50 = K.magnitude_prune(W.cpu(), 0.5).weight.to(device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            csr = W50.to_sparse_csr()
+        xt = x.t().contiguous()  # (in, tokens)
+        fns["csr50"] = lambda: (csr @ xt).t()
+        nbytes = csr.values().numel() * 4 + csr.col_indices().numel() * 8 + csr.crow_indices().numel() * 8
+        ref["csr50"] = (F.linear(x, W50), nbytes)
+    except (RuntimeError, NotImplementedError) as e:
+        skipped["csr50"] = str(e).splitlines()[0]
+
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        W24 = K.magnitude_prune(W.cpu(), 0.5, prune_n=2, prune_m=4).weight.to(device=device, dtype=torch.float16)
+        s24 = to_sparse_semi_structured(W24)
+        xh = x.to(torch.float16)
+        fns["2:4"] = lambda: F.linear(xh, s24)
+        ref["2:4"] = (F.linear(xh.float(), W24.float()), W24.numel())  # ~ half the fp16 values + metadata
+    except Exception as e:  # noqa: BLE001 - any failure means "not available here"; report why
+        skipped["2:4"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return fns, ref, skipped
+
+
+def bench_linear(shapes, tokens_list, repeats, min_time, device) -> tuple[list[dict], dict[str, str]]:
+    """Per (shape, tokens, format): median seconds per call, speedup vs fp32, tokens/s, error."""
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    for si, (o, i) in enumerate(shapes):
+        g = torch.Generator().manual_seed(si)
+        W = (0.02 * torch.randn(o, i, generator=g)).to(device)
+        for T in tokens_list:
+            x = torch.randn(T, i, generator=g).to(device)
+            fns, ref, skip = linear_formats(W, x, device)
+            skipped.update(skip)
+            # calls per timed run: enough for ~min_time seconds of the baseline
+            t0 = time.perf_counter()
+            fns["fp32"]()
+            n = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+            cpu: dict[str, list[float]] = {}
+            times, first = interleaved({k: _loop(f, n) for k, f in fns.items()}, repeats, device, warmup=1, cpu=cpu)
+            base = median(times["fp32"]) / n
+            for k in fns:
+                t = median(times[k]) / n
+                r_out, nbytes = ref[k]
+                rows.append({"shape": [o, i], "tokens": T, "format": k, "us_per_call": t * 1e6,
+                             "speedup_vs_fp32": base / t, "speedup_cpu": median(cpu["fp32"]) / median(cpu[k]),
+                             "tokens_per_s": T / t, "weight_bytes": nbytes,
+                             "max_rel_err": None if r_out is None else _rel_err(first[k], r_out)})
+        del W
+    return rows, skipped
+
+
+# --------------------------------------------------------------------------- memory
+
+
+RECIPES = {  # id -> (label, CompressConfig keyword arguments); RTN / magnitude store what GPTQ / SparseGPT do
+    "q4": ("4-bit per-row", dict(quant=dict(method="rtn", bits=4))),
+    "q4g64": ("4-bit g64", dict(quant=dict(method="rtn", bits=4, group_size=64))),
+    "q3": ("3-bit per-row", dict(quant=dict(method="rtn", bits=3))),
+    "q8": ("8-bit per-row", dict(quant=dict(method="rtn", bits=8))),
+    "s50": ("50% sparse", dict(prune=dict(method="magnitude", sparsity=0.5))),
+    "2:4": ("2:4 sparse", dict(prune=dict(method="magnitude", prune_n=2, prune_m=4))),
+    "s50q4": ("50% sparse + 4-bit", dict(prune=dict(method="magnitude", sparsity=0.5),
+                                          quant=dict(method="rtn", bits=4))),
+}
+
+
+def bench_memory(model: nn.Module, tok, recipes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Artifact bytes of several recipes (written with ``save_compressed``) vs dense fp32 / fp16."""
+    from ctp.compress import CompressConfig, compress_weight, save_compressed
+    from ctp.models.adapter import decoder_layers, get_arch, linear_layers, set_weight_matrix, weight_matrix
+
+    arch = get_arch(model)
+    mods = {f"{arch.layers}.{i}.{n}": m for i, layer in enumerate(decoder_layers(model))
+            for n, m in linear_layers(layer).items()}
+    original = {n: weight_matrix(m).detach().clone() for n, m in mods.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    linear_params = sum(w.numel() for w in original.values())
+    rows = [{"format": "dense fp32", "weights_bytes": 4 * n_params, "linear_bytes": 4 * linear_params,
+             "linear_bits_per_weight": 32.0},
+            {"format": "dense fp16", "weights_bytes": 2 * n_params, "linear_bytes": 2 * linear_params,
+             "linear_bits_per_weight": 16.0}]
+    # RTN / magnitude give the same stored format as GPTQ / SparseGPT (codes, masks, grids); only values differ.
+    try:
+        for rid in recipes or list(RECIPES):
+            label, kw = RECIPES[rid]
+            cfg = CompressConfig(**kw)
+            compressed = {}
+            for n, m in mods.items():
+                cw = compress_weight(original[n], None, 0, cfg)
+                set_weight_matrix(m, cw.weight)
+                compressed[n] = cw
+            with tempfile.TemporaryDirectory() as d:
+                st = save_compressed(model, tok, cfg, compressed, f"{d}/art")
+            dense_fp16 = st["dense_bytes"] // 2  # the uncompressed rest (embeddings, norms) in fp16
+            rows.append({"format": label, "recipe": rid, "weights_bytes": st["weights_file_bytes"],
+                         "linear_bytes": st["compressed_linear_bytes"],
+                         "linear_bits_per_weight": st["linear_bits_per_weight"],
+                         "weights_bytes_dense_fp16": st["compressed_linear_bytes"] + dense_fp16})
+    finally:
+        for n, m in mods.items():
+            set_weight_matrix(m, original[n])
+    for r in rows:
+        r["vs_fp32"] = (4 * n_params) / r["weights_bytes"]
+        r["linear_vs_fp16"] = (2 * linear_params) / r["linear_bytes"]
+    return rows
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _swap_linears(model: nn.Module, fmt: str, act_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A copy of ``model`` whose decoder linears run ``fmt`` ('fake4', 'fake8', 'int4', 'int8')."""
+    from ctp.models.adapter import decoder_layers, linear_layers, set_weight_matrix, weight_matrix
+
+    m = copy.deepcopy(model)
+    for layer in decoder_layers(m):
+        for name, mod in linear_layers(layer).items():
+            W = weight_matrix(mod).detach().float().cpu()
+            res = _quant4(W) if fmt in ("fake4", "int4") else _quant8(W)
+            bias = getattr(mod, "bias", None)
+            if fmt.startswith("fake"):
+                set_weight_matrix(mod, res.weight.to(device))
+                continue
+            if fmt == "int4":
+                new = Int4Linear(res.codes, res.scale, res.zero, res.g_idx, bias, act_dtype, device)
+            else:
+                new = Int8Linear(res.codes, res.scale, res.zero, bias, act_dtype).to(device)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, new)
+    return m
+
+
+@torch.no_grad()
+def bench_model(spec: str, prefill: int, decode: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Prefill and decode tokens/s of the dense, fake-quantized and kernel models; logits checks."""
+    from ctp.models.load import load_model
+
+    model, tok, info = load_model(spec, device=str(device))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prefill), generator=g).to(device)  # (1, prefill)
+    ctx = ids[:, : max(1, min(32, prefill))]  # decoding context
+
+    models: dict[str, nn.Module] = {"fp32": model}
+    skipped: dict[str, str] = {}
+    for fmt in ("fake4", "fake8", "int4", "int8"):
+        try:
+            models[fmt] = _swap_linears(model, fmt, torch.float32, device)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            skipped[fmt] = str(e).splitlines()[0]
+    models["bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+
+    checks = {}
+    for fmt, twin in (("int4", "fake4"), ("int8", "fake8")):
+        if fmt in models:
+            try:
+                checks[f"{fmt}_vs_{twin}_logits_max_rel_err"] = _rel_err(models[fmt](ids).logits,
+                                                                        models[twin](ids).logits)
+            except (RuntimeError, NotImplementedError) as e:
+                skipped[fmt] = str(e).splitlines()[0]
+                del models[fmt]
+    models.pop("fake8", None)  # same dense fp32 matmuls as fake4: timed once
+
+    def prefill_fn(m):
+        return lambda: m(ids, use_cache=False).logits
+
+    def decode_fn(m):
+        return lambda: m.generate(ctx, max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
+                                  pad_token_id=tok.pad_token_id or 0)
+
+    c_pre: dict[str, list[float]] = {}
+    c_dec: dict[str, list[float]] = {}
+    t_pre, _ = interleaved({k: prefill_fn(m) for k, m in models.items()}, repeats, device, warmup=1, cpu=c_pre)
+    t_dec, _ = interleaved({k: decode_fn(m) for k, m in models.items()}, repeats, device, warmup=1, cpu=c_dec)
+    rows = []
+    from ctp.models.adapter import decoder_layers
+
+    for k, m in models.items():
+        pre, dec = median(t_pre[k]), median(t_dec[k])
+        rows.append({"format": k, "prefill_tokens_per_s": prefill / pre, "decode_tokens_per_s": decode / dec,
+                     "prefill_speedup": median(t_pre["fp32"]) / pre, "decode_speedup": median(t_dec["fp32"]) / dec,
+                     "prefill_speedup_cpu": median(c_pre["fp32"]) / median(c_pre[k]),
+                     "decode_speedup_cpu": median(c_dec["fp32"]) / median(c_dec[k]),
+                     "decoder_weight_bytes": sum(buffer_bytes(layer) for layer in decoder_layers(m))})
+    return {"model": spec, "prefill_tokens": prefill, "decode_tokens": decode, "decode_context": ctx.shape[1],
+            "repeats": repeats, "rows": rows, "checks": checks, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model for the memory and model sections ('none' to skip)")
+    p.add_argument("--shapes", default="576x576,1536x576,576x1536,4096x4096", help="linear shapes out x in")
+    p.add_argument("--tokens", default="1,128", help="tokens per linear call (1 = decoding)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run of the fp32 baseline")
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--decode", type=int, default=16)
+    p.add_argument("--model-repeats", type=int, default=3)
+    p.add_argument("--sections", default="memory,linear,model")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="memory-section recipes, of " + ", ".join(RECIPES))
+    args = p.parse_args(argv)
+    device = setup(args)
+    t_start = time.perf_counter()
+    sections = set(args.sections.split(","))
+    result: dict[str, Any] = {"bench": "inference", "machine": machine(), "device": str(device), "args": vars(args)}
+
+    if "linear" in sections:
+        tokens = [int(t) for t in args.tokens.split(",")]
+        result["linear"], result["linear_unavailable"] = bench_linear(parse_shapes(args.shapes), tokens, args.repeats,
+                                                                      args.min_time, device)
+    use_model = args.model and args.model.lower() != "none"
+    if "memory" in sections and use_model:
+        from ctp.models.load import load_model
+
+        model, tok, _ = load_model(args.model)
+        result["memory"] = bench_memory(model, tok, args.recipes.split(","))
+        del model
+    if "model" in sections and use_model:
+        result["model"] = bench_model(args.model, args.prefill, args.decode, args.model_repeats, device)
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
+    print(report(result))
+    return finish(result, args)
+
+
+def report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    parts = [f"inference on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads, "
+             f"torch {m['torch']}), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}"]
+    if r.get("memory"):
+        parts.append(table(r["memory"], ["format", "weights_bytes", "vs_fp32", "weights_bytes_dense_fp16",
+                                         "linear_bytes", "linear_bits_per_weight", "linear_vs_fp16"],
+                           "weight memory (artifact written by save_compressed; dense part fp32 unless noted)"))
+    if r.get("linear"):
+        parts.append(table(r["linear"], ["shape", "tokens", "format", "us_per_call", "speedup_vs_fp32",
+                                         "speedup_cpu", "tokens_per_s", "weight_bytes", "max_rel_err"],
+                           "one linear layer, medians (speedup: dense fp32 time / format time, same run)"))
+        if r.get("linear_unavailable"):
+            parts.append("unavailable here:\n" + "\n".join(f"  {k}: {v}" for k, v in r["linear_unavailable"].items()))
+    mo = r.get("model")
+    if mo:
+        parts.append(table(mo["rows"], ["format", "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_cpu",
+                                        "decode_tokens_per_s", "decode_speedup", "decode_speedup_cpu",
+                                        "decoder_weight_bytes"],
+                           f"whole model {mo['model']}: prefill {mo['prefill_tokens']} tokens, greedy decode "
+                           f"{mo['decode_tokens']} tokens after {mo['decode_context']}, medians of {mo['repeats']}"))
+        parts.append("logits checks: " + ", ".join(f"{k} {v:.2e}" for k, v in mo["checks"].items()))
+        if mo["skipped"]:
+            parts.append("skipped: " + ", ".join(f"{k} ({v})" for k, v in mo["skipped"].items()))
+    parts.append(f"wall time {r['wall_s']:.0f}s")
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

@@ -1,0 +1,137 @@
+"""Smoke tests of the benchmarks in bench/: each main runs at a toy size, returns the expected
+fields, and its fast path gives the same numbers as the baseline it is timed against."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import compress_speed, inference, prompt_train  # noqa: E402
+from bench._kernels import int4_weight, int4_mm, int8_weight  # noqa: E402
+from bench._reference import hessian_per_sample, hessian_per_token, obs_unblocked  # noqa: E402
+from ctp.compress import kernels as K  # noqa: E402
+
+
+def _layer(out_f=24, in_f=64, seed=0):
+    return compress_speed.synthetic_layer(out_f, in_f, 256, seed, torch.device("cpu"))
+
+
+def test_unblocked_reference_matches_kernels():
+    W, H = _layer()
+    sg = K.sparsegpt(W, H, 0.5, blocksize=16)
+    Q, keep, _ = obs_unblocked(W, H, sparsity=0.5, blocksize=16)
+    assert torch.equal(sg.mask, keep)
+    assert torch.allclose(sg.weight, Q, atol=1e-5)
+    gq = K.gptq(W, H, 4, blocksize=16)
+    Q, _, codes = obs_unblocked(W, H, bits=4, blocksize=16)
+    assert float((gq.codes == codes).float().mean()) > 0.99
+    assert abs(K.reconstruction_error(W, gq.weight, H) / K.reconstruction_error(W, Q, H) - 1) < 1e-2
+
+
+def test_hessian_baselines_match_accumulate():
+    X = torch.randn(3, 10, 16)
+    H, _ = K.accumulate_hessian(None, 0, X)
+    assert torch.allclose(hessian_per_sample(X), H, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(hessian_per_token(X), H, rtol=1e-5, atol=1e-5)
+
+
+def test_compress_speed_smoke(capsys):
+    r = compress_speed.main(["--shapes", "24x64,64x32", "--big", "48x128", "--big-rows", "16", "--tokens", "256",
+                             "--blocksize", "16", "--repeats", "1", "--hessian", "3x16x32",
+                             "--per-token-samples", "1"])
+    assert "speedup" in capsys.readouterr().out
+    assert {(k["algo"], tuple(k["shape"])) for k in r["kernels"]} == {
+        (a, s) for a in ("sparsegpt", "gptq") for s in ((24, 64), (64, 32), (48, 128))}
+    for k in r["kernels"]:
+        for f in ("fast_s", "baseline_s", "speedup", "max_abs_diff", "agree", "recon_fast", "recon_base"):
+            assert k[f] is not None and k[f] >= 0, (k, f)
+        if k["algo"] == "sparsegpt":  # deterministic masks: the same weights
+            assert k["agree"] == 1.0 and k["max_abs_diff"] < 1e-4 * k["weight_scale"] + 1e-6, k
+        else:  # codes may flip at exact rounding ties, never more than a few
+            assert k["agree"] > 0.99 and k["recon_rel_diff"] < 1e-2, k
+    big = [k for k in r["kernels"] if k["shape"] == [48, 128]]
+    assert all(k["rows_run"] == 16 and k["fast_full_s"] > 0 for k in big)
+    h = r["hessian"]
+    assert h["max_rel_diff_per_sample"] < 1e-5 and h["max_rel_diff_per_token"] < 1e-5
+    assert h["speedup_vs_per_sample"] > 0 and h["batched_gflops"] > 0
+    e = r["llama7b"]
+    assert e["sparsegpt"]["simple_s"] > 0 and len(e["calibrations"]) == 2
+    assert all(c["gptq_total_simple_s"] > e["gptq"]["simple_s"] for c in e["calibrations"])
+    assert e["assumptions"]
+
+
+def test_compress_speed_model_section(tiny_dir):
+    r = compress_speed.main(["--shapes", "none", "--big", "none", "--hessian", "none", "--model", tiny_dir,
+                             "--nsamples", "2", "--seqlen", "16"])
+    assert [m["recipe"] for m in r["model"]] == ["sparsegpt50", "gptq4"]
+    for m in r["model"]:
+        assert m["blocks"] == 2 and m["linears"] == 14 and 0 < m["kernel_seconds"] <= m["seconds"]
+
+
+def test_int_kernels_match_dequantized_matmul():
+    W = 0.02 * torch.randn(48, 128)
+    x = torch.randn(5, 128)
+    q8 = K.rtn_quantize(W, 8, -1, sym=True)
+    w8, s8 = int8_weight(q8.codes, q8.scale, q8.zero)
+    ref = x @ q8.weight.t()
+    assert torch.allclose(torch._weight_int8pack_mm(x, w8, s8), ref, atol=1e-5 * float(ref.abs().max()))
+    for group in (-1, 32, 64):  # per-row grids are replicated over kernel groups
+        q4 = K.rtn_quantize(W, 4, group)
+        packed, sz, G = int4_weight(q4.codes, q4.scale, q4.zero, q4.g_idx)
+        ref = x @ q4.weight.t()
+        assert torch.allclose(int4_mm(x, packed, G, sz), ref, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_inference_smoke(tiny_dir):
+    r = inference.main(["--model", tiny_dir, "--shapes", "32x64", "--tokens", "1,4", "--repeats", "1",
+                        "--min-time", "0.001", "--prefill", "8", "--decode", "2", "--model-repeats", "1",
+                        "--recipes", "q4,s50q4"])
+    formats = {row["format"] for row in r["linear"]}
+    assert {"fp32", "fake4", "bf16", "int8", "int4", "csr50"} <= formats
+    assert "2:4" in formats or "2:4" in r["linear_unavailable"]
+    for row in r["linear"]:
+        assert row["us_per_call"] > 0 and row["speedup_vs_fp32"] > 0
+        if row["format"] in ("int8", "int4", "csr50"):
+            assert row["max_rel_err"] < 1e-4, row
+        if row["format"] == "int4-bf16":
+            assert row["max_rel_err"] < 3e-2, row
+    mem = {row["format"]: row for row in r["memory"]}
+    assert 4 <= mem["4-bit per-row"]["linear_bits_per_weight"] < 5
+    assert 3 <= mem["50% sparse + 4-bit"]["linear_bits_per_weight"] < 4
+    assert mem["dense fp32"]["linear_bits_per_weight"] == 32
+    m = r["model"]
+    assert {row["format"] for row in m["rows"]} >= {"fp32", "fake4", "int4", "int8", "bf16"}
+    assert all(v < 1e-4 for v in m["checks"].values()) and len(m["checks"]) == 2
+
+
+def test_prompt_train_smoke(tiny_dir):
+    r = prompt_train.main(["--model", tiny_dir, "--seqlen", "16", "--prompt-tokens", "4", "--steps", "2",
+                           "--warmup", "0", "--configs", "fp32,fp32+ckpt,bf16", "--memory-steps", "0",
+                           "--trainer-steps", "3"])
+    rows = {row["config"]: row for row in r["steps"]}
+    assert set(rows) == {"fp32", "fp32+ckpt", "bf16"}
+    assert all(row["tokens_per_s"] > 0 and row["step_s"] > 0 for row in rows.values())
+    # gradient checkpointing recomputes exactly: same losses step by step
+    assert r["checks"]["fp32_ckpt_max_loss_diff"] < 1e-5
+    assert r["checks"]["bf16_vs_fp32_first_loss_diff"] < 0.1
+    assert r["trainer"]["step_s"] > 0 and len(r["trainer"]["losses"]) == 3
+
+
+def test_prompt_train_memory_subprocess(tiny_dir):
+    args = argparse.Namespace(model=tiny_dir, batch_size=1, seqlen=16, prompt_tokens=4, memory_steps=1, threads=1)
+    out = prompt_train._memory_subprocess("fp32+ckpt", args)
+    assert out["config"] == "fp32+ckpt" and out["peak_rss_delta_bytes"] >= 0 and out["rss_before_bytes"] > 0
+
+
+@pytest.mark.parametrize("bad", [["--configs", "fp64"]])
+def test_prompt_train_rejects_unknown_config(bad):
+    with pytest.raises(SystemExit):
+        prompt_train.main(bad)

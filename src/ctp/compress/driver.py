@@ -251,27 +251,58 @@ def _compress_group(
     inps: list[Tensor],
     cfg: CompressConfig,
 ) -> dict[str, tuple[CompressedWeight, dict]]:
-    """Collect the Hessians of ``names`` from one pass over ``inps``, then compress them."""
+    """Collect the Hessians of ``names`` from one pass over ``inps``, then compress them.
+
+    Two savings, neither changing any number: linears that read the very same input tensor
+    (q/k/v, gate/up) share one Hessian, accumulated once; and each chunk's block forward
+    stops as soon as every linear of the group has seen its input.
+    """
     mods = linear_layers(layer)
-    hess: dict[str, list] = {n: [None, 0] for n in names}  # name -> [H, n_samples]
+    slots: list[list] = []  # [H, n_samples] per distinct input
+    slot_of: dict[str, int] = {}
+    chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
 
     def hook(name: str):
         def fn(_mod, inp, _out):
-            x = inp[0].detach()  # (b, T, in): Linear and Conv1D alike
-            hess[name][0], hess[name][1] = accumulate_hessian(hess[name][0], hess[name][1], x)
+            x = inp[0]  # (b, T, in): Linear and Conv1D alike
+            if name not in slot_of:  # first chunk: share a slot with a linear fed the same tensor object
+                same = [s for s, t in chunk_inputs.items() if t is x]
+                slot_of[name] = same[0] if same else len(slots)
+                if not same:
+                    slots.append([None, 0])
+            s = slot_of[name]
+            if s in chunk_inputs:
+                if chunk_inputs[s] is not x:
+                    raise RuntimeError(f"{name} no longer shares its input with the linears it shared it with")
+            else:
+                chunk_inputs[s] = x
+                slots[s][0], slots[s][1] = accumulate_hessian(slots[s][0], slots[s][1], x.detach())
+            if all(n in slot_of and slot_of[n] in chunk_inputs for n in names):
+                raise _StopForward  # the rest of the block is not needed for these Hessians
 
         return fn
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in names]
     try:
-        _run_block(layer, call, inps)
+        for h in inps:
+            chunk_inputs.clear()
+            try:
+                call(layer, h)
+            except _StopForward:
+                pass
     finally:
+        chunk_inputs.clear()
         for h in handles:
             h.remove()
+    missing = [n for n in names if n not in slot_of]
+    if missing:
+        raise RuntimeError(f"linear layers {missing} never ran in the block forward")
+    hess = {n: slots[slot_of[n]] for n in names}  # shared H tensors: the kernels never modify H
+    slots.clear()  # hess holds the only references now
 
     out: dict[str, tuple[CompressedWeight, dict]] = {}
     for n in names:
-        H, count = hess.pop(n)
+        H, count = hess.pop(n)  # a shared H is freed with its last user
         mod = mods[n]
         W = weight_matrix(mod)  # (out, in), a view of the module's weight
         Wf = W.float()

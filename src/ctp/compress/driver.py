@@ -215,6 +215,19 @@ def _capture_inputs(model: nn.Module, windows: Tensor, chunk: int) -> tuple[list
     return store, calls  # type: ignore[return-value]
 
 
+def _calls_to(calls: list[_BlockCall], device: torch.device) -> list[_BlockCall]:
+    """Move recorded block arguments to ``device``; a tensor shared by several blocks moves once."""
+    moved: dict[int, Tensor] = {}
+
+    def to_dev(t: Tensor) -> Tensor:
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return moved[id(t)]
+
+    return [_BlockCall(_map_tensors(c.args, to_dev), _map_tensors(c.kwargs, to_dev), c.batch, c.hidden_kw)
+            for c in calls]
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -353,11 +366,9 @@ def compress_model(
     log.info("compressing %d blocks with %s on %s (%d calibration windows of %d tokens)",
              len(layers), cfg.label(), device, windows.shape[0], windows.shape[1])
 
-    to_dev = lambda t: t.to(device)  # noqa: E731
     inps, calls = _capture_inputs(model, windows, chunk)
     inps = [h.to(device) for h in inps]
-    calls = [_BlockCall(_map_tensors(c.args, to_dev), _map_tensors(c.kwargs, to_dev), c.batch, c.hidden_kw)
-             for c in calls]
+    calls = _calls_to(calls, device)
 
     true_seq = cfg.quant is not None and cfg.quant.true_sequential
     report = CompressionReport(config=cfg.to_dict(), label=cfg.label(), model_type=model.config.model_type,

@@ -42,3 +42,19 @@ def test_generate_single_prompt_and_errors(tiny_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["-q", "train-prompt", "--model", tiny_dir, "--out", str(tmp_path / "p.pt"), "--steps", "1"]) == 2
     assert "should end in .safetensors" in capsys.readouterr().err
+
+
+def test_cpu_demo_preset_and_overrides():
+    from ctp.cli import build_parser
+    from ctp.commands.train_prompt import build_configs
+    from ctp.prompt.train import TrainConfig
+
+    args = build_parser().parse_args(["train-prompt", "--out", "p.safetensors", "--cpu-demo", "--steps", "7",
+                                      "--tokens", "20", "--init", "text", "--init-text", "hello", "--lr", "0.5"])
+    pcfg, tcfg = build_configs(args)
+    assert tcfg == TrainConfig.cpu_demo(steps=7, lr=0.5)
+    assert (pcfg.num_tokens, pcfg.init.value, pcfg.init_text) == (20, "text", "hello")
+    args = build_parser().parse_args(["train-prompt", "--out", "p.safetensors", "--grad-checkpointing",
+                                      "--precision", "bf16", "--no-resume"])
+    pcfg, tcfg = build_configs(args)
+    assert tcfg == TrainConfig(gradient_checkpointing=True, precision="bf16") and pcfg.num_tokens == 100

@@ -86,7 +86,7 @@ def test_learning_lowers_loss_and_leaves_the_model_untouched(tokenizer, info):
     cfg = TrainConfig(lr=3e-2, steps=20, eval_every=10, **FAST)
     art, hist = train_prompt(model, tokenizer, info, pcfg, cfg, progress=False)
     assert weights_hash(model) == before
-    assert all(not p.requires_grad for p in model.parameters()) and not model.training
+    assert all(p.grad is None for p in model.parameters()) and not model.training  # no gradient reached it
     assert hist.steps_done == 20 and len(hist.train_loss) == 20 and [e["step"] for e in hist.evals] == [0, 10, 20]
     # the loss on the same training windows is lower with the learned prompt than with the initial one
     ids, _ = corpus_ids("c4", "train", tokenizer)
@@ -192,3 +192,21 @@ def test_precision_fp16_on_cpu_is_an_error(tokenizer, info):
     with pytest.raises(CTPError, match="fp16"):
         train_prompt(make_tiny("llama"), tokenizer, info, PromptConfig(num_tokens=2),
                      TrainConfig(steps=1, precision="fp16", **FAST), progress=False)
+
+
+def test_time_limit_stops_with_a_final_validation(tokenizer, info):
+    cfg = TrainConfig(lr=1e-2, steps=50, eval_every=100, max_minutes=1e-6, **FAST)
+    art, hist = train_prompt(make_tiny("llama"), tokenizer, info, PromptConfig(num_tokens=2), cfg, progress=False)
+    assert hist.steps_done == 1 and "time limit" in hist.stopped
+    assert [e["step"] for e in hist.evals] == [0, 1] and art.steps == 1
+
+
+def test_training_with_activation_checkpointing_matches(tokenizer, info):
+    model = make_tiny("llama")
+    runs = []
+    for flag in (False, True):
+        cfg = TrainConfig(lr=3e-2, steps=3, eval_every=3, gradient_checkpointing=flag, **FAST)
+        art, hist = train_prompt(model, tokenizer, info, PromptConfig(num_tokens=3), cfg, progress=False)
+        runs.append((art.embeddings, hist.train_loss))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-6)

@@ -108,9 +108,13 @@ class TrainConfig:
 
     @classmethod
     def cpu_demo(cls, **overrides) -> TrainConfig:
-        """A preset that learns a useful prompt for a ~100M model on a 2-core CPU in well under 30 minutes."""
+        """A preset for a ~100M model on a 2-core CPU: short windows, a higher lr, and a 25-minute cap.
+
+        Training stops at ``max_minutes`` (keeping the best validation prompt) if the
+        machine is slower than expected, so the whole run stays under 30 minutes.
+        """
         base = dict(seqlen=256, batch_size=2, steps=150, lr=1e-2, warmup_steps=10, eval_every=25,
-                    eval_windows=8, checkpoint_every=25)
+                    eval_windows=8, checkpoint_every=25, max_minutes=25.0)
         base.update(overrides)
         return cls(**base)
 
@@ -328,6 +332,7 @@ def train_prompt(
 
     # The base model is frozen and stays in eval mode (no dropout): only the prompt learns.
     was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     model.requires_grad_(False)
 
@@ -369,16 +374,23 @@ def train_prompt(
         else:
             log.info("ignoring the existing checkpoint %s (no resume); it will be overwritten", ckpt)
 
+    def validate(at_step: int) -> float:
+        """Validation PPL of the current prompt; keeps it as the best if it is."""
+        nonlocal best
+        nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
+        history.evals.append({"step": at_step, "val_ppl": ppl, "val_nll": nll})
+        if ppl < history.best_val_ppl or not history.evals[:-1]:
+            history.best_val_ppl, history.best_step = ppl, at_step
+            best = prompt.detach().clone()
+        return ppl
+
+    seconds_before = history.seconds  # time spent by earlier (interrupted) runs
+    t_loop = time.perf_counter()
     if start == 0 and not history.evals:
         history.val_ppl_no_prompt = _evaluate(model, val_windows, None, cfg.batch_size, amp)[1]
-        nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
-        history.evals.append({"step": 0, "val_ppl": ppl, "val_nll": nll})
-        history.best_val_ppl, history.best_step = ppl, 0
-        best = prompt.detach().clone()
+        ppl = validate(0)
         log.info("validation PPL: no prompt %.3f, initial prompt %.3f", history.val_ppl_no_prompt, ppl)
 
-    seconds_before = history.seconds
-    t_loop = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc="train prompt", disable=not progress, unit="step", leave=False)
     step = start
     try:
@@ -412,12 +424,7 @@ def train_prompt(
                 bar.update(1)
 
                 if done % cfg.eval_every == 0 or done == cfg.steps:
-                    nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
-                    history.evals.append({"step": done, "val_ppl": ppl, "val_nll": nll})
-                    if ppl < history.best_val_ppl:
-                        history.best_val_ppl, history.best_step = ppl, done
-                        best = prompt.detach().clone()
-                    if not math.isfinite(ppl):
+                    if not math.isfinite(validate(done)):
                         history.stopped = f"non-finite validation perplexity at step {done}"
                 history.seconds = seconds_before + (time.perf_counter() - t_loop)
                 bar.set_postfix(loss=f"{loss_value:.3f}", val_ppl=f"{history.evals[-1]['val_ppl']:.2f}",
@@ -431,15 +438,13 @@ def train_prompt(
                 if cfg.max_minutes is not None and history.seconds > cfg.max_minutes * 60 and done < cfg.steps:
                     history.stopped = f"time limit of {cfg.max_minutes} minutes reached at step {done}"
                     if history.evals[-1]["step"] != done:
-                        nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
-                        history.evals.append({"step": done, "val_ppl": ppl, "val_nll": nll})
-                        if ppl < history.best_val_ppl:
-                            history.best_val_ppl, history.best_step = ppl, done
-                            best = prompt.detach().clone()
+                        validate(done)
                     break
     finally:
         bar.close()
         model.train(was_training)
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
 
     history.seconds = seconds_before + (time.perf_counter() - t_loop)
     if history.stopped:

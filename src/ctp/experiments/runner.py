@@ -60,6 +60,7 @@ class Runner:
     root: Path
     progress: bool = True
     records: list[dict] = field(default_factory=list)
+    on_save: Callable[[list[dict]], None] | None = None  # called after each stage (e.g. to rewrite the report)
     _loaded: tuple[str, object, object, object] | None = None
 
     # ------------------------------------------------------------------ keys and paths
@@ -216,18 +217,27 @@ class Runner:
                                  **self._model_summary(label)})
         for label in cfg.prompted():
             self.ensure_prompt(self.prompt_ref(label))
-        if cfg.perplexity:
-            self._perplexity()
-        if cfg.transfer and cfg.transfer.datasets and cfg.prompt:
-            self._dataset_transfer()
-        if cfg.length_ablation and cfg.prompt:
-            self._length_ablation()
-        if cfg.zeroshot:
-            self._zeroshot()
-        if cfg.latency:
-            self._latency()
-        atomic_write_json(self.root / "results.json", {"experiment": cfg.to_dict(), "records": self.records})
+        # cheapest stages first; after each, results.json (and the report, if asked) reflect what is done
+        stages = [
+            (cfg.perplexity, self._perplexity),
+            (cfg.latency, self._latency),
+            (cfg.length_ablation and cfg.prompt, self._length_ablation),
+            (cfg.zeroshot, self._zeroshot),
+            (cfg.transfer and cfg.transfer.datasets and cfg.prompt, self._dataset_transfer),
+        ]
+        for enabled, stage in stages:
+            if enabled:
+                stage()
+                self.save(complete=False)
+        self.save(complete=True)
         return self.records
+
+    def save(self, complete: bool) -> None:
+        """Write results.json with every record so far (``complete`` once the whole grid is done)."""
+        atomic_write_json(self.root / "results.json",
+                          {"experiment": self.cfg.to_dict(), "complete": complete, "records": self.records})
+        if self.on_save is not None:
+            self.on_save(self.records)
 
     def _model_summary(self, label: str) -> dict:
         if label == FULL:
@@ -332,9 +342,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     configs = cfg.per_model()
     for sub in configs:
         sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
-        records = Runner(sub, sub_root, progress=progress).run()
-        if report:
-            write_report(sub, records, sub_root)
+        on_save = (lambda recs, sub=sub, sub_root=sub_root: write_report(sub, recs, sub_root)) if report else None
+        Runner(sub, sub_root, progress=progress, on_save=on_save).run()
     if report and len(configs) > 1:
         write_index(cfg, [model_slug(c.model) for c in configs], root)
     return root

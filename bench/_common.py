@@ -69,6 +69,13 @@ def interleaved(
     return times, first
 
 
+def timed_cpu(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of ``fn``."""
+    c0 = time.process_time()
+    t, _ = timed(fn, device)
+    return t, time.process_time() - c0
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

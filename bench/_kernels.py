@@ -71,46 +71,67 @@ def int4_mm(x: Tensor, packed: Tensor, G: int, sz: Tensor) -> Tensor:
     return torch._weight_int4pack_mm_for_cpu(x, packed, G, sz)
 
 
-class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 with a per-row scale (weight-only quantization)."""
+class _WeightOnlyLinear(nn.Module):
+    """Shared part of the kernel Linears: activation dtype switching, bias, reshapes."""
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, act_dtype: torch.dtype):
+    def __init__(self, scales: Tensor, bias: Tensor | None, act_dtype: torch.dtype):
         super().__init__()
-        w, s = int8_weight(codes, scale, zero)
-        self.register_buffer("weight_int8", w)
-        self.register_buffer("scale", s.to(act_dtype))
+        self.scales_fp32 = scales.float()  # master copy (not a buffer: not counted as weight memory twice)
+        self.register_buffer("scales", scales.to(act_dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(act_dtype))
         self.act_dtype = act_dtype
+
+    def set_act_dtype(self, dtype: torch.dtype) -> None:
+        """Run the kernel on ``dtype`` activations from now on (the scales follow)."""
+        self.act_dtype = dtype
+        self.scales = self.scales_fp32.to(device=self.scales.device, dtype=dtype)
+        if self.bias is not None:
+            self.bias = self.bias.to(dtype)
+
+    def _mm(self, x2: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype).contiguous()  # (tokens, in)
-        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale)  # (tokens, out)
+        y = self._mm(x2)  # (tokens, out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], -1).to(x.dtype)
 
 
-class Int4Linear(nn.Module):
+class Int8Linear(_WeightOnlyLinear):
+    """A Linear whose weight is int8 with a per-row scale (weight-only quantization)."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, act_dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        w, s = int8_weight(codes, scale, zero)
+        super().__init__(s.to(device), None if bias is None else bias.to(device), act_dtype)
+        self.register_buffer("weight_int8", w.to(device))
+
+    def _mm(self, x2: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+
+
+class Int4Linear(_WeightOnlyLinear):
     """A Linear whose weight is int4 packed two per byte with per-group scale and zero."""
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bias: Tensor | None,
                  act_dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
-        packed, sz, G = int4_weight(codes, scale, zero, g_idx, device, act_dtype)
+        packed, sz, G = int4_weight(codes, scale, zero, g_idx, device, torch.float32)
+        super().__init__(sz, None if bias is None else bias.to(device), act_dtype)
         self.register_buffer("packed", packed)
-        self.register_buffer("scale_and_zero", sz)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(device=device, dtype=act_dtype))
         self.group = G
-        self.act_dtype = act_dtype
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype).contiguous()  # (tokens, in)
-        y = int4_mm(x2, self.packed, self.group, self.scale_and_zero)  # (tokens, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], -1).to(x.dtype)
+    def _mm(self, x2: Tensor) -> Tensor:
+        return int4_mm(x2, self.packed, self.group, self.scales)
+
+
+def set_act_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Switch every kernel Linear of ``model`` to ``dtype`` activations."""
+    for m in model.modules():
+        if isinstance(m, _WeightOnlyLinear):
+            m.set_act_dtype(dtype)
 
 
 def buffer_bytes(module: nn.Module) -> int:

@@ -12,9 +12,11 @@ Sections:
             - ``fake4``: what ctp runs today, a dense fp32 matrix holding 4-bit values:
               the same matmul, so no speedup by construction;
             - ``bf16``: dense bf16 weights and activations;
-            - ``int8``: ``torch._weight_int8pack_mm`` (8-bit symmetric per-row codes);
-            - ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (4-bit, groups of 64, fp32
-              activations; ``int4-bf16`` with bf16 activations);
+            - ``int8-bf16`` / ``int4-bf16``: ``torch._weight_int8pack_mm`` (8-bit symmetric per-row
+              codes) / ``torch._weight_int4pack_mm_for_cpu`` (4-bit, groups of 64) with bf16
+              activations, the path these kernels are vectorised for;
+            - ``int8`` / ``int4``: the same kernels with fp32 activations, a scalar fallback
+              10-100x slower, timed only at ``--fp32-int-max-tokens`` (1) tokens or fewer;
             - ``csr50``: 50% unstructured sparsity as a torch CSR matrix (``torch.sparse``);
               stored dense, unstructured sparsity is just fp32 zeros: no speedup;
             - ``2:4``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS),
@@ -24,8 +26,10 @@ Sections:
             weight (``max_rel_err`` = max abs difference / max abs reference).
 ``model``   a whole model's forward (prefill tokens/s, no cache) and greedy decoding
             (tokens/s with the KV cache) with every decoder linear swapped for the int8 /
-            int4 kernels, against the dense fp32 model and the fake-quantized one; the
-            logits of each kernel model are compared with those of its fake-quantized twin.
+            int4 kernels (bf16 activations inside each linear, fp32 elsewhere), against the
+            dense fp32 model, the fake-quantized one and a dense bf16 model; the logits of
+            each kernel model are compared with those of its fake-quantized twin, with fp32
+            activations (exactness of the format) and with bf16 ones (what the fast path costs).
             Embeddings, norms and the (tied) LM head stay dense fp32, as in ctp's artifacts.
 
     python -m bench.inference                        # default model smollm2-135m
@@ -45,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench._common import base_parser, finish, interleaved, machine, median, setup, table
-from bench._kernels import Int4Linear, Int8Linear, buffer_bytes, int4_mm, int4_weight, int8_weight
+from bench._kernels import (Int4Linear, Int8Linear, buffer_bytes, int4_mm, int4_weight, int8_weight,
+                            set_act_dtype)
 from bench.compress_speed import parse_shapes
 from ctp.compress import kernels as K
 
@@ -81,7 +86,8 @@ def _rel_err(y: Tensor, ref: Tensor) -> float:
 # --------------------------------------------------------------------------- linear
 
 
-def linear_formats(W: Tensor, x: Tensor, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], dict]:
+def linear_formats(W: Tensor, x: Tensor, device: torch.device,
+                   fp32_int_max_tokens: int = 1) -> tuple[dict[str, Any], dict[str, Any], dict]:
     """({format: callable}, {format: (reference output, weight bytes)}, {format: why unavailable})."""
     fns: dict[str, Any] = {"fp32": lambda: F.linear(x, W)}
     ref: dict[str, Any] = {"fp32": (None, W.numel() * 4)}
@@ -96,18 +102,24 @@ def linear_formats(W: Tensor, x: Tensor, device: torch.device) -> tuple[dict[str
     fns["bf16"] = lambda: F.linear(xb, Wb)
     ref["bf16"] = (None, W.numel() * 2)
 
-    try:
-        q8 = _quant8(W.cpu())
-        w8, s8 = int8_weight(q8.codes, q8.scale, q8.zero)
-        w8, s8 = w8.to(device), s8.to(device)
-        deq8 = (w8.float() * s8[:, None])  # (out, in)
-        torch._weight_int8pack_mm(x, w8, s8)  # raises here if the op is missing for this device
-        fns["int8"] = lambda: torch._weight_int8pack_mm(x, w8, s8)
-        ref["int8"] = (F.linear(x, deq8), w8.numel() + s8.numel() * 4)
-    except (RuntimeError, NotImplementedError, ValueError) as e:
-        skipped["int8"] = str(e).splitlines()[0]
-
-    for name, act in (("int4", torch.float32), ("int4-bf16", torch.bfloat16)):
+    # torch's weight-only kernels are vectorised for bf16 activations; with fp32 (or fp16) ones
+    # they take a scalar fallback that is 10-100x slower, timed only up to fp32_int_max_tokens.
+    acts = [("-bf16", torch.bfloat16)]
+    if x.shape[0] <= fp32_int_max_tokens:
+        acts.insert(0, ("", torch.float32))
+    q8 = _quant8(W.cpu())
+    for suffix, act in acts:
+        name = "int8" + suffix
+        try:
+            w8, s8 = int8_weight(q8.codes, q8.scale, q8.zero)
+            w8, s8, xa = w8.to(device), s8.to(device=device, dtype=act), x.to(act)
+            torch._weight_int8pack_mm(xa, w8, s8)  # raises here if the op is missing for this device
+            fns[name] = lambda xa=xa, w8=w8, s8=s8: torch._weight_int8pack_mm(xa, w8, s8)
+            ref[name] = (F.linear(xa.float(), q8.weight.to(device)), w8.numel() + s8.numel() * s8.element_size())
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            skipped[name] = str(e).splitlines()[0]
+    for suffix, act in acts:
+        name = "int4" + suffix
         try:
             packed, sz, G = int4_weight(q4.codes, q4.scale, q4.zero, q4.g_idx, device, act)
             xa = x.to(act)
@@ -143,7 +155,8 @@ def linear_formats(W: Tensor, x: Tensor, device: torch.device) -> tuple[dict[str
     return fns, ref, skipped
 
 
-def bench_linear(shapes, tokens_list, repeats, min_time, device) -> tuple[list[dict], dict[str, str]]:
+def bench_linear(shapes, tokens_list, repeats, min_time, device,
+                 fp32_int_max_tokens: int = 1) -> tuple[list[dict], dict[str, str]]:
     """Per (shape, tokens, format): median seconds per call, speedup vs fp32, tokens/s, error."""
     rows: list[dict] = []
     skipped: dict[str, str] = {}
@@ -152,7 +165,7 @@ def bench_linear(shapes, tokens_list, repeats, min_time, device) -> tuple[list[d
         W = (0.02 * torch.randn(o, i, generator=g)).to(device)
         for T in tokens_list:
             x = torch.randn(T, i, generator=g).to(device)
-            fns, ref, skip = linear_formats(W, x, device)
+            fns, ref, skip = linear_formats(W, x, device, fp32_int_max_tokens)
             skipped.update(skip)
             # calls per timed run: enough for ~min_time seconds of the baseline
             t0 = time.perf_counter()
@@ -165,6 +178,7 @@ def bench_linear(shapes, tokens_list, repeats, min_time, device) -> tuple[list[d
                 t = median(times[k]) / n
                 r_out, nbytes = ref[k]
                 rows.append({"shape": [o, i], "tokens": T, "format": k, "us_per_call": t * 1e6,
+                             "us_per_call_cpu": median(cpu[k]) / n * 1e6,
                              "speedup_vs_fp32": base / t, "speedup_cpu": median(cpu["fp32"]) / median(cpu[k]),
                              "tokens_per_s": T / t, "weight_bytes": nbytes,
                              "max_rel_err": None if r_out is None else _rel_err(first[k], r_out)})
@@ -247,7 +261,7 @@ def _swap_linears(model: nn.Module, fmt: str, act_dtype: torch.dtype, device: to
             if fmt == "int4":
                 new = Int4Linear(res.codes, res.scale, res.zero, res.g_idx, bias, act_dtype, device)
             else:
-                new = Int8Linear(res.codes, res.scale, res.zero, bias, act_dtype).to(device)
+                new = Int8Linear(res.codes, res.scale, res.zero, bias, act_dtype, device)
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, new)
     return m
@@ -273,16 +287,24 @@ def bench_model(spec: str, prefill: int, decode: int, repeats: int, device: torc
             skipped[fmt] = str(e).splitlines()[0]
     models["bf16"] = copy.deepcopy(model).to(torch.bfloat16)
 
+    # Exactness of the format mapping (fp32 activations, slow path, a few tokens), then the error the
+    # fast bf16-activation path adds; the kernel models are timed with bf16 activations.
+    short = ids[:, :8]
     checks = {}
     for fmt, twin in (("int4", "fake4"), ("int8", "fake8")):
-        if fmt in models:
-            try:
-                checks[f"{fmt}_vs_{twin}_logits_max_rel_err"] = _rel_err(models[fmt](ids).logits,
-                                                                        models[twin](ids).logits)
-            except (RuntimeError, NotImplementedError) as e:
-                skipped[fmt] = str(e).splitlines()[0]
-                del models[fmt]
+        if fmt not in models:
+            continue
+        try:
+            ref = models[twin](short).logits
+            if not (fmt == "int4" and device.type == "cuda"):  # the CUDA int4 kernel takes bf16 only
+                checks[f"{fmt}_fp32act_vs_{twin}_logits_max_rel_err"] = _rel_err(models[fmt](short).logits, ref)
+            set_act_dtype(models[fmt], torch.bfloat16)
+            checks[f"{fmt}_bf16act_vs_{twin}_logits_max_rel_err"] = _rel_err(models[fmt](short).logits, ref)
+        except (RuntimeError, NotImplementedError) as e:
+            skipped[fmt] = str(e).splitlines()[0]
+            del models[fmt]
     models.pop("fake8", None)  # same dense fp32 matmuls as fake4: timed once
+    models = {("int4-bf16" if k == "int4" else "int8-bf16" if k == "int8" else k): m for k, m in models.items()}
 
     def prefill_fn(m):
         return lambda: m(ids, use_cache=False).logits
@@ -323,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--decode", type=int, default=16)
     p.add_argument("--model-repeats", type=int, default=3)
     p.add_argument("--sections", default="memory,linear,model")
+    p.add_argument("--fp32-int-max-tokens", type=int, default=1,
+                   help="time the int8/int4 kernels' slow fp32-activation path only up to this many tokens")
     p.add_argument("--recipes", default=",".join(RECIPES), help="memory-section recipes, of " + ", ".join(RECIPES))
     args = p.parse_args(argv)
     device = setup(args)
@@ -333,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "linear" in sections:
         tokens = [int(t) for t in args.tokens.split(",")]
         result["linear"], result["linear_unavailable"] = bench_linear(parse_shapes(args.shapes), tokens, args.repeats,
-                                                                      args.min_time, device)
+                                                                      args.min_time, device, args.fp32_int_max_tokens)
     use_model = args.model and args.model.lower() != "none"
     if "memory" in sections and use_model:
         from ctp.models.load import load_model

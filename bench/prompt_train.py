@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for n in names:
         t = median(steps["times"][n])
-        row = {"config": n, "step_s": t, "tokens_per_s": text_tokens / t,
+        tc = median(steps["cpu"][n])
+        row = {"config": n, "step_s": t, "tokens_per_s": text_tokens / t, "step_cpu_s": tc,
+               "tokens_per_cpu_s": text_tokens / tc,
                "tokens_per_s_with_prompt": args.batch_size * (args.seqlen + args.prompt_tokens) / t,
                f"speedup_vs_{names[0]}": base / t, "speedup_cpu": base_cpu / median(steps["cpu"][n]),
                "first_loss": steps["losses"][n][0]}
@@ -268,7 +270,7 @@ def report(r: dict[str, Any]) -> str:
              f"torch {m['torch']}), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}",
              f"model {a['model']}, batch {a['batch_size']} x seqlen {a['seqlen']} (+{a['prompt_tokens']} prompt "
              f"tokens), medians of {a['steps']} steps after {a['warmup']} warmup, configs interleaved"]
-    cols = ["config", "step_s", "tokens_per_s", "tokens_per_s_with_prompt"]
+    cols = ["config", "step_s", "tokens_per_s", "tokens_per_s_with_prompt", "step_cpu_s", "tokens_per_cpu_s"]
     cols += [k for k in r["steps"][0] if k.startswith("speedup_vs_")] + ["speedup_cpu"]
     cols += [k for k in ("peak_rss_delta_bytes", "peak_bytes") if k in r["steps"][0]]
     parts.append(table(r["steps"], cols + ["first_loss"]))

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS wins when set (on a shared machine, 1 avoids threads spinning against each other)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 # Tiny configs of every family the adapter covers; vocab matches the real SmolLM2 tokenizer.
 VOCAB = 49152

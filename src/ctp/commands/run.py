@@ -35,12 +35,17 @@ def run(args) -> int:
     root = Path(args.out) if args.out else Path("runs") / cfg.name
     if args.report_only:
         from ctp.experiments.report import write_index
-        from ctp.experiments.runner import model_slug
+        from ctp.experiments.runner import Runner, model_slug
 
         configs = cfg.per_model()
         for sub in configs:
             sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
-            path = write_report(sub, read_json(sub_root / "results.json", "results file")["records"], sub_root)
+            results = sub_root / "results.json"
+            if results.is_file() and read_json(results, "results file").get("complete", True):
+                records = read_json(results, "results file")["records"]
+            else:  # an unfinished run: report what its cells hold so far
+                records = Runner(sub, sub_root, progress=False).finished_records()
+            path = write_report(sub, records, sub_root)
         if len(configs) > 1:
             path = write_index(cfg, [model_slug(c.model) for c in configs], root)
     else:

@@ -232,6 +232,14 @@ class Runner:
         self.save(complete=True)
         return self.records
 
+    def finished_records(self) -> list[dict]:
+        """Model records and every finished cell on disk: what a report of an unfinished run can show."""
+        records = [{"kind": "model", "model": label, "model_key": self.model_key(label), **self._model_summary(label)}
+                   for label in self.cfg.labels()
+                   if label == FULL or Path(self.model_path(label), "ctp_compression.json").is_file()]
+        cells = sorted((self.root / "cells").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        return records + [read_json(p, "cached result") for p in cells]
+
     def save(self, complete: bool) -> None:
         """Write results.json with every record so far (``complete`` once the whole grid is done)."""
         atomic_write_json(self.root / "results.json",

@@ -16,7 +16,7 @@ Sections:
               codes) / ``torch._weight_int4pack_mm_for_cpu`` (4-bit, groups of 64) with bf16
               activations, the path these kernels are vectorised for;
             - ``int8`` / ``int4``: the same kernels with fp32 activations, a scalar fallback
-              10-100x slower, timed only at ``--fp32-int-max-tokens`` (1) tokens or fewer;
+              3-100x slower than dense fp32, timed only at ``--fp32-int-max-tokens`` (1) tokens or fewer;
             - ``csr50``: 50% unstructured sparsity as a torch CSR matrix (``torch.sparse``);
               stored dense, unstructured sparsity is just fp32 zeros: no speedup;
             - ``2:4``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS),

@@ -165,9 +165,11 @@ def check_compatible(art: PromptArtifact, info, where: str = "the prompt") -> No
 
 
 def _describe_compression(c: dict | None) -> str:
+    """A short name for a compression record: its label (e.g. sparsegpt50+gptq4g64), else its config."""
     if not c:
         return "none (dense)"
-    return json.dumps(c, sort_keys=True, default=str)
+    label = c.get("label") or (c.get("summary") or {}).get("label")
+    return str(label) if label else json.dumps(c.get("config", c), sort_keys=True, default=str)
 
 
 def load_prompt(path: str | Path, model_info=None) -> PromptArtifact:

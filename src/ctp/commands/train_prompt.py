@@ -45,7 +45,7 @@ def register(sub) -> None:
     g.add_argument("--init-text", default=None, help="the text for --init text")
     g = p.add_argument_group("training (defaults: the paper's, or the --cpu-demo preset)")
     g.add_argument("--cpu-demo", action="store_true",
-                   help="small preset for a CPU: seqlen 256, batch 2, 150 steps, lr 1e-2, eval every 25, "
+                   help="small preset for a CPU: seqlen 256, batch 2, 300 steps, lr 1e-2, eval every 25, "
                         "at most 25 minutes")
     g.add_argument("--data", default=None, help="training corpus (train split; validation split picks the best): "
                                                  "c4 (default) | wikitext2 | ptb")

@@ -113,7 +113,7 @@ class TrainConfig:
         Training stops at ``max_minutes`` (keeping the best validation prompt) if the
         machine is slower than expected, so the whole run stays under 30 minutes.
         """
-        base = dict(seqlen=256, batch_size=2, steps=150, lr=1e-2, warmup_steps=10, eval_every=25,
+        base = dict(seqlen=256, batch_size=2, steps=300, lr=1e-2, warmup_steps=10, eval_every=25,
                     eval_windows=8, checkpoint_every=25, max_minutes=25.0)
         base.update(overrides)
         return cls(**base)

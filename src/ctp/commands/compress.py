@@ -4,6 +4,11 @@ Flags map one-to-one onto :class:`~ctp.compress.config.CompressConfig` fields (`
 and ``--percdamp`` set both the prune and the quant config); ``--config FILE`` loads a whole
 config from JSON or YAML and explicit flags override it. At least one of ``--sparsity``,
 ``--nm`` or ``--bits`` (or a config file) says what to do.
+
+Each finished block is checkpointed in ``OUT.partial/`` next to the output: a killed run,
+started again with the same arguments, continues after the last finished block (unless
+``--no-resume``) and gives the same artifact. The checkpoint is removed once the artifact
+is written.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def register(sub) -> None:
     g.add_argument("--percdamp", type=float, default=None, help="Hessian dampening (default 0.01)")
     g.add_argument("--blocksize", type=int, default=None, help="columns per lazy OBS block (default 128)")
     g.add_argument("--calib-batch", type=int, default=8, help="calibration windows per block forward (memory)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over instead of resuming from the checkpoint OUT.partial/ an interrupted run left")
     p.add_argument("--save-dtype", default="auto",
                    help="dtype of the uncompressed tensors on disk: auto (the model's, exact), float16, "
                         "bfloat16, float32")
@@ -138,6 +145,7 @@ def _mb(n: int) -> str:
 
 def run(args) -> int:
     from ctp.compress.artifact import save_compressed
+    from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
     from ctp.models.load import load_model, parse_dtype
 
@@ -153,11 +161,13 @@ def run(args) -> int:
             "pass a new or empty directory for --out")
 
     model, tok, info = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks move to --device one by one
+    partial = checkpoint_dir_for(out)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
-                            chunk=args.calib_batch)
+                            chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume)
     dense_dtype = None if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
     storage = save_compressed(model, tok, report, report.compressed, out, dense_dtype=dense_dtype,
                               source=info.to_dict())
+    discard_checkpoint(partial)
     weights = storage["weights_file_bytes"]
     rows = [
         {"metric": "recipe", "value": report.label},

@@ -22,7 +22,11 @@
    them are compressed from one pass (SparseGPT's reference behaviour, and always for
    pruning alone);
 4. re-run the compressed block on its inputs: those outputs feed the next block, so
-   every block is calibrated on what the compressed model actually produces.
+   every block is calibrated on what the compressed model actually produces;
+5. with a ``checkpoint_dir``, save the block's compressed weights, its report entry and
+   the next block's inputs (:mod:`ctp.compress.checkpoint`): a run killed at any point
+   and started again with the same model, config and calibration data continues after
+   the last saved block and ends with the same weights and report, bit for bit.
 
 Architecture differences come only from :mod:`ctp.models.adapter`; nothing here names a
 model class. GPT-2's ``Conv1D`` sees the same ``(..., in_features)`` input as
@@ -37,6 +41,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -342,6 +347,8 @@ def compress_model(
     calib_ids: Tensor | None = None,
     progress: bool = True,
     chunk: int = DEFAULT_CHUNK,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
 ) -> CompressionReport:
     """Compress every linear layer of every decoder block of ``model`` in place.
 
@@ -350,6 +357,13 @@ def compress_model(
     (n, seqlen) replaces the calibration windows drawn from ``cfg.calib_dataset``
     (train split). ``chunk`` windows go through a block at a time. Returns a
     :class:`CompressionReport` whose ``compressed`` holds what the artifact stores.
+
+    ``checkpoint_dir`` makes the run resumable: after each block its result is saved
+    there, and a call with the same model, config, calibration data, ``chunk`` and
+    device type continues after the last saved block (``resume=False`` starts over);
+    a checkpoint made with anything else is discarded. The checkpoint is left in place
+    (a rerun then only restores it); remove it with
+    :func:`ctp.compress.checkpoint.discard_checkpoint` once the artifact is saved.
     """
     from ctp.models.load import default_device
 
@@ -363,17 +377,34 @@ def compress_model(
     windows, calib = _calibration(tokenizer, cfg, calib_ids)
     was_training = model.training
     model.eval()
-    log.info("compressing %d blocks with %s on %s (%d calibration windows of %d tokens)",
-             len(layers), cfg.label(), device, windows.shape[0], windows.shape[1])
-
-    inps, calls = _capture_inputs(model, windows, chunk)
-    inps = [h.to(device) for h in inps]
-    calls = _calls_to(calls, device)
-
-    true_seq = cfg.quant is not None and cfg.quant.true_sequential
     report = CompressionReport(config=cfg.to_dict(), label=cfg.label(), model_type=model.config.model_type,
                                calibration=calib, bits=None if cfg.quant is None else cfg.quant.bits)
-    bar = tqdm(range(len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress)
+
+    ckpt, start, t_before = None, 0, 0.0
+    if checkpoint_dir is not None:
+        from ctp.compress.checkpoint import BlockCheckpoint, checkpoint_key
+
+        key = checkpoint_key(model, report.config, windows, chunk, device)
+        ckpt = BlockCheckpoint(checkpoint_dir, key, len(layers), resume=resume)
+        start, t_before = ckpt.next_block, ckpt.seconds
+        for i in range(start):  # blocks done before the interruption: restore, do not recompute
+            records, entry = ckpt.restore_block(i, layers[i], f"{arch.layers}.{i}")
+            report.compressed.update(records)
+            report.layers.append(entry)
+        if start:
+            log.info("resuming from %s: blocks 0-%d restored", checkpoint_dir, start - 1)
+    log.info("compressing %d blocks with %s on %s (%d calibration windows of %d tokens)",
+             len(layers) - start, cfg.label(), device, windows.shape[0], windows.shape[1])
+
+    inps: list[Tensor] = []
+    if start < len(layers):
+        inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks
+        inps = ckpt.load_inputs(device) if start else [h.to(device) for h in inps]
+        calls = _calls_to(calls, device)
+
+    true_seq = cfg.quant is not None and cfg.quant.true_sequential
+    bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
+               initial=start, total=len(layers))
     for i in bar:
         t_layer = time.perf_counter()
         layer = layers[i]
@@ -386,7 +417,7 @@ def compress_model(
         inps = _run_block(layer, calls[i], inps)  # compressed outputs feed the next block
         layer.to(home)
 
-        linears = {}
+        linears, records = {}, {}
         for n, (cw, stats) in results.items():
             full = f"{arch.layers}.{i}.{n}"
             mod = layer.get_submodule(n)
@@ -395,17 +426,20 @@ def compress_model(
                 t = getattr(cw, attr)
                 if t is not None:
                     setattr(cw, attr, t.cpu())
-            report.compressed[full] = cw
+            records[full] = cw
             linears[full] = stats
+        report.compressed.update(records)
         seconds = time.perf_counter() - t_layer
         errs = [s["recon_error"] for s in linears.values() if "recon_error" in s]
         report.layers.append({"index": i, "seconds": seconds, "recon_error": float(sum(errs)), "linears": linears})
+        if ckpt is not None:
+            ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
         bar.set_postfix(err=f"{sum(errs):.3g}", s=f"{seconds:.1f}")
         log.debug("block %d: %.1fs, recon error %.4g", i, seconds, sum(errs))
 
     del inps
     model.train(was_training)
-    _finish(report, time.perf_counter() - t_start)
+    _finish(report, t_before + time.perf_counter() - t_start)
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
              len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
     return report

@@ -3,6 +3,7 @@
 Layout of a run directory (``runs/<name>`` by default)::
 
     models/<label>-<hash>/          compressed model artifacts (ctp compress format)
+    models/<label>-<hash>.partial/  per-block checkpoint while that model is being compressed
     prompts/<label>-<data>-k<k>-<hash>.safetensors   learned prompts (+ .ckpt while training)
     cells/<kind>-<hash>.json        one finished measurement each
     experiment.json                 the resolved experiment config
@@ -12,8 +13,8 @@ Layout of a run directory (``runs/<name>`` by default)::
 Every artifact and cell is keyed by a hash of everything that determines it
 (model, compression config, prompt settings, evaluation settings, and the keys
 of what it depends on). An interrupted run resumes: finished cells and
-artifacts are reused, and a prompt whose training was cut off resumes from its
-checkpoint.
+artifacts are reused, and a compression or a prompt training that was cut off
+resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -109,13 +110,17 @@ class Runner:
         if label == FULL or Path(path, "ctp_compression.json").is_file():
             return path
         from ctp.compress import compress_model, save_compressed
+        from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
         from ctp.models.load import load_model
 
         cfg = self.compress_config(label)
         log.info("compressing %s (%s)", label, cfg.label())
         model, tok, _ = load_model(self.cfg.model)
-        report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress)
+        partial = checkpoint_dir_for(path)  # an interrupted compression resumes from its last finished block
+        report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress,
+                                checkpoint_dir=partial)
         save_compressed(model, tok, report, out_dir=path)
+        discard_checkpoint(partial)
         self._loaded = None
         return path
 

@@ -68,3 +68,32 @@ def test_damaged_json(tmp_path):
     p = atomic_write_text(tmp_path / "c.json", '{"a": 1')
     with pytest.raises(CTPError, match="not valid JSON"):
         read_json(p)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                        (0o002, 0o664, 0o775)])
+def test_artifacts_get_the_mode_open_would_give(tmp_path, umask, file_mode, dir_mode):
+    """mkstemp/mkdtemp create 0600/0700; the final files honour the umask like open()/mkdir()."""
+    import stat
+
+    from ctp.io import atomic_write_json, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        assert stat.S_IMODE(plain.stat().st_mode) == file_mode  # what a normal open() gives
+        f = atomic_write_json(tmp_path / "a.json", {"a": 1})
+        s = save_tensors(tmp_path / "t.safetensors", _tensors(), kind="ctp-test")
+        with atomic_dir(tmp_path / "art") as d:
+            atomic_write_json(d / "meta.json", {})
+            save_tensors(d / "w.safetensors", _tensors(), kind="ctp-test")
+        with atomic_dir(tmp_path / "art") as d:  # replacing an existing directory artifact
+            atomic_write_json(d / "meta.json", {})
+    finally:
+        os.umask(old)
+    for p in (f, s, tmp_path / "art" / "meta.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == file_mode, p
+    assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == dir_mode
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "art", "plain.txt", "t.safetensors"]  # no temporaries left

@@ -3,7 +3,9 @@
 Every file ctp writes goes to a temporary name in the same directory, is
 fsynced, then renamed over the target, so a crash never leaves a half-written
 artifact under the real name. Directory artifacts are built in a temporary
-sibling directory and renamed into place the same way. Safetensors files carry
+sibling directory and renamed into place the same way; both get the permissions
+a plain ``open()`` / ``mkdir()`` would give them under the process umask (the
+temporary names are created private). Safetensors files carry
 a format version and a SHA-256 of their tensors in their metadata, checked on
 load.
 """
@@ -39,11 +41,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the platform allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic across threads)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a ``mkstemp``/``mkdtemp`` result (0600/0700) the mode ``open()``/``mkdir()`` would have given it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _normal_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -89,6 +111,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        _normal_mode(tmp, directory=True)
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -114,7 +137,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # 0-d too; no copy
     return h.hexdigest()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +31,23 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 def device_of(args) -> str:
     return args.device or default_device()
+
+
+def join_launch(args) -> str:
+    """This process's device; under ``accelerate launch`` / ``torchrun``, join the process group first.
+
+    For the data-parallel commands (train-prompt, eval). Processes other than
+    the main one are made quiet: no progress bars, only errors logged (the
+    command itself prints and writes only on the main process).
+    """
+    from ctp.distributed import init_from_env, is_main
+
+    device = init_from_env(device_of(args))
+    if not is_main():
+        args.quiet = True
+        os.environ["TQDM_DISABLE"] = "1"
+        logging.getLogger("ctp").setLevel(logging.ERROR)
+    return device
 
 
 def parse_list(value: str, what: str) -> list[str]:

@@ -1,8 +1,12 @@
-"""``ctp eval``: perplexity on C4 / Wikitext-2 / PTB, with or without a prompt."""
+"""``ctp eval``: perplexity on C4 / Wikitext-2 / PTB, with or without a prompt.
+
+Under ``accelerate launch`` or ``torchrun`` the windows are split across the
+processes; the main process prints and writes the (single-process) result.
+"""
 
 from __future__ import annotations
 
-from ctp.commands.common import (add_model_args, add_prompt_args, device_of, load_prompt_arg, parse_list,
+from ctp.commands.common import (add_model_args, add_prompt_args, join_launch, load_prompt_arg, parse_list,
                                  print_table, write_json)
 
 
@@ -24,17 +28,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ctp.distributed import is_main, main_first
     from ctp.eval.perplexity import perplexity
     from ctp.models.load import load_model
 
     datasets = parse_list(args.datasets, "datasets")
-    model, tok, info = load_model(args.model, dtype=args.dtype, device=device_of(args))
+    device = join_launch(args)
+    with main_first():  # a named model is converted into the cache once
+        model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
     prompt = load_prompt_arg(args.prompt, model, tok, info)
     results = [
         perplexity(model, tok, d, args.split, args.seqlen, prompt=prompt, batch_size=args.batch_size,
                    max_windows=args.max_windows, source=args.data_source, progress=not args.quiet)
         for d in datasets
     ]
+    if not is_main():
+        return 0
     rows = [r.to_dict() for r in results]
     print_table(rows, ["dataset", "split", "seqlen", "n_windows", "n_tokens", "prompt_tokens", "ppl"])
     write_json(args.out, {"model": info.to_dict(), "prompt": args.prompt, "results": rows})

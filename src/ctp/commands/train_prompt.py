@@ -4,7 +4,9 @@ Flags map one-to-one onto :class:`~ctp.prompt.soft.PromptConfig` and
 :class:`~ctp.prompt.train.TrainConfig` fields. ``--cpu-demo`` starts from the
 small CPU preset instead of the paper's settings; explicit flags override
 either. Rerunning the same command after an interruption resumes from the
-checkpoint next to ``--out``.
+checkpoint next to ``--out``. Under ``accelerate launch`` or ``torchrun`` the
+processes train one prompt data-parallel (``--batch-size`` is the global
+batch); the main process writes the files and prints the summary.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-from ctp.commands.common import add_model_args, device_of, write_json
+from ctp.commands.common import add_model_args, join_launch, write_json
 from ctp.errors import require
 
 # flag dest -> TrainConfig field
@@ -94,6 +96,7 @@ def _fmt(x) -> str:
 
 
 def run(args) -> int:
+    from ctp.distributed import is_main, main_first
     from ctp.models.load import load_model
     from ctp.prompt.artifact import export_peft
     from ctp.prompt.train import train_prompt
@@ -101,9 +104,13 @@ def run(args) -> int:
     require(args.out.endswith(".safetensors"), f"--out {args.out} should end in .safetensors",
             "pass e.g. --out prompt.safetensors")
     pcfg, tcfg = build_configs(args)
-    model, tok, info = load_model(args.model, dtype=args.dtype, device=device_of(args))
+    device = join_launch(args)
+    with main_first():  # a named model is converted into the cache once
+        model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
     art, hist = train_prompt(model, tok, info, pcfg, tcfg, out_path=args.out, resume=not args.no_resume,
                              progress=not args.quiet)
+    if not is_main():
+        return 0
     if args.peft_dir:
         export_peft(art, args.peft_dir)
     comp = "dense" if not info.compression else "compressed"

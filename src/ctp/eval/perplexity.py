@@ -5,6 +5,11 @@ each window is scored on its own (tokens 2..seqlen given their prefix), and the
 perplexity is exp of the mean NLL over all scored tokens. A prompt of k
 embeddings is prepended to every window; it is not scored and the scored
 tokens are the same with and without it, so the two numbers compare directly.
+
+Under a launcher (``accelerate launch``, ``torchrun``) the batches of windows
+are split across the processes and the NLL sums and token counts added up:
+each window is scored in the same batch as with one process, so every process
+returns the perplexity one process would, up to the order of the float64 sums.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctp.data.corpora import corpus_ids, eval_windows
+from ctp.distributed import is_main, shard, sum_across, world
 from ctp.prompt.embed import token_nll
 
 
@@ -46,16 +52,24 @@ def window_nll(
     batch_size: int = 1,
     progress: bool | str = False,
 ) -> tuple[float, int]:
-    """Sum of NLL and number of scored tokens over ``windows`` (n, seqlen)."""
+    """Sum of NLL and number of scored tokens over ``windows`` (n, seqlen).
+
+    In a process group each process scores a contiguous share of the batches
+    (the batches one process would form) and every process returns the sums
+    over all of them: a collective call, every process must make it.
+    """
     device = model.get_input_embeddings().weight.device
+    starts = shard(torch.arange(0, windows.shape[0], batch_size)).tolist()  # this process's batches
     total, count = 0.0, 0
-    batches = range(0, windows.shape[0], batch_size)
     desc = progress if isinstance(progress, str) else "perplexity"
-    for start in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
+    for start in tqdm(starts, desc=desc, disable=not progress or not is_main(), leave=False, unit="batch"):
         ids = windows[start : start + batch_size].to(device)  # (b, seqlen)
         nll = token_nll(model, ids, prompt)  # (b, seqlen-1)
         total += float(nll.double().sum())
         count += nll.numel()
+    if world()[1] > 1:
+        total, n = sum_across([total, count], device)
+        count = int(n)
     return total, count
 
 

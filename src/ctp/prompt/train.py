@@ -13,7 +13,12 @@ prepended (Eq. 1). Compared with the paper's released code:
   state, best prompt, RNG state, step, history) is written atomically, and a
   rerun with the same settings continues to the same final prompt an
   uninterrupted run reaches (each step's batch is drawn from a generator
-  seeded by (seed, step), so it does not depend on where a run started).
+  seeded by (seed, step), so it does not depend on where a run started);
+* training is data parallel under a launcher (``accelerate launch``,
+  ``torchrun``): ``batch_size`` stays the *global* batch, each process scores
+  its share of it and the prompt's gradient is summed across processes, so N
+  processes reach the prompt one process reaches (up to float summation
+  order). See :func:`train_prompt`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctp import distributed
 from ctp.data.corpora import canonical, corpus_ids, eval_windows, sample_windows
 from ctp.errors import CTPError, require
 from ctp.eval.perplexity import window_nll
@@ -319,11 +325,27 @@ def train_prompt(
     (default ``<out>.ckpt.safetensors``); it is removed once the artifact is saved.
     ``callback(step, history, prompt)`` runs after each step (after any eval and checkpoint) with the live
     fp32 prompt parameter (read it, do not modify it).
+
+    In a ``torch.distributed`` process group of N > 1 (``accelerate launch``,
+    ``torchrun``; see :mod:`ctp.distributed`) every process calls this with the
+    same model and settings. ``batch_size`` is the global batch: each step's
+    windows are drawn as with one process and split into N contiguous shares
+    (uneven if N does not divide it); each process's loss is its share's NLL
+    sum over the global token count, and the prompt gradient is summed across
+    processes before clipping and the update, so every process holds the same
+    prompt, and the same one a single process reaches up to float summation
+    order. Validation batches are split across processes too. Stopping decisions
+    (non-finite values, the time limit, taken from the slowest process) are
+    the same everywhere. Only the main process reads and writes the checkpoint
+    and the artifact and shows progress; every process returns the artifact and
+    the history (the callback runs on every process).
     """
     prompt_cfg = prompt_cfg or PromptConfig()
     cfg = train_cfg or TrainConfig()
     t_start = time.perf_counter()
     device = model.get_input_embeddings().weight.device
+    rank, world_size = distributed.world()
+    main = rank == 0
     mode = resolve_precision(cfg.precision, device)
     amp = autocast_context(mode, device)
     require(prompt_cfg.num_tokens + cfg.seqlen <= _max_positions(model),
@@ -350,29 +372,46 @@ def train_prompt(
     start = 0
 
     identity = _model_identity(model, model_info)
+    if world_size > 1:  # the initial prompt is a function of the embedding, the tokenizer and the seed
+        hashes = distributed.gather(identity["embedding_hash"])
+        require(len(set(hashes)) == 1, f"the {world_size} processes hold different models "
+                f"(embedding fingerprints {hashes})", "load the same model in every process")
     ckpt = Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None)
-    if ckpt is not None and ckpt.exists():
+    # The main process alone reads the checkpoint (its disk may be the only one holding it) and sends it on.
+    loaded = None
+    if main and ckpt is not None and ckpt.exists():
         if resume:
-            tensors, meta = _load_checkpoint(ckpt, identity, prompt_cfg, cfg)
-            with torch.no_grad():
-                prompt.copy_(tensors["prompt"].to(device))
-            best = tensors["best_prompt"].to(device=device, dtype=torch.float32)
-            scalars = set(meta.get("opt_scalars", []))
-            state = {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")}
-            state = {k: (v.reshape(()) if k in scalars else v) for k, v in state.items()}
-            if state:
-                sd = opt.state_dict()
-                sd["state"] = {0: state}
-                opt.load_state_dict(sd)
-            if meta.get("scaler"):
-                scaler.load_state_dict(meta["scaler"])
-            torch.set_rng_state(tensors["rng_cpu"])
-            history = TrainHistory.from_dict(meta["history"])
-            start = int(meta["step"])
-            history.resumed_from.append(start)
-            log.info("resuming prompt training from %s at step %d/%d", ckpt, start, cfg.steps)
+            try:
+                loaded = _load_checkpoint(ckpt, identity, prompt_cfg, cfg)
+            except CTPError as e:
+                if world_size == 1:
+                    raise
+                loaded = e
         else:
             log.info("ignoring the existing checkpoint %s (no resume); it will be overwritten", ckpt)
+    if world_size > 1:
+        loaded = distributed.broadcast(loaded)
+        if isinstance(loaded, CTPError):
+            raise loaded  # on every process, so none waits for the others
+    if loaded is not None:
+        tensors, meta = loaded
+        with torch.no_grad():
+            prompt.copy_(tensors["prompt"].to(device))
+        best = tensors["best_prompt"].to(device=device, dtype=torch.float32)
+        scalars = set(meta.get("opt_scalars", []))
+        state = {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")}
+        state = {k: (v.reshape(()) if k in scalars else v) for k, v in state.items()}
+        if state:
+            sd = opt.state_dict()
+            sd["state"] = {0: state}
+            opt.load_state_dict(sd)
+        if meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng_cpu"])
+        history = TrainHistory.from_dict(meta["history"])
+        start = int(meta["step"])
+        history.resumed_from.append(start)
+        log.info("resuming prompt training from %s at step %d/%d", ckpt, start, cfg.steps)
 
     def validate(at_step: int) -> float:
         """Validation PPL of the current prompt; keeps it as the best if it is."""
@@ -391,7 +430,8 @@ def train_prompt(
         ppl = validate(0)
         log.info("validation PPL: no prompt %.3f, initial prompt %.3f", history.val_ppl_no_prompt, ppl)
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="train prompt", disable=not progress, unit="step", leave=False)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train prompt", disable=not progress or not main, unit="step",
+               leave=False)
     step = start
     try:
         with checkpointed_layers(model, cfg.gradient_checkpointing):
@@ -400,15 +440,22 @@ def train_prompt(
                 for g in opt.param_groups:
                     g["lr"] = lr
                 batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step))
-                batch = batch.to(device)  # (batch_size, seqlen)
-                with amp:
-                    loss = token_nll(model, batch, prompt).mean()
-                loss_value = float(loss.detach())
+                if world_size == 1:
+                    batch = batch.to(device)  # (batch_size, seqlen)
+                    with amp:
+                        loss = token_nll(model, batch, prompt).mean()
+                    loss_value = float(loss.detach())
+                else:
+                    with amp:
+                        loss = _share_of_mean_nll(model, batch, prompt, device)
+                    loss_value = distributed.sum_across([float(loss.detach())], device)[0]  # the batch's mean
                 if not math.isfinite(loss_value):
                     history.stopped = f"non-finite loss ({loss_value}) at step {step}"
                     break
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if world_size > 1:
+                    distributed.all_reduce_(prompt.grad)  # the global batch's gradient, the same on every process
                 scaler.unscale_(opt)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)) if cfg.grad_clip > 0 \
                     else float(prompt.grad.norm())
@@ -429,13 +476,15 @@ def train_prompt(
                 history.seconds = seconds_before + (time.perf_counter() - t_loop)
                 bar.set_postfix(loss=f"{loss_value:.3f}", val_ppl=f"{history.evals[-1]['val_ppl']:.2f}",
                                 best=f"{history.best_val_ppl:.2f}", refresh=False)
-                if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                if (main and ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+                        and done < cfg.steps):
                     _save_checkpoint(ckpt, prompt, best, opt, scaler, done, history, identity, prompt_cfg, cfg)
                 if callback is not None:
                     callback(done, history, prompt)
                 if history.stopped:
                     break
-                if cfg.max_minutes is not None and history.seconds > cfg.max_minutes * 60 and done < cfg.steps:
+                if (cfg.max_minutes is not None and done < cfg.steps
+                        and distributed.any_across(history.seconds > cfg.max_minutes * 60, device)):
                     history.stopped = f"time limit of {cfg.max_minutes} minutes reached at step {done}"
                     if history.evals[-1]["step"] != done:
                         validate(done)
@@ -457,14 +506,29 @@ def train_prompt(
         steps=history.steps_done, best_step=history.best_step, best_val_ppl=history.best_val_ppl,
         val_ppl_no_prompt=history.val_ppl_no_prompt, train_config=cfg.to_dict(), prompt_config=prompt_cfg.to_dict(),
     )
-    if out_path is not None:
+    if out_path is not None and main:
         save_prompt(out_path, art)
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
+    distributed.barrier()  # every process returns once the artifact is written
     log.info("prompt training: %d steps in %.0fs (this run %.0fs), best validation PPL %.3f at step %d",
              history.steps_done, history.seconds, time.perf_counter() - t_start, history.best_val_ppl,
              history.best_step)
     return art, history
+
+
+def _share_of_mean_nll(model: nn.Module, batch: torch.Tensor, prompt: nn.Parameter,
+                       device: torch.device) -> torch.Tensor:
+    """This process's term of the batch's mean token NLL: its share's NLL sum over the whole batch's token count.
+
+    Summed over processes the terms (and their gradients) are the mean over
+    ``batch`` (B, T). A process with an empty share (more processes than
+    windows) contributes a zero that still has a gradient to all-reduce.
+    """
+    local = distributed.shard(batch).to(device)  # (b, T), b = B / processes (+1 for the first B % processes)
+    if local.shape[0] == 0:
+        return prompt.sum() * 0.0
+    return token_nll(model, local, prompt).sum() / (batch.shape[0] * (batch.shape[1] - 1))
 
 
 def _max_positions(model: nn.Module) -> int:

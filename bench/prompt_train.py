@@ -19,13 +19,20 @@ size seen during its steps, minus the size before the first step, is reported. O
 A short run of the real trainer (``train_prompt``, fp32, no checkpointing) cross-checks the
 replicated step's time (``--trainer-steps 0`` skips it).
 
+``--processes N`` measures data parallelism instead: the real trainer with the same global
+batch on 1 process and on N (``accelerate launch``; gloo on CPU), launches alternating
+1, N, N, 1, each process with ``--threads`` threads. It reports wall and summed CPU seconds
+per step and checks that both give the same losses.
+
     python -m bench.prompt_train          # smollm2-135m, seqlen 256, batch 2
+    python -m bench.prompt_train --threads 1 --processes 2
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -166,16 +173,71 @@ def bench_trainer(model, tok, info, batch_size, seqlen, prompt_tokens, steps) ->
     from ctp.prompt.soft import PromptConfig
     from ctp.prompt.train import TrainConfig, train_prompt
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, process CPU) after each step
     cfg = TrainConfig(seqlen=seqlen, batch_size=batch_size, steps=steps, eval_every=steps, eval_windows=1,
                       checkpoint_every=0, precision="no", lr=1e-2)
     t0 = time.perf_counter()
     _, hist = train_prompt(model, tok, info, PromptConfig(num_tokens=prompt_tokens), cfg, progress=False,
-                           callback=lambda *_: stamps.append(time.perf_counter()))
+                           callback=lambda *_: stamps.append((time.perf_counter(), time.process_time())))
     # callbacks come after each step; the last one also follows the final evaluation
-    clean = [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]
-    return {"steps": steps, "step_s": median(clean) if clean else None, "total_s": time.perf_counter() - t0,
+    clean = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[:-2], stamps[1:-1])]
+    return {"steps": steps, "step_s": median([w for w, _ in clean]) if clean else None,
+            "step_cpu_s": median([c for _, c in clean]) if clean else None, "total_s": time.perf_counter() - t0,
             "losses": hist.train_loss}
+
+
+def dp_worker(args) -> dict[str, Any] | None:
+    """The real trainer in one process of a launched group; the main process returns the group's figures."""
+    from ctp import distributed
+
+    device = torch.device(distributed.init_from_env(args.device))
+    model, tok, info, _, _ = _setup(args.model, args.seqlen, args.prompt_tokens, device)
+    tr = bench_trainer(model, tok, info, args.batch_size, args.seqlen, args.prompt_tokens, args.trainer_steps)
+    cpu = distributed.gather(tr["step_cpu_s"])
+    if not distributed.is_main():
+        return None
+    return {"processes": len(cpu), "step_s": tr["step_s"], "step_cpu_s": sum(cpu), "losses": tr["losses"]}
+
+
+def _dp_subprocess(n: int, args) -> dict[str, Any]:
+    worker = ["-m", "bench.prompt_train", "--dp-worker", "--model", args.model, "--device", args.device,
+              "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
+              "--prompt-tokens", str(args.prompt_tokens), "--trainer-steps", str(args.trainer_steps)]
+    if args.threads:
+        worker += ["--threads", str(args.threads)]
+    cmd = [sys.executable] + worker
+    if n > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port)] + worker
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{n}-process trainer failed: {(proc.stderr or proc.stdout).strip().splitlines()[-3:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def bench_data_parallel(args) -> dict[str, Any]:
+    """The real trainer on 1 and on ``args.processes`` processes, launches alternating 1, N, N, 1."""
+    n = args.processes
+    runs: dict[int, list[dict]] = {1: [], n: []}
+    for k in (1, n, n, 1):
+        runs[k].append(_dp_subprocess(k, args))
+        log.info("%d process(es): %.2f s/step", k, runs[k][-1]["step_s"])
+    text_tokens = args.batch_size * args.seqlen
+    base = median([r["step_s"] for r in runs[1]])
+    base_cpu = median([r["step_cpu_s"] for r in runs[1]])
+    rows = []
+    for k in (1, n):
+        t, c = median([r["step_s"] for r in runs[k]]), median([r["step_cpu_s"] for r in runs[k]])
+        rows.append({"processes": k, "step_s": t, "tokens_per_s": text_tokens / t, "step_cpu_s": c,
+                     "tokens_per_cpu_s": text_tokens / c, "speedup": base / t, "cpu_time_ratio": c / base_cpu})
+    losses = [r["losses"] for k in (1, n) for r in runs[k]]
+    diff = max(abs(a - b) for other in losses[1:] for a, b in zip(losses[0], other))
+    return {"rows": rows, "runs": runs, "checks": {"max_loss_diff_vs_1_process": diff}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -189,7 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--configs", default="fp32,fp32+ckpt,bf16", help=f"comma separated, of {', '.join(CONFIGS)}")
     p.add_argument("--memory-steps", type=int, default=1, help="steps per memory subprocess (0: skip, CPU only)")
     p.add_argument("--trainer-steps", type=int, default=3, help="steps of the real train_prompt cross-check (0: skip)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="N > 1: time the real trainer on N data-parallel processes against 1, instead of the configs")
     p.add_argument("--worker", default=None, help=argparse_hidden())
+    p.add_argument("--dp-worker", action="store_true", help=argparse_hidden())
     args = p.parse_args(argv)
     device = setup(args)
     if args.worker:  # a memory subprocess: one JSON line on stdout
@@ -197,6 +262,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             args.memory_steps)
         print(json.dumps(out))
         return out
+    if args.dp_worker:  # one process of a data-parallel group: the main one prints one JSON line
+        out = dp_worker(args)
+        if out is not None:
+            print(json.dumps(out))
+        return out or {}
+    if args.processes > 1:
+        if args.trainer_steps < 3:
+            raise SystemExit("--processes needs --trainer-steps 3 or more (the first and last steps are not timed)")
+        t_start = time.perf_counter()
+        result = {"bench": "prompt_train_data_parallel", "machine": machine(), "device": str(device),
+                  "args": vars(args), **bench_data_parallel(args)}
+        result["wall_s"] = time.perf_counter() - t_start
+        result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
+        print(report_data_parallel(result))
+        return finish(result, args)
 
     names = args.configs.split(",")
     for n in names:
@@ -284,6 +364,20 @@ def report(r: dict[str, Any]) -> str:
                         if tr.get("replica_over_trainer") else ""))
     parts.append(f"wall time {r['wall_s']:.0f}s")
     return "\n\n".join(parts)
+
+
+def report_data_parallel(r: dict[str, Any]) -> str:
+    m, a = r["machine"], r["args"]
+    return "\n\n".join([
+        f"prompt_train data parallel on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads per "
+        f"process), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}",
+        f"model {a['model']}, global batch {a['batch_size']} x seqlen {a['seqlen']} (+{a['prompt_tokens']} prompt "
+        f"tokens), real train_prompt, medians of {a['trainer_steps'] - 2} steps, launches 1, N, N, 1",
+        table(r["rows"], ["processes", "step_s", "tokens_per_s", "step_cpu_s", "tokens_per_cpu_s", "speedup",
+                          "cpu_time_ratio"]),
+        "checks: " + ", ".join(f"{k} {v:.2e}" for k, v in r["checks"].items()),
+        f"wall time {r['wall_s']:.0f}s",
+    ])
 
 
 if __name__ == "__main__":

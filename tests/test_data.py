@@ -48,3 +48,6 @@ def test_windows(tokenizer):
         corpora.eval_windows(ids[:10], 128)
     with pytest.raises(CTPError, match="not more than one window"):
         corpora.sample_windows(ids[:10], 2, 128)
+    assert corpora.sample_windows(ids[:68], 4, 64).shape == (4, 64)  # 4 start positions for 4 windows
+    with pytest.raises(CTPError, match="too few for 5 distinct windows of 64 .needs at least 69"):
+        corpora.sample_windows(ids[:68], 5, 64)

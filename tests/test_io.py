@@ -97,3 +97,34 @@ def test_artifacts_get_the_mode_open_would_give(tmp_path, umask, file_mode, dir_
         assert stat.S_IMODE(p.stat().st_mode) == file_mode, p
     assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == dir_mode
     assert sorted(os.listdir(tmp_path)) == ["a.json", "art", "plain.txt", "t.safetensors"]  # no temporaries left
+
+
+def _rewrite_metadata(path, edit) -> None:
+    """Rewrite a safetensors header's ``__metadata__`` with ``edit(dict)`` (tensor bytes untouched)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header["__metadata__"])
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)  # keep the data aligned as safetensors does
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n :])
+
+
+def test_edited_metadata_fails_its_checksum(tmp_path):
+    import json
+
+    p = save_tensors(tmp_path / "x.safetensors", _tensors(), {"hidden_size": 64}, kind="ctp-test")
+    _rewrite_metadata(p, lambda m: m.update(ctp=json.dumps({"hidden_size": 32})))
+    with pytest.raises(CTPError, match="fails its metadata checksum"):
+        load_tensors(p, kind="ctp-test")
+    # files written before the metadata checksum (none recorded) still load
+    p = save_tensors(tmp_path / "old.safetensors", _tensors(), {"hidden_size": 64}, kind="ctp-test")
+    _rewrite_metadata(p, lambda m: m.pop("meta_sha256"))
+    assert load_tensors(p, kind="ctp-test")[1] == {"hidden_size": 64}
+    # a format version from elsewhere is refused by name
+    _rewrite_metadata(p, lambda m: m.update(format_version="99"))
+    with pytest.raises(CTPError, match="format version '99'"):
+        load_tensors(p, kind="ctp-test")

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx"):
+    for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"

@@ -6,8 +6,8 @@ artifact under the real name. Directory artifacts are built in a temporary
 sibling directory and renamed into place the same way; both get the permissions
 a plain ``open()`` / ``mkdir()`` would give them under the process umask (the
 temporary names are created private). Safetensors files carry
-a format version and a SHA-256 of their tensors in their metadata, checked on
-load.
+a format version, a SHA-256 of their tensors and one of their JSON metadata,
+checked on load.
 """
 
 from __future__ import annotations
@@ -147,13 +147,20 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    extra = json.dumps(metadata or {}, default=str)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "sha256": tensors_digest(tensors),
-        "ctp": json.dumps(metadata or {}, default=str),
+        "ctp": extra,
+        "meta_sha256": _meta_digest(kind, extra),
     }
     return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _meta_digest(kind: str, extra: str) -> str:
+    """SHA-256 of the kind and the JSON metadata: edits to the description are caught like edits to the tensors."""
+    return hashlib.sha256(f"{kind}\0{extra}".encode()).hexdigest()
 
 
 def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifact") -> tuple[dict[str, torch.Tensor], dict]:
@@ -181,8 +188,13 @@ def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifac
         raise CTPError(f"{path} is a '{meta.get('kind')}' file, not a {kind}", f"pass a {kind} file")
     if meta.get("sha256") != tensors_digest(tensors):
         raise CTPError(f"{what} {path} fails its checksum", "the file was modified or damaged: recreate it")
+    # files from before the metadata checksum have none; every file written now has one
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta.get("kind", ""), meta.get("ctp", "{}")):
+        raise CTPError(f"{what} {path} fails its metadata checksum", "the file was modified or damaged: recreate it")
     try:
         extra = json.loads(meta.get("ctp", "{}"))
     except json.JSONDecodeError as e:
         raise CTPError(f"{what} {path} has damaged metadata", "recreate it") from e
+    if not isinstance(extra, dict):
+        raise CTPError(f"{what} {path} has damaged metadata (not a mapping)", "recreate it")
     return tensors, extra

@@ -297,6 +297,8 @@ def save_compressed(
 def read_index(path: str | Path) -> dict:
     """The validated ``ctp_compression.json`` of an artifact directory."""
     meta = read_json(Path(path) / MARKER, "compression index")
+    if not isinstance(meta, dict):
+        raise CTPError(f"{Path(path) / MARKER} does not hold a mapping", "the artifact is damaged: recreate it")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CTPError(f"{path} has compressed-model format {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
                        "recreate it with this version of ctp")
@@ -321,8 +323,12 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
     meta = read_index(path)
     cfg = CompressConfig.from_dict(meta["config"])  # validates the recorded recipe
     stored = _NAME_DTYPES.get(meta["storage"].get("dense_dtype", "float32"), torch.float32)
-    dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
-    comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
+    try:
+        dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
+        comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
+    except CTPError as e:  # the file's own message, with the fix for an artifact directory
+        raise CTPError(e.problem, f"the compressed model in {path} is incomplete or damaged: "
+                                  "recreate it with ctp compress") from e
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path) if meta.get("tokenizer", True) else None

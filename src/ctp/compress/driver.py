@@ -52,8 +52,8 @@ from ctp.compress.config import CompressConfig
 from ctp.compress.kernels import accumulate_hessian
 from ctp.compress.registry import CompressedWeight, compress_weight
 from ctp.errors import require
-from ctp.models.adapter import (decoder_layers, get_arch, linear_layers, sequential_groups, set_weight_matrix,
-                                weight_matrix)
+from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
+                                set_weight_matrix, weight_matrix)
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,8 @@ def compress_model(
     _check_widths(model, cfg)
     t_start = time.perf_counter()
 
+    seqlen = calib_ids.shape[-1] if calib_ids is not None else cfg.seqlen
+    check_positions(model, seqlen, f"a calibration window of {seqlen} tokens", "use a shorter --seqlen")
     windows, calib = _calibration(tokenizer, cfg, calib_ids)
     was_training = model.training
     model.eval()

@@ -192,6 +192,9 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> tor
     require(seqlen >= 2, f"seqlen {seqlen} is too short", "use a seqlen of at least 2")
     require(ids.numel() > seqlen, f"the text has {ids.numel()} tokens, not more than one window of {seqlen}",
             "use a shorter --seqlen or a larger corpus")
+    # windows may overlap (the GPTQ protocol), but n of them need n distinct start positions
+    require(ids.numel() - seqlen >= n, f"the text has {ids.numel()} tokens, too few for {n} distinct windows of "
+            f"{seqlen} (needs at least {seqlen + n})", "use fewer samples, a shorter --seqlen or a larger corpus")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])  # (n, seqlen)

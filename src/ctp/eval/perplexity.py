@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctp.data.corpora import corpus_ids, eval_windows
+from ctp.models.adapter import check_positions
 from ctp.distributed import is_main, shard, sum_across, world
 from ctp.prompt.embed import token_nll
 
@@ -87,6 +88,9 @@ def perplexity(
 ) -> PPLResult:
     """Perplexity of ``model`` (with ``prompt`` prepended, if given) on one split of a corpus."""
     t0 = time.perf_counter()
+    k = 0 if prompt is None else int(prompt.shape[0])
+    check_positions(model, seqlen + k, f"a window of {seqlen} tokens" + (f" after a prompt of {k}" if k else ""),
+                    "use a shorter --seqlen" + (" or a shorter prompt" if k else ""))
     ids, ref = corpus_ids(dataset, split, tokenizer, source)
     windows = eval_windows(ids, seqlen, max_windows)
     label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({prompt.shape[0]})" if prompt is not None else "")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctp.errors import CTPError, require
+from ctp.errors import CTPError, check_types, require
 
 FULL = "full"  # label of the uncompressed model
 
@@ -47,7 +47,23 @@ def _build(cls, data: Any, where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise CTPError(f"unknown key '{unknown[0]}' in '{where}'", f"known keys: {', '.join(sorted(names))}")
+    check_types(cls, data, "" if where == "experiment" else f"{where}.")
     return cls(**data)
+
+
+def _datasets(names: list[str], where: str) -> None:
+    from ctp.data.corpora import canonical
+
+    for n in names:
+        try:
+            canonical(n)
+        except CTPError as e:
+            raise CTPError(f"{where}: {e.problem}", e.fix) from None
+
+
+def _positive(where: str, **values) -> None:
+    for name, v in values.items():
+        require(v is None or v >= 1, f"{where}.{name} {v} must be at least 1", f"give {where}.{name} a positive value")
 
 
 @dataclass
@@ -60,6 +76,7 @@ class CalibrationSpec:
     def __post_init__(self):
         require(self.nsamples >= 1, f"calibration nsamples {self.nsamples} must be >= 1", "use e.g. 32 or 128")
         require(self.seqlen >= 8, f"calibration seqlen {self.seqlen} is too short", "use e.g. 512 or 2048")
+        _datasets([self.dataset], "calibration.dataset")
 
 
 @dataclass
@@ -72,6 +89,24 @@ class PromptSpec:
 
     def __post_init__(self):
         require(self.tokens >= 1, f"prompt tokens {self.tokens} must be >= 1", "use e.g. 100 (the paper's)")
+        _datasets([self.data], "prompt.data")
+
+    def configs(self, seed: int):
+        """The (PromptConfig, TrainConfig) this section describes (validated; errors name prompt.train)."""
+        from ctp.prompt.soft import PromptConfig
+        from ctp.prompt.train import TrainConfig
+
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.train) - names)
+        if unknown:
+            raise CTPError(f"unknown key '{unknown[0]}' in 'prompt.train'", f"known keys: {', '.join(sorted(names))}")
+        check_types(TrainConfig, self.train, "prompt.train.")
+        try:
+            pcfg = PromptConfig(num_tokens=self.tokens, init=self.init, seed=seed)
+            tcfg = TrainConfig(**{"data": self.data, "seed": seed, **self.train})
+        except CTPError as e:
+            raise CTPError(f"prompt: {e.problem}", e.fix) from None
+        return pcfg, tcfg
 
 
 @dataclass
@@ -83,6 +118,13 @@ class PerplexitySpec:
     batch_size: int = 1
     hard_prompt: bool = True
 
+    def __post_init__(self):
+        _datasets(self.datasets, "perplexity.datasets")
+        require(self.split in ("train", "validation", "test"), f"perplexity.split '{self.split}' is unknown",
+                "use train, validation or test")
+        require(self.seqlen >= 2, f"perplexity.seqlen {self.seqlen} is too short", "use e.g. 512 or 1024")
+        _positive("perplexity", max_windows=self.max_windows, batch_size=self.batch_size)
+
 
 @dataclass
 class ZeroShotSpec:
@@ -92,11 +134,24 @@ class ZeroShotSpec:
     models: list[str] | None = None  # default: every model
     hard_prompt: bool = True
 
+    def __post_init__(self):
+        from ctp.eval.tasks import get_task
+
+        for t in self.tasks:
+            try:
+                get_task(t)
+            except CTPError as e:
+                raise CTPError(f"zeroshot.tasks: {e.problem}", e.fix) from None
+        _positive("zeroshot", limit=self.limit, batch_size=self.batch_size)
+
 
 @dataclass
 class DatasetTransferSpec:
     model: str = ""  # label of the compressed model
     train_on: list[str] = field(default_factory=lambda: ["wikitext2", "ptb"])
+
+    def __post_init__(self):
+        _datasets(self.train_on, "transfer.datasets.train_on")
 
 
 @dataclass
@@ -115,6 +170,12 @@ class LengthAblationSpec:
     tokens: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100])
     dataset: str | None = None  # default: the prompt's training data; evaluated on every perplexity dataset
 
+    def __post_init__(self):
+        require(all(k >= 0 for k in self.tokens), f"length_ablation.tokens {self.tokens} must be >= 0",
+                "use prompt lengths such as [0, 25, 50]")
+        if self.dataset is not None:
+            _datasets([self.dataset], "length_ablation.dataset")
+
 
 @dataclass
 class LatencySpec:
@@ -123,6 +184,11 @@ class LatencySpec:
     context_len: int = 1024
     new_tokens: int = 32
     repeats: int = 3
+
+    def __post_init__(self):
+        require(all(k >= 0 for k in self.prompt_tokens), f"latency.prompt_tokens {self.prompt_tokens} must be >= 0",
+                "use prompt lengths such as [0, 25, 50]")
+        _positive("latency", context_len=self.context_len, new_tokens=self.new_tokens, repeats=self.repeats)
 
 
 @dataclass
@@ -150,6 +216,26 @@ class ExperimentConfig:
         for where, names in self._label_refs():
             for n in names:
                 require(n in labels, f"'{where}' names unknown model '{n}'", f"use one of: {', '.join(self.labels())}")
+        # everything the grid will build is validated now, not hours into the run
+        for label in self.compressions:
+            self.compress_config(label)
+        if self.prompt is not None:
+            self.prompt.configs(self.seed)
+
+    def compress_config(self, label: str):
+        """The :class:`~ctp.compress.config.CompressConfig` of compression ``label`` (calibration filled in)."""
+        from ctp.compress.config import CompressConfig
+
+        spec = self.compressions[label]
+        require(isinstance(spec, dict), f"compression '{label}' must be a mapping, got {type(spec).__name__}",
+                "write e.g. {prune: {sparsity: 0.5}}")
+        cal = self.calibration
+        spec = {"nsamples": cal.nsamples, "seqlen": cal.seqlen, "calib_dataset": cal.dataset, "seed": cal.seed,
+                **spec}
+        try:
+            return CompressConfig.from_dict(spec)
+        except CTPError as e:
+            raise CTPError(f"compression '{label}': {e.problem}", e.fix) from None
 
     def per_model(self) -> list[ExperimentConfig]:
         """One config per model (``models`` expands into copies with ``model`` set)."""

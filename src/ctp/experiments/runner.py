@@ -72,15 +72,7 @@ class Runner:
         return self.cfg.device or default_device()
 
     def compress_config(self, label: str):
-        from ctp.compress.config import CompressConfig
-
-        cal = self.cfg.calibration
-        spec = dict(self.cfg.compressions[label])
-        spec.setdefault("nsamples", cal.nsamples)
-        spec.setdefault("seqlen", cal.seqlen)
-        spec.setdefault("calib_dataset", cal.dataset)
-        spec.setdefault("seed", cal.seed)
-        return CompressConfig.from_dict(spec)
+        return self.cfg.compress_config(label)
 
     def model_key(self, label: str) -> str:
         if label == FULL:
@@ -181,9 +173,16 @@ class Runner:
     def cell(self, kind: str, spec: dict, compute: Callable[[], dict]) -> dict:
         """A cached measurement: ``compute()`` runs only when no finished cell has this key."""
         path = self.root / "cells" / f"{kind}-{content_hash({'kind': kind, **spec})}.json"
+        record = None
         if path.is_file():
-            record = read_json(path, "cached result")
-        else:
+            try:
+                record = read_json(path, "cached result")
+                if not isinstance(record, dict) or record.get("kind") != kind:
+                    raise CTPError(f"cached result {path} is not a {kind} measurement", "it is recomputed")
+            except CTPError as e:  # a cache entry: measure again rather than stop the grid
+                log.warning("%s; measuring again", e.problem)
+                record = None
+        if record is None:
             t0 = time.perf_counter()
             record = {"kind": kind, **spec, **compute()}
             record["seconds"] = time.perf_counter() - t0
@@ -243,7 +242,12 @@ class Runner:
                    for label in self.cfg.labels()
                    if label == FULL or Path(self.model_path(label), "ctp_compression.json").is_file()]
         cells = sorted((self.root / "cells").glob("*.json"), key=lambda p: p.stat().st_mtime)
-        return records + [read_json(p, "cached result") for p in cells]
+        for p in cells:
+            try:
+                records.append(read_json(p, "cached result"))
+            except CTPError as e:  # a damaged cell is measured again by the next run; the report goes without it
+                log.warning("%s; left out of the report", e.problem)
+        return records
 
     def save(self, complete: bool) -> None:
         """Write results.json with every record so far (``complete`` once the whole grid is done)."""
@@ -272,7 +276,7 @@ class Runner:
                 refs.append((self.hard_ref(), "hard"))
             if label in prompted:
                 refs.append((self.prompt_ref(label), "learned"))
-            if transfer:
+            if transfer and label in prompted:  # the matrix: every prompted level x every other's prompt
                 refs += [(self.prompt_ref(src), "transfer") for src in prompted if src != label]
             for ref, role in refs:
                 for d in cfg.perplexity.datasets:
@@ -351,8 +355,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     """
     from ctp.experiments.report import write_index, write_report
 
+    from ctp.models.load import check_model_spec
+
     root = Path(out_dir) if out_dir else Path("runs") / cfg.name
     configs = cfg.per_model()
+    for sub in configs:  # a missing model or an unreachable hub id fails before anything is written
+        check_model_spec(sub.model)
     for sub in configs:
         sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
         on_save = (lambda recs, sub=sub, sub_root=sub_root: write_report(sub, recs, sub_root)) if report else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ctp.errors import CTPError
+from ctp.errors import CTPError, require
 
 # Linear-like module types: nn.Linear (weight (out, in)) and GPT-2's Conv1D (weight (in, out)).
 try:  # transformers keeps Conv1D in pytorch_utils
@@ -186,4 +186,20 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
 
 def hidden_size(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[1])
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The positions the model was built for (``max_position_embeddings`` / ``n_positions``), None if unstated."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_positions(model: nn.Module, tokens: int, what: str, fix: str) -> None:
+    """A :class:`~ctp.errors.CTPError` ("{what} exceeds the model's N positions") when ``tokens`` > N."""
+    limit = max_positions(model)
+    require(limit is None or tokens <= limit, f"{what} exceeds the model's {limit} positions", fix)
 

@@ -9,7 +9,11 @@ Resolution order for a model spec:
    rebuilt from its packed weights;
 3. any local Hugging Face directory (``config.json``);
 4. a local ``.gguf`` file (converted once and cached, like 1);
-5. otherwise a hub id ``org/name`` (needs a network).
+5. otherwise a hub id ``org/name`` (needs a network, or the Hugging Face cache: a hub
+   id that is neither cached nor downloadable fails at once, in one line).
+
+Missing, unreadable or damaged files are :class:`~ctp.errors.CTPError` naming the file
+problem and the fix, never a traceback.
 """
 
 from __future__ import annotations
@@ -153,6 +157,95 @@ def resolve(spec: str) -> str:
     return spec
 
 
+def _is_hub_id(spec: str, where: str) -> bool:
+    return where == spec and not Path(spec).expanduser().exists() and spec not in NAMED_MODELS
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens (True behind a proxy: it cannot be told)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_hub(spec: str) -> None:
+    """Fail fast, in one line, when hub id ``spec`` is not cached and cannot be downloaded.
+
+    Without this, transformers retries for about a minute and then reports a
+    connection error in several lines of log output.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an id the cache cannot even look up (odd characters): transformers will say more
+        return
+    if cached:
+        return
+    fix = "connect to the network to download it, or pass a local model directory or a named model"
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        raise CTPError(f"hub model '{spec}' is not in the local cache and HF_HUB_OFFLINE is set (no network)",
+                       f"unset HF_HUB_OFFLINE and {fix}")
+    endpoint = _hub_endpoint()
+    if not _reachable(endpoint):
+        raise CTPError(f"hub model '{spec}' is not in the local cache and {endpoint} cannot be reached (no network)",
+                       fix)
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap checks of a model spec, loading nothing: an error now rather than after hours of other work."""
+    if spec in NAMED_MODELS:
+        _package_dir(NAMED_MODELS[spec], spec)
+        return
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return  # resolve() would convert it
+    where = resolve(spec)  # missing paths, directories without a model, other files
+    if _is_hub_id(spec, where):
+        check_hub(spec)
+
+
+def _load_error(spec: str, where: str, what: str, e: Exception) -> CTPError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if _is_hub_id(spec, where):
+        fix = "check the id, and the network for a model not yet downloaded"
+    elif what == "model" and (Path(where) / "compressed.safetensors").is_file():
+        fix = (f"{where} holds compressed weights but no {COMPRESSED_MARKER}: the compressed model is incomplete, "
+               "recreate it with ctp compress")
+    elif what == "tokenizer":
+        fix = f"{where} needs the tokenizer files (tokenizer.json, tokenizer_config.json) saved next to the model"
+    else:
+        fix = f"the model files in {where} are missing or damaged: save the model there again"
+    return CTPError(f"cannot load the {what} of '{spec}': {first}", fix)
+
+
+# what transformers raises for missing, unreadable or damaged files (SafetensorError for a truncated file)
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError, EOFError)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of the tokenizer's vocabulary: prompts are only valid for the same one."""
     vocab = tokenizer.get_vocab()
@@ -164,11 +257,12 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     where = resolve(spec)
+    if _is_hub_id(spec, where):
+        check_hub(spec)
     try:
         return AutoTokenizer.from_pretrained(where)
-    except OSError as e:
-        raise CTPError(f"cannot load a tokenizer from '{spec}': {str(e).splitlines()[0]}",
-                       "check the path, or the network for a hub id") from e
+    except _load_errors() as e:
+        raise _load_error(spec, where, "tokenizer", e) from e
 
 
 def load_model(
@@ -188,13 +282,17 @@ def load_model(
 
         model, tokenizer, compression = load_compressed(where, dtype=dtype)
     else:
+        if _is_hub_id(spec, where):
+            check_hub(spec)
+        errors = _load_errors()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        except errors as e:
+            raise _load_error(spec, where, "model", e) from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CTPError(f"cannot load model '{spec}': {first}",
-                           "check the path, or the network and the id for a hub model") from e
+        except errors as e:
+            raise _load_error(spec, where, "tokenizer", e) from e
     model.to(device)
     model.eval()
     model.requires_grad_(False)

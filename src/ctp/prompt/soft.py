@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ctp.errors import CTPError, require
+from ctp.errors import CTPError, check_field_types, require
 
 MAX_PROMPT_TOKENS = 4096
 
@@ -40,6 +40,7 @@ class PromptConfig:
     seed: int = 0  # seeds the vocabulary sample and the random init
 
     def __post_init__(self):
+        check_field_types(self)
         try:
             self.init = PromptInit(self.init.value if isinstance(self.init, PromptInit) else str(self.init).lower())
         except ValueError:

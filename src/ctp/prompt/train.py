@@ -36,8 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctp import distributed
-from ctp.data.corpora import canonical, corpus_ids, eval_windows, sample_windows
-from ctp.errors import CTPError, require
+from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, sample_windows
+from ctp.errors import CTPError, check_field_types, require
 from ctp.eval.perplexity import window_nll
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import decoder_layers
@@ -80,8 +80,13 @@ class TrainConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
+        check_field_types(self)  # a string or a list where a number belongs is an error, not a TypeError
         self.data = canonical(self.data)
+        require(self.data_source in SOURCES, f"unknown data source '{self.data_source}'",
+                f"use one of {', '.join(SOURCES)}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        require(all(0 <= b < 1 for b in self.betas), f"betas {self.betas} must lie in [0, 1)", "use e.g. (0.9, 0.999)")
+        require(self.eps > 0, f"eps {self.eps} must be positive", "use e.g. 1e-8")
         require(self.lr > 0 and math.isfinite(self.lr), f"learning rate {self.lr} must be positive", "pass e.g. --lr 1e-3")
         require(self.weight_decay >= 0, f"weight decay {self.weight_decay} must be >= 0", "pass e.g. --weight-decay 1e-5")
         require(self.batch_size >= 1, f"batch size {self.batch_size} must be at least 1", "pass --batch-size 1 or more")
@@ -277,8 +282,11 @@ def _comparable(cfg: dict) -> dict:
 
 
 def _load_checkpoint(path: Path, identity: dict, prompt_cfg: PromptConfig, train_cfg: TrainConfig):
-    tensors, meta = load_tensors(path, kind=CHECKPOINT_KIND, what="prompt training checkpoint")
     fix = f"pass --no-resume to start over, or delete {path}"
+    try:
+        tensors, meta = load_tensors(path, kind=CHECKPOINT_KIND, what="prompt training checkpoint")
+    except CTPError as e:  # truncated, tampered, another version: the fix is to start over
+        raise CTPError(e.problem, fix) from e
     saved_id = meta.get("identity", {})
     for key in ("hidden_size", "tokenizer_hash", "embedding_hash", "compression"):
         if saved_id.get(key) != identity.get(key):

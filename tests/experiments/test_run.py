@@ -53,6 +53,8 @@ def test_run_report_cache_and_resume(tiny_dir, tmp_path, monkeypatch):
     # 3 models x {none, hard} + 2 learned + 2 transferred, on 2 datasets; plus Table 4 and the ablation
     assert {r["role"] for r in ppl} >= {"none", "hard", "learned", "transfer", "direct", "transferred", "length2"}
     assert all(r["ppl"] > 1 for r in ppl)
+    # the transfer matrix is prompted level x prompted level: the full model gets no transferred prompts
+    assert {r["model"] for r in ppl if r["role"] == "transfer"} == {"sp50", "q4"}
 
     # a rerun recomputes nothing: every measurement comes from its cached cell
     import ctp.eval.perplexity as P

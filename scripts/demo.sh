@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# one torch thread unless told otherwise: on a shared machine more threads spin against each other
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ctp run demo "$@"

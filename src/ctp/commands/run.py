@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+from ctp.errors import CTPError, require
+
+log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
@@ -41,9 +46,18 @@ def run(args) -> int:
         for sub in configs:
             sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
             results = sub_root / "results.json"
-            if results.is_file() and read_json(results, "results file").get("complete", True):
-                records = read_json(results, "results file")["records"]
-            else:  # an unfinished run: report what its cells hold so far
+            saved = None
+            if results.is_file():
+                try:
+                    saved = read_json(results, "results file")
+                    require(isinstance(saved, dict) and isinstance(saved.get("records"), list),
+                            f"results file {results} holds no records", "it is rebuilt from the cells")
+                except CTPError as e:  # results.json is derived from the cells: rebuild from them
+                    log.warning("%s; reporting from the finished cells instead", e.problem)
+                    saved = None
+            if saved is not None and saved.get("complete", True):
+                records = saved["records"]
+            else:  # an unfinished run (or a damaged results.json): report what its cells hold
                 records = Runner(sub, sub_root, progress=False).finished_records()
             path = write_report(sub, records, sub_root)
         if len(configs) > 1:

@@ -246,6 +246,8 @@ def import_peft(directory: str | Path) -> PromptArtifact:
 
     directory = Path(directory)
     cfg = read_json(directory / PEFT_CONFIG, what="PEFT adapter config")
+    require(isinstance(cfg, dict), f"{directory / PEFT_CONFIG} does not hold a mapping",
+            "the adapter is damaged: recreate it")
     require(cfg.get("peft_type") == "PROMPT_TUNING",
             f"{directory} is a PEFT '{cfg.get('peft_type')}' adapter, not PROMPT_TUNING",
             "pass a prompt-tuning adapter directory")
@@ -280,6 +282,9 @@ def import_peft(directory: str | Path) -> PromptArtifact:
             meta = json.loads(header["ctp"])
         except json.JSONDecodeError:
             log.warning("%s has unreadable ctp metadata; importing the prompt alone", weights)
+        if not isinstance(meta, dict):
+            log.warning("%s has unreadable ctp metadata; importing the prompt alone", weights)
+            meta = {}
     art = PromptArtifact.from_parts(emb, meta)
     if art.hidden_size is None:
         art.hidden_size = int(emb.shape[1])

@@ -78,6 +78,8 @@ def _describe(tp) -> str:
         return f"a mapping of {plural.get(typing.get_origin(args[1]) or args[1], 'values')}" if args else "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in tp)
     return getattr(tp, "__name__", str(tp))
 
 

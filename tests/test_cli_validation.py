@@ -269,3 +269,8 @@ def test_nothing_is_left_in_the_working_directory(tmp_path, capsys, monkeypatch)
     assert main(["-q", "run", str(spec)]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["x.yaml"]
+
+
+def test_report_only_without_a_run_directory(tmp_path, capsys):
+    out = tmp_path / "never-ran"
+    fails(["run", "demo", "--out", str(out), "--report-only"], capsys, "no run directory .* to make a report", out)

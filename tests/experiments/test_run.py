@@ -46,6 +46,7 @@ def test_run_report_cache_and_resume(tiny_dir, tmp_path, monkeypatch):
     for section in ("Compressed models", "Perplexity", "Cross-compression transfer", "Cross-dataset transfer",
                     "Prompt length ablation", "Zero-shot accuracy", "Latency"):
         assert section in report, section
+    assert "| model | compression | c4 none | c4 hard | c4 learned | ptb none |" in report
     for png in ("ppl_vs_compression.png", "transfer_heatmap.png", "length_ablation.png", "latency.png"):
         assert (root / png).stat().st_size > 1000
     recs = json.loads((root / "results.json").read_text())["records"]
@@ -96,3 +97,14 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key 'seqln'" in err[0]
+
+
+def test_report_shows_only_measured_columns(tiny_dir, tmp_path):
+    # no prompt section and no hard prompt: the perplexity table has one column per dataset
+    cfg = ExperimentConfig.from_dict({"name": "plain", "model": tiny_dir, "device": "cpu",
+                                      "perplexity": {"datasets": ["c4", "ptb"], "seqlen": 32, "max_windows": 1,
+                                                     "hard_prompt": False}})
+    report = (run_experiment(cfg, tmp_path / "r", progress=False) / "report.md").read_text()
+    assert "Without a prompt.\n" in report
+    assert "| model | compression | c4 | ptb |" in report
+    assert "learned" not in report and "hard" not in report

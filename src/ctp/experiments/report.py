@@ -88,20 +88,18 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
     if cfg.perplexity:
         p = cfg.perplexity
         ds = p.datasets
+        # the columns this experiment measures: none always, hard and learned when asked for
+        roles = ["none"] + (["hard"] if p.hard_prompt else []) + (["learned"] if cfg.prompted() else [])
+        what = {"none": "without a prompt", "hard": "with the paper's hard prompt",
+                "learned": (f"with the prompt learned on this model ({cfg.prompt.tokens} tokens, trained on "
+                            f"{cfg.prompt.data} train)" if cfg.prompt else "")}
+        sentence = ", ".join(what[r] for r in roles[:-1]) + (" and " if len(roles) > 1 else "") + what[roles[-1]]
         parts += [f"## Perplexity ({p.split} split, seqlen {p.seqlen}"
                   + (f", at most {p.max_windows} windows" if p.max_windows else "") + ")", "",
-                  "Without a prompt, with the paper's hard prompt, and with the prompt learned on this model "
-                  f"({cfg.prompt.tokens if cfg.prompt else 0} tokens, trained on {cfg.prompt.data if cfg.prompt else '–'} train).",
-                  ""]
-        header = ["model", "compression"]
-        for d in ds:
-            header += [f"{d} none", f"{d} hard", f"{d} learned"]
-        rows = []
-        for label in cfg.labels():
-            row = [label, comp_label.get(label, "")]
-            for d in ds:
-                row += [_get(idx, label, "none", d), _get(idx, label, "hard", d), _get(idx, label, "learned", d)]
-            rows.append(row)
+                  sentence[0].upper() + sentence[1:] + ".", ""]
+        header = ["model", "compression"] + [f"{d} {r}" if len(roles) > 1 else d for d in ds for r in roles]
+        rows = [[label, comp_label.get(label, "")] + [_get(idx, label, r, d) for d in ds for r in roles]
+                for label in cfg.labels()]
         parts += [_table(header, rows), ""]
         fig_path = _plot_ppl(cfg, idx, root)
         if fig_path:

@@ -49,7 +49,8 @@ def register(sub) -> None:
     g.add_argument("--group-size", type=int, default=None, help="inputs per (scale, zero) group; -1: per row (default)")
     g.add_argument("--sym", action="store_true", default=None, help="symmetric grid")
     g.add_argument("--act-order", action="store_true", default=None,
-                   help="GPTQ: quantize columns by descending Hessian diagonal")
+                   help="GPTQ: quantize columns by descending Hessian diagonal (recommended with --group-size: on "
+                        "the default model it turned GPTQ from level with RTN into clearly better, see README)")
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                    help="compress all linears of a block from one pass instead of in execution order")
     g = p.add_argument_group("calibration and solver")

@@ -26,6 +26,7 @@ _LAZY = {
     "QuantConfig": "ctp.compress.config",
     "compress_model": "ctp.compress.driver",
     "save_compressed": "ctp.compress.artifact",
+    "discard_checkpoint": "ctp.compress.checkpoint",
     "load_compressed": "ctp.compress.artifact",
     "PromptConfig": "ctp.prompt.soft",
     "TrainConfig": "ctp.prompt.train",

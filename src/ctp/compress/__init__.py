@@ -4,10 +4,12 @@
 * :mod:`ctp.compress.kernels` / :mod:`ctp.compress.quant`: pure per-matrix kernels;
 * :mod:`ctp.compress.registry`: ``compress_weight`` (method name -> kernel);
 * :mod:`ctp.compress.driver`: ``compress_model``, the layer-by-layer pipeline;
+* :mod:`ctp.compress.checkpoint`: its per-block resume checkpoint (``discard_checkpoint`` once saved);
 * :mod:`ctp.compress.artifact`: ``save_compressed`` / ``load_compressed``, the packed format.
 """
 
 from ctp.compress.artifact import load_compressed, save_compressed
+from ctp.compress.checkpoint import discard_checkpoint
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
 from ctp.compress.driver import CompressionReport, compress_model
 from ctp.compress.registry import CompressedWeight, compress_weight
@@ -20,6 +22,7 @@ __all__ = [
     "QuantConfig",
     "compress_model",
     "compress_weight",
+    "discard_checkpoint",
     "load_compressed",
     "save_compressed",
 ]

@@ -124,8 +124,19 @@ def setup(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def finish(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Write the JSON file if asked; return the result."""
+def headline(name: str, r: dict[str, Any], threads: str = "torch threads") -> str:
+    """The first line of a report: which benchmark, on what machine, under what load."""
+    m = r["machine"]
+    return (f"{name} on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} {threads}, torch {m['torch']}), "
+            f"device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}")
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace, t_start: float,
+           report: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Stamp the wall time and the load at the end, print ``report(result)``, write the JSON file if asked."""
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
+    print(report(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench._common import base_parser, finish, interleaved, machine, median, setup, table, timed_cpu
+from bench._common import base_parser, finish, headline, interleaved, machine, median, setup, table, timed_cpu
 from bench._reference import hessian_per_sample, hessian_per_token, obs_unblocked
 from ctp.compress import kernels as K
 
@@ -312,17 +312,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calibs = tuple(dict.fromkeys([(128, 2048), (args.nsamples, args.seqlen)]))  # the paper's, and this run's
     result["llama7b"] = {clock: extrapolate_7b(kernels, prep, big_shape, hessian, calibs, clock)
                          for clock in ("cpu", "wall")}
-    result["wall_s"] = time.perf_counter() - t_start
-    result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
-    print(report(result))
-    return finish(result, args)
+    return finish(result, args, t_start, report)
 
 
 def report(r: dict[str, Any]) -> str:
     """The human-readable summary of a result dict."""
-    m = r["machine"]
-    parts = [f"compress_speed on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}"]
+    parts = [headline("compress_speed", r)]
     if r["kernels"]:
         parts.append(table(r["kernels"], ["algo", "shape", "rows_run", "repeats", "fast_s", "baseline_s", "speedup",
                                           "fast_cpu_s", "baseline_cpu_s", "speedup_cpu", "max_abs_diff", "mismatches",

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench._common import base_parser, finish, interleaved, machine, median, setup, table
+from bench._common import base_parser, finish, headline, interleaved, machine, median, setup, table
 from bench._kernels import (Int4Linear, Int8Linear, buffer_bytes, int4_mm, int4_weight, int8_weight,
                             set_act_dtype)
 from bench.compress_speed import parse_shapes
@@ -367,16 +367,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del model
     if "model" in sections and use_model:
         result["model"] = bench_model(args.model, args.prefill, args.decode, args.model_repeats, device)
-    result["wall_s"] = time.perf_counter() - t_start
-    result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
-    print(report(result))
-    return finish(result, args)
+    return finish(result, args, t_start, report)
 
 
 def report(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    parts = [f"inference on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}"]
+    parts = [headline("inference", r)]
     if r.get("memory"):
         parts.append(table(r["memory"], ["format", "weights_bytes", "vs_fp32", "weights_bytes_dense_fp16",
                                          "linear_bytes", "linear_bits_per_weight", "linear_vs_fp16"],

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench._common import PeakRSS, base_parser, finish, machine, median, setup, sync, table
+from bench._common import PeakRSS, base_parser, finish, headline, machine, median, setup, sync, table
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t_start = time.perf_counter()
         result = {"bench": "prompt_train_data_parallel", "machine": machine(), "device": str(device),
                   "args": vars(args), **bench_data_parallel(args)}
-        result["wall_s"] = time.perf_counter() - t_start
-        result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
-        print(report_data_parallel(result))
-        return finish(result, args)
+        return finish(result, args, t_start, report_data_parallel)
 
     names = args.configs.split(",")
     for n in names:
@@ -331,10 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tr["replica_over_trainer"] = (median(steps["times"]["fp32"]) / tr["step_s"]) if "fp32" in names else None
         result["trainer"] = tr
     result["tokens_per_step"] = text_tokens
-    result["wall_s"] = time.perf_counter() - t_start
-    result["machine"]["loadavg_end_1m"] = machine().get("loadavg_1m")
-    print(report(result))
-    return finish(result, args)
+    return finish(result, args, t_start, report)
 
 
 def argparse_hidden() -> str:
@@ -344,10 +338,8 @@ def argparse_hidden() -> str:
 
 
 def report(r: dict[str, Any]) -> str:
-    m = r["machine"]
     a = r["args"]
-    parts = [f"prompt_train on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}",
+    parts = [headline("prompt_train", r),
              f"model {a['model']}, batch {a['batch_size']} x seqlen {a['seqlen']} (+{a['prompt_tokens']} prompt "
              f"tokens), medians of {a['steps']} steps after {a['warmup']} warmup, configs interleaved"]
     cols = ["config", "step_s", "tokens_per_s", "tokens_per_s_with_prompt", "step_cpu_s", "tokens_per_cpu_s"]
@@ -367,10 +359,9 @@ def report(r: dict[str, Any]) -> str:
 
 
 def report_data_parallel(r: dict[str, Any]) -> str:
-    m, a = r["machine"], r["args"]
+    a = r["args"]
     return "\n\n".join([
-        f"prompt_train data parallel on {m['cpu']} ({m['cpu_count']} cpus, {m['torch_threads']} torch threads per "
-        f"process), device {r['device']}, load avg {m.get('loadavg_1m', float('nan')):.1f}",
+        headline("prompt_train data parallel", r, threads="torch threads per process"),
         f"model {a['model']}, global batch {a['batch_size']} x seqlen {a['seqlen']} (+{a['prompt_tokens']} prompt "
         f"tokens), real train_prompt, medians of {a['trainer_steps'] - 2} steps, launches 1, N, N, 1",
         table(r["rows"], ["processes", "step_s", "tokens_per_s", "step_cpu_s", "tokens_per_cpu_s", "speedup",

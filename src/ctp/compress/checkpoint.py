@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 BLOCK_KIND = "ctp-compress-block"
 INPUTS_KIND = "ctp-compress-inputs"
-_TENSOR_ATTRS = ("weight", "mask", "codes", "scale", "zero", "g_idx")
+_TENSOR_ATTRS = ("weight", *CompressedWeight.PAYLOAD)
 
 
 def checkpoint_key(model: nn.Module, cfg_dict: dict, windows: Tensor, chunk: int, device: torch.device) -> str:
@@ -133,7 +133,7 @@ class BlockCheckpoint:
             name = full[len(prefix) + 1:]
             mod = model_layer.get_submodule(name)
             set_weight_matrix(mod, tensors[f"{full}.weight"])
-            parts = {a: tensors.get(f"{full}.{a}") for a in _TENSOR_ATTRS if a != "weight"}
+            parts = {a: tensors.get(f"{full}.{a}") for a in CompressedWeight.PAYLOAD}
             records[full] = CompressedWeight(weight=weight_matrix(mod).detach(), bits=rec["bits"], sym=rec["sym"],
                                              stats=rec["stats"], **parts)
         return records, meta["layer"]

@@ -424,7 +424,7 @@ def compress_model(
             full = f"{arch.layers}.{i}.{n}"
             mod = layer.get_submodule(n)
             cw.weight = weight_matrix(mod).detach()  # the module's own (now compressed) weight, no copy
-            for attr in ("mask", "codes", "scale", "zero", "g_idx"):
+            for attr in CompressedWeight.PAYLOAD:
                 t = getattr(cw, attr)
                 if t is not None:
                     setattr(cw, attr, t.cpu())

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -52,6 +53,8 @@ class CompressedWeight:
     bits: int | None = None
     sym: bool | None = None
     stats: dict = field(default_factory=dict)  # recon_error, sparsity, zero_fraction, ...
+
+    PAYLOAD: ClassVar[tuple[str, ...]] = ("mask", "codes", "scale", "zero", "g_idx")  # the stored tensors but weight
 
     @property
     def quantized(self) -> bool:

@@ -40,7 +40,7 @@ from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, sampl
 from ctp.errors import CTPError, check_field_types, require
 from ctp.eval.perplexity import window_nll
 from ctp.io import load_tensors, save_tensors
-from ctp.models.adapter import decoder_layers
+from ctp.models.adapter import check_positions, decoder_layers
 from ctp.prompt.artifact import PromptArtifact, artifact_for, embedding_fingerprint, save_prompt
 from ctp.prompt.embed import token_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
@@ -356,9 +356,8 @@ def train_prompt(
     main = rank == 0
     mode = resolve_precision(cfg.precision, device)
     amp = autocast_context(mode, device)
-    require(prompt_cfg.num_tokens + cfg.seqlen <= _max_positions(model),
-            f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen}) exceeds the model's "
-            f"{_max_positions(model)} positions", "use a shorter --seqlen or fewer --tokens")
+    check_positions(model, prompt_cfg.num_tokens + cfg.seqlen,
+                    f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen})", "use a shorter --seqlen or fewer --tokens")
 
     # The base model is frozen and stays in eval mode (no dropout): only the prompt learns.
     was_training = model.training
@@ -537,15 +536,6 @@ def _share_of_mean_nll(model: nn.Module, batch: torch.Tensor, prompt: nn.Paramet
     if local.shape[0] == 0:
         return prompt.sum() * 0.0
     return token_nll(model, local, prompt).sum() / (batch.shape[0] * (batch.shape[1] - 1))
-
-
-def _max_positions(model: nn.Module) -> int:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1 << 30
 
 
 __all__ = ["TrainConfig", "TrainHistory", "train_prompt", "make_optimizer", "lr_at", "checkpoint_path_for", "checkpointed_layers",

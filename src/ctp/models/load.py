@@ -220,9 +220,7 @@ def check_model_spec(spec: str) -> None:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return  # resolve() would convert it
-    where = resolve(spec)  # missing paths, directories without a model, other files
-    if _is_hub_id(spec, where):
-        check_hub(spec)
+    _resolve_reachable(spec)  # missing paths, directories without a model, other files, unreachable hub ids
 
 
 def _load_error(spec: str, where: str, what: str, e: Exception) -> CTPError:
@@ -253,16 +251,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
+def _resolve_reachable(spec: str) -> str:
+    """:func:`resolve`, and for a hub id the fast check that it is cached or can be downloaded."""
     where = resolve(spec)
     if _is_hub_id(spec, where):
         check_hub(spec)
+    return where
+
+
+def _tokenizer_at(spec: str, where: str):
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(where)
     except _load_errors() as e:
         raise _load_error(spec, where, "tokenizer", e) from e
+
+
+def load_tokenizer(spec: str):
+    return _tokenizer_at(spec, _resolve_reachable(spec))
 
 
 def load_model(
@@ -271,28 +278,22 @@ def load_model(
     device: str | torch.device = "cpu",
 ):
     """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    where = resolve(spec)
+    where = _resolve_reachable(spec)
     compression = None
     if (Path(where) / COMPRESSED_MARKER).is_file():
         from ctp.compress.artifact import load_compressed  # the compressed-model format lives there
 
         model, tokenizer, compression = load_compressed(where, dtype=dtype)
     else:
-        if _is_hub_id(spec, where):
-            check_hub(spec)
-        errors = _load_errors()
         try:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        except errors as e:
+        except _load_errors() as e:
             raise _load_error(spec, where, "model", e) from e
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
-        except errors as e:
-            raise _load_error(spec, where, "tokenizer", e) from e
+        tokenizer = _tokenizer_at(spec, where)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

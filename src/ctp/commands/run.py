@@ -40,10 +40,10 @@ def run(args) -> int:
     root = Path(args.out) if args.out else Path("runs") / cfg.name
     if args.report_only:
         from ctp.experiments.report import write_index
+        from ctp.experiments.runner import Runner, model_slug
 
         require(root.is_dir(), f"no run directory {root} to make a report from",
                 f"run `ctp run {args.experiment}` first, or pass the run's directory with --out")
-        from ctp.experiments.runner import Runner, model_slug
 
         configs = cfg.per_model()
         for sub in configs:

@@ -43,12 +43,17 @@ def _build(cls, data: Any, where: str):
         return None
     if not isinstance(data, dict):
         raise CTPError(f"'{where}' must be a mapping, got {type(data).__name__}", "see the example experiment files")
+    _check_fields(cls, data, where)
+    return cls(**data)
+
+
+def _check_fields(cls, data: dict, where: str) -> None:
+    """Unknown keys and values of the wrong type in ``data`` for dataclass ``cls``, named by ``where``."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise CTPError(f"unknown key '{unknown[0]}' in '{where}'", f"known keys: {', '.join(sorted(names))}")
     check_types(cls, data, "" if where == "experiment" else f"{where}.")
-    return cls(**data)
 
 
 def _datasets(names: list[str], where: str) -> None:
@@ -91,19 +96,18 @@ class PromptSpec:
         require(self.tokens >= 1, f"prompt tokens {self.tokens} must be >= 1", "use e.g. 100 (the paper's)")
         _datasets([self.data], "prompt.data")
 
-    def configs(self, seed: int):
-        """The (PromptConfig, TrainConfig) this section describes (validated; errors name prompt.train)."""
+    def configs(self, seed: int, tokens: int | None = None, data: str | None = None):
+        """The (PromptConfig, TrainConfig) this section describes (validated; errors name prompt.train).
+
+        ``tokens`` and ``data`` replace the section's own (a length ablation, a prompt for another dataset).
+        """
         from ctp.prompt.soft import PromptConfig
         from ctp.prompt.train import TrainConfig
 
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(self.train) - names)
-        if unknown:
-            raise CTPError(f"unknown key '{unknown[0]}' in 'prompt.train'", f"known keys: {', '.join(sorted(names))}")
-        check_types(TrainConfig, self.train, "prompt.train.")
+        _check_fields(TrainConfig, self.train, "prompt.train")
         try:
-            pcfg = PromptConfig(num_tokens=self.tokens, init=self.init, seed=seed)
-            tcfg = TrainConfig(**{"data": self.data, "seed": seed, **self.train})
+            pcfg = PromptConfig(num_tokens=self.tokens if tokens is None else tokens, init=self.init, seed=seed)
+            tcfg = TrainConfig(**{"data": data or self.data, "seed": seed, **self.train})
         except CTPError as e:
             raise CTPError(f"prompt: {e.problem}", e.fix) from None
         return pcfg, tcfg

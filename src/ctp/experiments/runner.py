@@ -143,13 +143,10 @@ class Runner:
     def ensure_prompt(self, ref: PromptRef) -> PromptRef:
         if ref.path is None or Path(ref.path).is_file():
             return ref
-        from ctp.prompt.soft import PromptConfig
-        from ctp.prompt.train import TrainConfig, train_prompt
+        from ctp.prompt.train import train_prompt
 
-        p = self.cfg.prompt
         model, tok, info = self.load(ref.source_model)
-        pcfg = PromptConfig(num_tokens=ref.tokens, init=p.init, seed=self.cfg.seed)
-        tcfg = TrainConfig(**{"data": ref.data, "seed": self.cfg.seed, **p.train})
+        pcfg, tcfg = self.cfg.prompt.configs(self.cfg.seed, tokens=ref.tokens, data=ref.data)
         log.info("learning prompt %s (%d tokens on %s)", ref.name, ref.tokens, ref.data)
         train_prompt(model, tok, info, pcfg, tcfg, out_path=ref.path, resume=True, progress=self.progress)
         return ref
@@ -354,7 +351,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     and ``<out>/report.md`` links their reports.
     """
     from ctp.experiments.report import write_index, write_report
-
     from ctp.models.load import check_model_spec
 
     root = Path(out_dir) if out_dir else Path("runs") / cfg.name

@@ -281,7 +281,7 @@ def import_peft(directory: str | Path) -> PromptArtifact:
         try:
             meta = json.loads(header["ctp"])
         except json.JSONDecodeError:
-            log.warning("%s has unreadable ctp metadata; importing the prompt alone", weights)
+            meta = None
         if not isinstance(meta, dict):
             log.warning("%s has unreadable ctp metadata; importing the prompt alone", weights)
             meta = {}

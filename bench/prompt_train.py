@@ -1,7 +1,7 @@
 """Prompt-training throughput: tokens/s and peak memory, with and without checkpointing, fp32 vs bf16.
 
 One training step is exactly what :func:`ctp.prompt.train.train_prompt` does per step
-(same functions: :func:`ctp.prompt.embed.token_nll` under
+(same functions: :func:`ctp.lm.token_nll` under
 :func:`~ctp.prompt.train.autocast_context`, inside
 :func:`~ctp.prompt.train.checkpointed_layers`, backward into the fp32 prompt, gradient
 clipping, AdamW), on batches drawn as the trainer draws them
@@ -77,7 +77,7 @@ def _make_run(name: str, init: torch.Tensor, device: torch.device, lr: float = 1
 
 def train_step(model: nn.Module, run: _Run, batch: torch.Tensor, grad_clip: float = 1.0) -> float:
     """One prompt-training step as ``train_prompt`` takes it; returns the loss."""
-    from ctp.prompt.embed import token_nll
+    from ctp.lm import token_nll
     from ctp.prompt.train import autocast_context, checkpointed_layers
 
     with checkpointed_layers(model, run.ckpt):

@@ -3,7 +3,7 @@ import torch
 
 from conftest import TINY_CONFIGS, make_tiny
 from ctp.models import adapter
-from ctp.prompt.embed import prompt_inputs
+from ctp.lm import embed_inputs
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
@@ -41,12 +41,12 @@ def test_weight_matrix_is_out_by_in_and_round_trips(model_type):
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
 def test_inputs_embeds_path_matches_input_ids(model_type):
-    """Feeding embeddings through prompt_inputs reproduces the input_ids forward (scale included)."""
+    """Feeding embeddings through embed_inputs reproduces the input_ids forward (scale included)."""
     model = make_tiny(model_type)
     ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        out = model(**prompt_inputs(model, ids)).logits
+        out = model(**embed_inputs(model, ids)).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -4,7 +4,7 @@ import torch
 
 from conftest import make_tiny
 from ctp.eval.latency import measure_latency
-from ctp.prompt.embed import prompt_inputs
+from ctp.lm import embed_inputs
 
 
 def test_prefix_cache_gives_the_same_logits_as_recomputing_the_prompt():
@@ -12,7 +12,7 @@ def test_prefix_cache_gives_the_same_logits_as_recomputing_the_prompt():
     prompt = torch.randn(6, 64) * 0.05
     ctx = torch.randint(0, 3000, (1, 20))
     with torch.no_grad():
-        full = model(**prompt_inputs(model, ctx, prompt), use_cache=True).logits[:, 6:]
+        full = model(**embed_inputs(model, ctx, prompt), use_cache=True).logits[:, 6:]
         prefix = model(inputs_embeds=prompt.unsqueeze(0), use_cache=True).past_key_values
         mask = torch.ones(1, 26, dtype=torch.long)
         cached = model(input_ids=ctx, attention_mask=mask, past_key_values=copy.deepcopy(prefix)).logits

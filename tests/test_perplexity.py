@@ -5,7 +5,8 @@ import torch
 
 from conftest import make_tiny
 from ctp.eval.perplexity import perplexity, window_nll
-from ctp.prompt.embed import HARD_PROMPT_TEXT, hard_prompt, hard_prompt_ids, token_nll
+from ctp.lm import token_nll
+from ctp.prompt.embed import HARD_PROMPT_TEXT, hard_prompt, hard_prompt_ids
 
 
 def test_nll_matches_hf_loss():

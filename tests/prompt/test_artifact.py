@@ -12,7 +12,7 @@ from ctp.errors import CTPError
 from ctp.models.load import ModelInfo
 from ctp.prompt.artifact import (PromptArtifact, artifact_for, embedding_fingerprint, export_peft, import_peft,
                                  load_prompt, save_prompt)
-from ctp.prompt.embed import prompt_inputs
+from ctp.lm import embed_inputs
 
 INFO = ModelInfo(spec="tiny", path="/x/tiny", model_type="llama", hidden_size=64, vocab_size=49152, num_layers=2,
                  tokenizer_hash="abc123", compression=None)
@@ -96,7 +96,7 @@ def test_peft_loads_our_export_with_identical_logits(tmp_path):
     export_peft(art, tmp_path / "peft")
     ids = torch.randint(0, 5000, (2, 9))
     with torch.no_grad():
-        ours = model(**prompt_inputs(model, ids, art.embeddings)).logits  # (2, 6+9, V)
+        ours = model(**embed_inputs(model, ids, art.embeddings)).logits  # (2, 6+9, V)
         pm = peft.PeftModel.from_pretrained(make_tiny("llama"), str(tmp_path / "peft"))
         theirs = pm(input_ids=ids).logits
     assert theirs.shape == ours.shape

@@ -36,12 +36,12 @@ def test_cached_logits_match_full_recomputation(tokenizer):
     ids = gen.encode(QUESTION)
     import copy
 
-    from ctp.prompt.embed import prompt_inputs
+    from ctp.lm import embed_inputs
 
     with torch.no_grad():
         out = model(input_ids=ids[None], attention_mask=torch.ones(1, 6 + ids.numel(), dtype=torch.long),
                     past_key_values=copy.deepcopy(gen._cache), use_cache=True)
-        full = model(**prompt_inputs(model, ids[None], prompt), use_cache=False)
+        full = model(**embed_inputs(model, ids[None], prompt), use_cache=False)
     torch.testing.assert_close(out.logits[0], full.logits[0, 6:], rtol=1e-4, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ from ctp.data.corpora import corpus_ids, sample_windows
 from ctp.errors import CTPError
 from ctp.models.load import ModelInfo, tokenizer_fingerprint
 from ctp.prompt.artifact import load_prompt
-from ctp.prompt.embed import token_nll
+from ctp.lm import token_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
 from ctp.prompt.train import (TrainConfig, checkpoint_path_for, checkpointed_layers, lr_at, make_optimizer,
                               train_prompt)

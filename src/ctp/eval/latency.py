@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ctp.prompt.embed import prompt_inputs
+from ctp.lm import prefix_cache as build_prefix_cache, prompt_inputs, prompt_length
 
 
 @dataclass
@@ -72,15 +72,12 @@ def measure_latency(
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     ctx = torch.randint(0, vocab, (1, context_len), generator=gen).to(device)  # (1, L)
-    k = 0 if prompt is None else int(prompt.shape[0])
+    k = prompt_length(prompt)
 
-    def prefill_full():
-        return model(**prompt_inputs(model, ctx, prompt), use_cache=True)
+    def prefill_full():  # a soft prompt's k positions computed with the context (a prefix has none to compute)
+        return model(**prompt_inputs(model, ctx, prompt)[0], use_cache=True)
 
-    prefix_cache = None
-    if prompt is not None:
-        emb = prompt.to(device=device, dtype=model.get_input_embeddings().weight.dtype).unsqueeze(0)  # (1, k, d)
-        prefix_cache = model(inputs_embeds=emb, use_cache=True).past_key_values
+    prefix_cache = build_prefix_cache(model, prompt)
 
     def prefill_cached():
         if prefix_cache is None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ctp.data.corpora import corpus_ids, eval_windows
 from ctp.models.adapter import check_positions
 from ctp.distributed import is_main, shard, sum_across, world
-from ctp.prompt.embed import token_nll
+from ctp.lm import check_prompt, prompt_length, token_nll
 
 
 @dataclass
@@ -88,12 +88,13 @@ def perplexity(
 ) -> PPLResult:
     """Perplexity of ``model`` (with ``prompt`` prepended, if given) on one split of a corpus."""
     t0 = time.perf_counter()
-    k = 0 if prompt is None else int(prompt.shape[0])
+    k = prompt_length(prompt)
+    check_prompt(model, prompt)
     check_positions(model, seqlen + k, f"a window of {seqlen} tokens" + (f" after a prompt of {k}" if k else ""),
                     "use a shorter --seqlen" + (" or a shorter prompt" if k else ""))
     ids, ref = corpus_ids(dataset, split, tokenizer, source)
     windows = eval_windows(ids, seqlen, max_windows)
-    label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({prompt.shape[0]})" if prompt is not None else "")
+    label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({k})" if k else "")
     total, count = window_nll(model, windows, prompt, batch_size, progress=label if progress else False)
     nll = total / count
     return PPLResult(
@@ -105,6 +106,6 @@ def perplexity(
         n_tokens=count,
         nll=nll,
         ppl=math.exp(nll),
-        prompt_tokens=0 if prompt is None else int(prompt.shape[0]),
+        prompt_tokens=k,
         seconds=time.perf_counter() - t0,
     )

@@ -19,10 +19,10 @@ The protocol is lm-evaluation-harness's ``multiple_choice`` scoring:
 Requests are scored in batches of right-padded sequences with an attention
 mask, longest first. Requests whose input tokens are identical (the choices
 " A".." D" of one MMLU item, say) share one forward, and only the positions
-that predict continuation tokens go through the LM head. A prompt (k, hidden),
-soft or hard, sits before every request: its keys and values are computed once
-and reused by every batch (or, with ``prefix_cache=False``, it is prepended
-through :func:`ctp.prompt.embed.prompt_inputs` each time; the numbers agree).
+that predict continuation tokens go through the LM head. A prompt (soft, hard
+or prefix, see :mod:`ctp.lm`) sits before every request: its keys and values are
+computed once and reused by every batch (or, with ``prefix_cache=False``, it is
+put in front through :func:`ctp.lm.prompt_inputs` each time; the numbers agree).
 It is never scored, and the scored tokens are the same with and without it.
 
 ``limit`` takes the first N items of a task's split (lm-eval's ``--limit``), so
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ctp.errors import CTPError, require
 from ctp.eval.tasks import Item, get_task, load_items
-from ctp.prompt.embed import prompt_inputs
+from ctp.lm import check_prompt, prefix_cache as build_prefix_cache, prompt_inputs, prompt_length
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +115,6 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 @torch.inference_mode()
-def prompt_cache(model: nn.Module, prompt: torch.Tensor):
-    """The KV cache of ``prompt`` (k, hidden) alone, batch 1: computed once, shared by every request."""
-    device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
-    p = prompt.to(device=device, dtype=dtype).unsqueeze(0)  # (1, k, hidden)
-    mask = torch.ones(1, p.shape[1], dtype=torch.long, device=device)
-    return model(inputs_embeds=p, attention_mask=mask, use_cache=True).past_key_values
-
-
-@torch.inference_mode()
 def score_token_requests(
     model: nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -147,12 +137,8 @@ def score_token_requests(
     otherwise the prompt is prepended through ``prompt_inputs``.
     """
     require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
-    hidden = model.get_input_embeddings().weight.shape[1]
-    if prompt is not None:
-        require(prompt.dim() == 2 and prompt.shape[1] == hidden,
-                f"the prompt has shape {tuple(prompt.shape)} but the model's hidden size is {hidden}",
-                "use a prompt learned for this model")
-    k = 0 if prompt is None else int(prompt.shape[0])
+    check_prompt(model, prompt)
+    k = prompt_length(prompt)
     window = max_length or model_max_length(model)
     budget = window - k
     require(budget >= 1, f"a prompt of {k} tokens leaves no room in a {window}-token window")
@@ -171,7 +157,7 @@ def score_token_requests(
         targets.append(cont)
     order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: padding stays small, OOM shows early
 
-    cache = prompt_cache(model, prompt) if (prompt is not None and prefix_cache) else None
+    cache = build_prefix_cache(model, prompt) if prefix_cache else None
     keep_positions = _accepts(model, "logits_to_keep")
     out = [0.0] * len(requests)
     desc = progress if isinstance(progress, str) else "loglikelihood"
@@ -195,8 +181,8 @@ def score_token_requests(
                           attention_mask=torch.cat([torch.ones(b, k, dtype=mask.dtype, device=device), mask], 1))
             offset = 0  # logits cover the text positions only
         else:
-            kwargs = dict(**prompt_inputs(model, ids, prompt, mask), use_cache=False)
-            offset = k  # logits cover prompt + text positions
+            kwargs, offset = prompt_inputs(model, ids, prompt, mask)  # offset: logits cover prompt + text positions
+            kwargs["use_cache"] = "past_key_values" in kwargs
         if keep_positions:
             kwargs["logits_to_keep"] = torch.tensor(needed, device=device) + offset
             logits = model(**kwargs).logits  # (b, len(needed), V)
@@ -308,7 +294,7 @@ def evaluate_tasks(
     raise CTPError before anything is scored.
     """
     specs = [get_task(t) for t in tasks]
-    k = 0 if prompt is None else int(prompt.shape[0])
+    k = prompt_length(prompt)
     was_training = model.training
     model.eval()
     results = []

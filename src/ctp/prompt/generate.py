@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ctp.errors import require
-from ctp.prompt.embed import prompt_inputs
+from ctp.lm import check_prompt, prefix_cache, prompt_inputs, prompt_length
 
 
 @dataclass
@@ -120,8 +120,8 @@ def pick_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator |
 class PrefixCachedGenerator:
     """Generates continuations after a fixed prompt whose KV cache is computed once and reused.
 
-    ``prompt`` is a (k, hidden) tensor (a soft prompt, or :func:`ctp.prompt.embed.hard_prompt`)
-    or None. Text is tokenised without special tokens, as prompts are trained and perplexity is
+    ``prompt`` is a soft prompt (k, hidden) (or :func:`ctp.prompt.embed.hard_prompt`), a prefix
+    (2, layers, kv_heads, k, head_dim) or None (see :mod:`ctp.lm`). Text is tokenised without special tokens, as prompts are trained and perplexity is
     measured.
     """
 
@@ -132,23 +132,15 @@ class PrefixCachedGenerator:
         self.add_special_tokens = add_special_tokens
         emb = model.get_input_embeddings()
         self.device = emb.weight.device
-        self.prompt_tokens = 0 if prompt is None else int(prompt.shape[0])
+        self.prompt_tokens = prompt_length(prompt)
         self.eos = eos_ids(model, tokenizer)
-        self._cache = None
-        self.prefix_seconds = 0.0
-        if prompt is not None:
-            require(prompt.dim() == 2 and prompt.shape[1] == emb.weight.shape[1],
-                    f"the prompt has shape {tuple(prompt.shape)} but the model's hidden size is {emb.weight.shape[1]}",
-                    "use a prompt learned for this model")
-            _sync(self.device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                p = prompt.to(device=self.device, dtype=emb.weight.dtype).unsqueeze(0)  # (1, k, hidden)
-                out = model(inputs_embeds=p, attention_mask=torch.ones(1, self.prompt_tokens, dtype=torch.long,
-                                                                       device=self.device), use_cache=True)
-            self._cache = out.past_key_values
-            _sync(self.device)
-            self.prefix_seconds = time.perf_counter() - t0
+        check_prompt(model, prompt)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self._cache = prefix_cache(model, prompt)  # soft: one forward over the k embeddings; prefix: itself
+        _sync(self.device)
+        self.prefix_seconds = time.perf_counter() - t0 if prompt is not None else 0.0
 
     def encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
@@ -217,7 +209,8 @@ def generate_uncached(model: nn.Module, input_ids: torch.Tensor, prompt: torch.T
     ids = input_ids.to(device).unsqueeze(0)  # (1, T)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(**prompt_inputs(model, ids, prompt), use_cache=False).logits  # (1, k+T, V)
+        kwargs, _ = prompt_inputs(model, ids, prompt)
+        logits = model(**kwargs, use_cache="past_key_values" in kwargs).logits  # (1, k+T or T, V)
         tok = int(torch.argmax(logits[0, -1]))
         new.append(tok)
         if eos and tok in eos:

@@ -42,7 +42,7 @@ from ctp.eval.perplexity import window_nll
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
 from ctp.prompt.artifact import PromptArtifact, artifact_for, embedding_fingerprint, save_prompt
-from ctp.prompt.embed import token_nll
+from ctp.lm import token_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
 
 log = logging.getLogger(__name__)

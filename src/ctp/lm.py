@@ -1,0 +1,228 @@
+"""A frozen causal LM with a prompt in front: the one place that knows how a prompt enters a model.
+
+Two kinds of prompt, both plain fp32 tensors, told apart by their rank:
+
+* **soft** (the paper): k vectors in the output space of the input-embedding
+  module, shape ``(k, hidden)``, prepended to the input embeddings;
+* **prefix** (prefix tuning, Li & Liang 2021; PEFT's PrefixTuning layout): k
+  keys and values for every decoder layer, shape ``(2, layers, kv_heads, k,
+  head_dim)`` (index 0 keys, 1 values), placed in the model's KV cache in front
+  of the text. Keys are stored as the attention sees them (after rotary
+  embedding, positions 0..k-1), so a prefix initialised from the model's own
+  cache of k tokens starts exactly as that hard prompt would.
+
+Either way the text positions are k..k+T-1, the prompt positions are never
+scored, and serving costs the same: k extra entries in the KV cache
+(:func:`prefix_cache` builds them once; a soft prompt needs one forward for it,
+a prefix none). Evaluators, training and generation all go through the
+functions here, so none of them needs to know which kind it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ctp.errors import require
+
+SOFT, PREFIX = "soft", "prefix"
+KINDS = (SOFT, PREFIX)
+
+
+def prompt_kind(prompt: torch.Tensor | None) -> str | None:
+    """'soft', 'prefix', or None for no prompt."""
+    if prompt is None:
+        return None
+    return PREFIX if prompt.dim() == 5 else SOFT
+
+
+def prompt_length(prompt: torch.Tensor | None) -> int:
+    """k, the number of positions the prompt occupies in front of the text (0 without a prompt)."""
+    if prompt is None:
+        return 0
+    return int(prompt.shape[-2] if prompt.dim() == 5 else prompt.shape[0])
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    w = model.get_input_embeddings().weight
+    return w.device, w.dtype
+
+
+@torch.no_grad()
+def kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the model's KV cache, read from a one-token forward."""
+    device, _ = _device_dtype(model)
+    cache = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True).past_key_values
+    keys = [layer.keys for layer in cache.layers]
+    return len(keys), int(keys[0].shape[1]), int(keys[0].shape[-1])
+
+
+def check_prompt(model: nn.Module, prompt: torch.Tensor | None) -> None:
+    """Refuse, in one line, a prompt whose shape does not fit ``model``."""
+    if prompt is None:
+        return
+    require(prompt.dim() in (2, 5), f"a prompt of shape {tuple(prompt.shape)} is neither soft (k, hidden) nor "
+            "prefix (2, layers, kv_heads, k, head_dim)", "use a prompt written by ctp train-prompt")
+    if prompt.dim() == 2:
+        hidden = model.get_input_embeddings().weight.shape[1]
+        require(prompt.shape[1] == hidden,
+                f"the prompt has shape {tuple(prompt.shape)} but the model's hidden size is {hidden}",
+                "use a prompt learned for this model")
+        return
+    want = kv_shape(model)
+    got = (int(prompt.shape[1]), int(prompt.shape[2]), int(prompt.shape[4]))
+    require(prompt.shape[0] == 2 and got == want,
+            f"the prefix prompt has {got[0]} layers x {got[1]} kv heads x head size {got[2]}, "
+            f"the model has {want[0]} x {want[1]} x {want[2]}", "use a prefix learned on this base model")
+
+
+def _as_cache(model: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers, config=model.config)
+
+
+def prefix_cache(model: nn.Module, prompt: torch.Tensor | None, batch: int = 1):
+    """The KV cache holding the prompt alone for ``batch`` rows, or None without a prompt.
+
+    A soft prompt costs one forward over its k embeddings; a prefix is its own
+    cache. Gradients flow into the prompt when grad mode is on, so training and
+    evaluation share this function. The cache is new on every call (forwards
+    extend it in place).
+    """
+    if prompt is None:
+        return None
+    device, dtype = _device_dtype(model)
+    k = prompt_length(prompt)
+    if prompt.dim() == 5:
+        kv = prompt.to(device=device, dtype=dtype)  # (2, L, H, k, D)
+        return _as_cache(model, [(kv[0, i].unsqueeze(0).expand(batch, -1, -1, -1),
+                                  kv[1, i].unsqueeze(0).expand(batch, -1, -1, -1)) for i in range(kv.shape[1])])
+    p = prompt.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, k, -1)  # (batch, k, hidden)
+    mask = torch.ones(batch, k, dtype=torch.long, device=device)
+    return model(inputs_embeds=p, attention_mask=mask, use_cache=True).past_key_values
+
+
+def embed_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``inputs_embeds`` (B, k+T, hidden) and ``attention_mask`` (B, k+T) for a soft ``prompt`` (k, hidden) or none.
+
+    The prompt is cast, not detached, so gradients reach it. Without a prompt
+    the embeddings of ``input_ids`` are returned alone.
+    """
+    require(prompt is None or prompt.dim() == 2, "a prefix prompt has no input embeddings",
+            "pass it through prompt_inputs")
+    tok = model.get_input_embeddings()(input_ids)  # (B, T, hidden)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+    if prompt is None:
+        return {"inputs_embeds": tok, "attention_mask": attention_mask}
+    k = prompt.shape[0]
+    p = prompt.to(device=tok.device, dtype=tok.dtype).unsqueeze(0).expand(B, k, -1)  # (B, k, hidden)
+    ones = torch.ones(B, k, dtype=attention_mask.dtype, device=attention_mask.device)
+    return {"inputs_embeds": torch.cat([p, tok], dim=1),  # (B, k+T, hidden)
+            "attention_mask": torch.cat([ones, attention_mask], dim=1)}  # (B, k+T)
+
+
+def prompt_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[dict, int]:
+    """Model keyword arguments for ``input_ids`` (B, T) with ``prompt`` in front, and the logits' offset.
+
+    The attention mask covers prompt + text (B, k+T), prompt columns ones. A soft
+    prompt is prepended to the input embeddings (logits then cover k+T
+    positions: offset k); a prefix enters as the KV cache (logits cover the T
+    text positions: offset 0).
+    """
+    if prompt is None or prompt.dim() == 2:
+        return embed_inputs(model, input_ids, prompt, attention_mask), prompt_length(prompt)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+    ones = torch.ones(B, prompt_length(prompt), dtype=attention_mask.dtype, device=attention_mask.device)
+    return {"input_ids": input_ids, "attention_mask": torch.cat([ones, attention_mask], dim=1),  # (B, k+T)
+            "past_key_values": prefix_cache(model, prompt, B)}, 0
+
+
+def text_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits of the text positions (B, T, V) with ``prompt`` in front (gradients reach the prompt)."""
+    kwargs, offset = prompt_inputs(model, input_ids, prompt, attention_mask)
+    use_cache = "past_key_values" in kwargs  # a prefix lives in the cache; nothing else needs one
+    return model(**kwargs, use_cache=use_cache).logits[:, offset:, :]
+
+
+def token_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``input_ids[:, 1:]`` given the prefix (and prompt).
+
+    Shape (B, T-1), fp32. The first text token is never scored, with or without
+    a prompt, so both settings score exactly the same tokens. Positions where
+    ``attention_mask`` is 0 get NLL 0.
+    """
+    logits = text_logits(model, input_ids, prompt, attention_mask)[:, :-1, :].float()  # (B, T-1, V)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    nll = nll.view_as(targets)
+    if attention_mask is not None:
+        nll = nll * attention_mask[:, 1:].to(nll.dtype)
+    return nll
+
+
+def token_kl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(teacher || student) and NLL at the scored positions, each (B, T-1), fp32.
+
+    ``teacher_logp`` (B, T-1, V) are the teacher's next-token log-probabilities
+    of the same text without a prompt. One student forward gives both terms.
+    """
+    logits = text_logits(model, input_ids, prompt)[:, :-1, :].float()  # (B, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)  # (B, T-1)
+    nll = -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return kl, nll
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's next-token log-probabilities (B, T-1, V), fp32, on the student's device."""
+    device, _ = _device_dtype(teacher)
+    logits = teacher(input_ids=input_ids.to(device), use_cache=False).logits[:, :-1, :].float()
+    return torch.log_softmax(logits, dim=-1).to(input_ids.device)
+
+
+@torch.no_grad()
+def cache_of_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own keys and values of the tokens ``ids`` (k,) at positions 0..k-1: (2, L, H, k, D) fp32.
+
+    A prefix starting here behaves exactly as the hard prompt ``ids`` does.
+    """
+    device, _ = _device_dtype(model)
+    cache = model(input_ids=ids.to(device).unsqueeze(0), use_cache=True).past_key_values
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (L, H, k, D)
+    values = torch.stack([layer.values[0] for layer in cache.layers])  # (L, H, k, D)
+    return torch.stack([keys, values]).float()  # (2, L, H, k, D)
+
+
+__all__ = ["SOFT", "PREFIX", "KINDS", "prompt_kind", "prompt_length", "kv_shape", "check_prompt", "prefix_cache",
+           "embed_inputs", "prompt_inputs", "text_logits", "token_nll", "token_kl", "teacher_logprobs", "cache_of_tokens"]

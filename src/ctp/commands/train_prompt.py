@@ -1,4 +1,4 @@
-"""``ctp train-prompt``: learn a soft prompt on a frozen (typically compressed) model.
+"""``ctp train-prompt``: learn a prompt (soft or prefix) on a frozen (typically compressed) model.
 
 Flags map one-to-one onto :class:`~ctp.prompt.soft.PromptConfig` and
 :class:`~ctp.prompt.train.TrainConfig` fields. ``--cpu-demo`` starts from the
@@ -11,6 +11,8 @@ batch); the main process writes the files and prints the summary.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import fields
 
@@ -23,18 +25,20 @@ _TRAIN_FLAGS = {
     "warmup": "warmup_steps", "schedule": "schedule", "min_lr_ratio": "min_lr_ratio", "grad_clip": "grad_clip",
     "eval_every": "eval_every", "eval_windows": "eval_windows", "data": "data", "data_source": "data_source",
     "seed": "seed", "precision": "precision", "grad_checkpointing": "gradient_checkpointing",
-    "checkpoint_every": "checkpoint_every", "max_minutes": "max_minutes",
+    "checkpoint_every": "checkpoint_every", "max_minutes": "max_minutes", "objective": "objective",
+    "kd_weight": "kd_weight",
 }
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "train-prompt",
-        help="learn a soft prompt on a frozen model (the paper's section 4)",
-        description="Learn k prompt embeddings that minimise next-token loss on --data (train split) with the "
-                    "model frozen; keep the prompt with the best validation perplexity. Defaults are the paper's "
-                    "(AdamW lr 1e-3, wd 1e-5, batch 4, seqlen 1024, 100 tokens); --cpu-demo is a small preset "
-                    "for a CPU.",
+        help="learn a prompt on a frozen model (the paper's section 4)",
+        description="Learn k prompt vectors (soft: input embeddings, the paper's; prefix: keys and values of "
+                    "every layer) that minimise next-token loss (or the KL to the uncompressed teacher) on --data "
+                    "(train split) with the model frozen; keep the prompt with the best validation perplexity. "
+                    "Defaults are the paper's (AdamW lr 1e-3, wd 1e-5, batch 4, seqlen 1024, 100 tokens); "
+                    "--cpu-demo is a small preset for a CPU.",
     )
     add_model_args(p)
     p.add_argument("--out", required=True, metavar="P.safetensors", help="where to write the prompt")
@@ -42,8 +46,12 @@ def register(sub) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the summary and history as JSON here")
     g = p.add_argument_group("prompt")
     g.add_argument("--tokens", type=int, default=100, help="prompt length k (default 100, the paper's)")
+    g.add_argument("--kind", default="soft", choices=["soft", "prefix"],
+                   help="soft: k input embeddings (default, the paper's); prefix: k keys and values in every "
+                        "layer (prefix tuning; the same serving cost as a cached soft prompt)")
     g.add_argument("--init", default="vocab", choices=["vocab", "text", "random"],
-                   help="start from sampled vocabulary rows (default), a text's embedding, or noise")
+                   help="start from sampled vocabulary tokens (default), a text, or noise; a prefix starts from "
+                        "the model's own keys and values of those tokens")
     g.add_argument("--init-text", default=None, help="the text for --init text")
     g = p.add_argument_group("training (defaults: the paper's, or the --cpu-demo preset)")
     g.add_argument("--cpu-demo", action="store_true",
@@ -52,6 +60,12 @@ def register(sub) -> None:
     g.add_argument("--data", default=None, help="training corpus (train split; validation split picks the best): "
                                                  "c4 (default) | wikitext2 | ptb")
     g.add_argument("--data-source", default=None, choices=["local", "hub"])
+    g.add_argument("--objective", default=None, choices=["nll", "kd", "mix"],
+                   help="nll: next-token loss (default, the paper's); kd: KL to the uncompressed teacher's "
+                        "next-token distribution; mix: (1-w) nll + w kd")
+    g.add_argument("--kd-weight", type=float, default=None, help="w of --objective mix (default 0.5)")
+    g.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="the teacher for kd/mix (default: the uncompressed model the compressed one was made from)")
     g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 1000)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-5)")
@@ -86,9 +100,36 @@ def build_configs(args):
     names = {f.name for f in fields(TrainConfig)}
     assert set(given) <= names  # the flag table names real fields
     tcfg = TrainConfig.cpu_demo(**given) if args.cpu_demo else TrainConfig(**given)
-    pcfg = PromptConfig(num_tokens=args.tokens, init=args.init, init_text=args.init_text,
+    pcfg = PromptConfig(num_tokens=args.tokens, kind=args.kind, init=args.init, init_text=args.init_text,
                         seed=args.seed if args.seed is not None else 0)
     return pcfg, tcfg
+
+
+def teacher_spec(given: str | None, info) -> str | None:
+    """The teacher for distillation: ``given``, else the source recorded by the compressed artifact, else None."""
+    if given:
+        return given
+    source = (info.compression or {}).get("source") or {}
+    return source.get("spec") or source.get("path")
+
+
+def load_teacher(given: str | None, info, tcfg, dtype=None, device=None):
+    """The uncompressed teacher model for objectives kd/mix, or None (with a one-line note) when none is known."""
+    if tcfg.objective == "nll":
+        return None
+    spec = teacher_spec(given, info)
+    if spec is None:
+        why = "is not compressed" if not info.compression else "records no uncompressed source"
+        logging.getLogger("ctp").warning("model '%s' %s and no --teacher was given: training with objective nll "
+                                         "instead of %s", info.spec, why, tcfg.objective)
+        return None
+    from ctp.models.load import load_model
+
+    teacher, _, tinfo = load_model(spec, dtype=dtype, device=device)
+    require(tinfo.tokenizer_hash == info.tokenizer_hash,
+            f"teacher '{spec}' uses another tokenizer than model '{info.spec}'",
+            "pass --teacher the uncompressed model this one was made from")
+    return teacher
 
 
 def _fmt(x) -> str:
@@ -107,14 +148,17 @@ def run(args) -> int:
     device = join_launch(args)
     with main_first():  # a named model is converted into the cache once
         model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
+        teacher = load_teacher(args.teacher, info, tcfg, dtype=args.dtype, device=device)
+    if teacher is None and tcfg.objective != "nll":
+        tcfg = dataclasses.replace(tcfg, objective="nll")
     art, hist = train_prompt(model, tok, info, pcfg, tcfg, out_path=args.out, resume=not args.no_resume,
-                             progress=not args.quiet)
+                             progress=not args.quiet, teacher=teacher)
     if not is_main():
         return 0
     if args.peft_dir:
         export_peft(art, args.peft_dir)
     comp = "dense" if not info.compression else "compressed"
-    print(f"prompt: {art.num_tokens} tokens x {art.embeddings.shape[1]} on {info.spec} ({comp})")
+    print(f"prompt: {art.shape_text()} on {info.spec} ({comp}), objective {tcfg.objective}")
     print(f"steps: {hist.steps_done}/{tcfg.steps}" + (f" (stopped: {hist.stopped})" if hist.stopped else ""))
     print(f"validation PPL ({tcfg.data}, {art.validation['windows']} x {tcfg.seqlen} tokens): "
           f"no prompt {_fmt(hist.val_ppl_no_prompt)}, initial prompt {_fmt(hist.evals[0]['val_ppl'])}, "

@@ -1,8 +1,9 @@
-"""The soft-prompt artifact: fp32 embeddings plus everything needed to trust them later.
+"""The prompt artifact: an fp32 prompt tensor plus everything needed to trust it later.
 
 A prompt file is a safetensors file (``kind="ctp-prompt"``) written atomically
-and checksummed by :mod:`ctp.io`: the single tensor ``prompt`` of shape
-(k, hidden), fp32, and JSON metadata naming the model it was learned on (spec,
+and checksummed by :mod:`ctp.io`: the single tensor ``prompt`` (a soft prompt
+(k, hidden) or a prefix (2, layers, kv_heads, k, head_dim), see :mod:`ctp.lm`),
+fp32, and JSON metadata recording its kind and the model it was learned on (spec,
 path, family, hidden size, tokenizer fingerprint, a hash of the embedding
 matrix, and the compression config the model had), the training data and
 split, the number of steps, the best validation perplexity and the configs
@@ -12,9 +13,11 @@ learned on one compressed model with another is a transfer, which the paper
 studies on purpose).
 
 :func:`export_peft` / :func:`import_peft` convert to and from PEFT's
-prompt-tuning adapter format (``adapter_config.json`` + ``adapter_model.safetensors``
-holding ``prompt_embeddings``), so a prompt learned here loads with
-``PeftModel.from_pretrained`` and vice versa.
+prompt-tuning (soft) and prefix-tuning (prefix) adapter formats
+(``adapter_config.json`` + ``adapter_model.safetensors`` holding
+``prompt_embeddings``: (k, hidden), or (k, layers * 2 * kv_heads * head_dim) with
+each virtual token's keys and values layer by layer, keys first), so a prompt
+learned here loads with ``PeftModel.from_pretrained`` and vice versa.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from ctp.errors import CTPError, require
 from ctp.io import atomic_dir, load_tensors, read_json, save_tensors
+from ctp.lm import PREFIX, SOFT, prompt_kind, prompt_length
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,9 @@ def _ctp_version() -> str:
 
 @dataclass
 class PromptArtifact:
-    """A learned prompt (k, hidden) fp32 and its provenance."""
+    """A learned prompt, fp32, and its provenance."""
 
-    embeddings: torch.Tensor  # (k, hidden) fp32
+    embeddings: torch.Tensor  # soft (k, hidden) or prefix (2, layers, kv_heads, k, head_dim), fp32
     model_spec: str | None = None  # what the user passed as --model
     model_path: str | None = None  # where the weights came from
     model_type: str | None = None
@@ -73,7 +77,19 @@ class PromptArtifact:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.embeddings.shape[0])
+        return prompt_length(self.embeddings)
+
+    @property
+    def kind(self) -> str:
+        """'soft' or 'prefix' (see :mod:`ctp.lm`)."""
+        return prompt_kind(self.embeddings)
+
+    def shape_text(self) -> str:
+        """e.g. '25 tokens x 576' (soft) or '25 tokens x 30 layers x 3 kv heads x 64' (prefix)."""
+        e = self.embeddings
+        if self.kind == PREFIX:
+            return f"{self.num_tokens} tokens x {e.shape[1]} layers x {e.shape[2]} kv heads x {e.shape[4]} (prefix)"
+        return f"{self.num_tokens} tokens x {e.shape[1]}"
 
     @property
     def k(self) -> int:
@@ -117,9 +133,9 @@ def artifact_for(model: nn.Module, info, embeddings: torch.Tensor, **meta) -> Pr
 
 
 def _check_embeddings(t: torch.Tensor, where: str) -> None:
-    require(t.dim() == 2 and t.shape[0] >= 1 and t.shape[1] >= 1,
-            f"{where} holds a prompt of shape {tuple(t.shape)}, expected (tokens, hidden)",
-            "recreate it with ctp train-prompt")
+    require((t.dim() == 2 or (t.dim() == 5 and t.shape[0] == 2)) and t.numel() >= 1,
+            f"{where} holds a prompt of shape {tuple(t.shape)}, expected soft (tokens, hidden) "
+            "or prefix (2, layers, kv_heads, tokens, head_dim)", "recreate it with ctp train-prompt")
     require(t.dtype == torch.float32, f"{where} holds a {t.dtype} prompt, expected float32",
             "recreate it with ctp train-prompt")
     require(bool(torch.isfinite(t).all()), f"{where} holds non-finite values (NaN or Inf)",
@@ -131,13 +147,20 @@ def save_prompt(path: str | Path, art: PromptArtifact) -> Path:
     emb = art.embeddings.detach().float().cpu().contiguous()
     _check_embeddings(emb, "the prompt to save")
     meta = art.metadata()
-    meta["num_tokens"] = int(emb.shape[0])
+    meta["num_tokens"] = prompt_length(emb)
+    meta["kind"] = prompt_kind(emb)
     return save_tensors(path, {TENSOR_KEY: emb}, metadata=meta, kind=KIND)
 
 
 def check_compatible(art: PromptArtifact, info, where: str = "the prompt") -> None:
     """Raise :class:`CTPError` if ``art`` cannot be used with the model ``info`` describes; warn on transfers."""
-    hidden = int(art.embeddings.shape[1])
+    if art.kind == PREFIX:
+        layers = int(art.embeddings.shape[1])
+        require(layers == info.num_layers,
+                f"{where} is a prefix for {layers} layers (learned on {art.model_spec or 'an unknown model'}) "
+                f"but model '{info.spec}' has {info.num_layers}",
+                f"use a prefix learned on this base model, or learn one with: ctp train-prompt --model {info.spec}")
+    hidden = int(art.embeddings.shape[1]) if art.kind == SOFT else info.hidden_size
     if hidden != info.hidden_size:
         raise CTPError(
             f"{where} has hidden size {hidden} (learned on {art.model_spec or 'an unknown model'}) "
@@ -188,9 +211,9 @@ def load_prompt(path: str | Path, model_info=None) -> PromptArtifact:
                 "the file is damaged: recreate it")
         emb = tensors[TENSOR_KEY]
         _check_embeddings(emb, f"prompt file {path}")
-        require(meta.get("num_tokens") in (None, int(emb.shape[0])),
-                f"prompt file {path} says {meta.get('num_tokens')} tokens but holds {emb.shape[0]}",
-                "the file is damaged: recreate it")
+        require(meta.get("num_tokens") in (None, prompt_length(emb)) and meta.get("kind") in (None, prompt_kind(emb)),
+                f"prompt file {path} says {meta.get('num_tokens')} {meta.get('kind') or 'soft'} tokens but holds "
+                f"{prompt_length(emb)} {prompt_kind(emb)}", "the file is damaged: recreate it")
         art = PromptArtifact.from_parts(emb, meta)
     if model_info is not None:
         check_compatible(art, model_info, where=f"prompt {path}")
@@ -203,12 +226,13 @@ _PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "RANDOM"}  # 
 
 
 def export_peft(art: PromptArtifact, directory: str | Path) -> Path:
-    """Write ``art`` as a PEFT prompt-tuning adapter directory (atomically).
+    """Write ``art`` as a PEFT adapter directory (atomically): prompt tuning (soft) or prefix tuning (prefix).
 
-    ``adapter_config.json`` declares ``PROMPT_TUNING`` for ``CAUSAL_LM`` with
-    ``num_virtual_tokens = k``, ``token_dim = hidden`` and one transformer
-    submodule; ``adapter_model.safetensors`` holds ``prompt_embeddings`` (k, hidden)
-    fp32, with the ctp metadata in its header so :func:`import_peft` restores it.
+    ``adapter_config.json`` declares ``PROMPT_TUNING`` (``token_dim = hidden``) or
+    ``PREFIX_TUNING`` (``token_dim = kv_heads * head_dim``, no projection) for
+    ``CAUSAL_LM`` with ``num_virtual_tokens = k`` and one transformer submodule;
+    ``adapter_model.safetensors`` holds ``prompt_embeddings`` fp32, with the ctp
+    metadata in its header so :func:`import_peft` restores it.
     """
     from safetensors.torch import save_file
 
@@ -223,16 +247,20 @@ def export_peft(art: PromptArtifact, directory: str | Path) -> Path:
         "num_attention_heads": None,  # PEFT fills these from the base model's config
         "num_layers": art.num_layers,
         "num_transformer_submodules": 1,
-        "num_virtual_tokens": int(emb.shape[0]),
-        "peft_type": "PROMPT_TUNING",
-        "prompt_tuning_init": _PEFT_INIT.get(init, "RANDOM"),
-        "prompt_tuning_init_text": None,
+        "num_virtual_tokens": prompt_length(emb),
         "revision": None,
         "task_type": "CAUSAL_LM",
-        "token_dim": int(emb.shape[1]),
-        "tokenizer_kwargs": None,
-        "tokenizer_name_or_path": None,
     }
+    if art.kind == PREFIX:
+        _, layers, heads, k, head_dim = emb.shape
+        config.update(peft_type="PREFIX_TUNING", num_layers=int(layers), num_attention_heads=int(heads),
+                      token_dim=int(heads * head_dim), encoder_hidden_size=int(heads * head_dim),
+                      prefix_projection=False)
+        emb = emb.permute(3, 1, 0, 2, 4).reshape(k, -1).contiguous()  # (k, L*2*H*D): per layer keys then values
+    else:
+        config.update(peft_type="PROMPT_TUNING", prompt_tuning_init=_PEFT_INIT.get(init, "RANDOM"),
+                      prompt_tuning_init_text=None, token_dim=int(emb.shape[1]), tokenizer_kwargs=None,
+                      tokenizer_name_or_path=None)
     meta = {"format": "pt", "ctp": json.dumps(art.metadata(), default=str)}
     with atomic_dir(directory) as tmp:
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -241,16 +269,19 @@ def export_peft(art: PromptArtifact, directory: str | Path) -> Path:
 
 
 def import_peft(directory: str | Path) -> PromptArtifact:
-    """Read a PEFT prompt-tuning adapter directory (ours or PEFT's own) as a :class:`PromptArtifact`."""
+    """Read a PEFT prompt-tuning or prefix-tuning adapter directory (ours or PEFT's own) as a :class:`PromptArtifact`."""
     from safetensors import SafetensorError, safe_open
 
     directory = Path(directory)
     cfg = read_json(directory / PEFT_CONFIG, what="PEFT adapter config")
     require(isinstance(cfg, dict), f"{directory / PEFT_CONFIG} does not hold a mapping",
             "the adapter is damaged: recreate it")
-    require(cfg.get("peft_type") == "PROMPT_TUNING",
-            f"{directory} is a PEFT '{cfg.get('peft_type')}' adapter, not PROMPT_TUNING",
-            "pass a prompt-tuning adapter directory")
+    peft_type = cfg.get("peft_type")
+    require(peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"),
+            f"{directory} is a PEFT '{peft_type}' adapter, not PROMPT_TUNING or PREFIX_TUNING",
+            "pass a prompt-tuning or prefix-tuning adapter directory")
+    require(not cfg.get("prefix_projection"), f"{directory} is a prefix-tuning adapter with a projection MLP",
+            "ctp reads prefixes stored as keys and values: train with prefix_projection=False")
     weights = directory / PEFT_WEIGHTS
     if not weights.is_file():
         extra = " (only the pickle adapter_model.bin is there; ctp reads safetensors only)" \
@@ -275,6 +306,8 @@ def import_peft(directory: str | Path) -> PromptArtifact:
             f"{directory} declares {n_virtual} virtual tokens but holds {emb.shape[0]}",
             "the adapter is damaged: recreate it")
     emb = emb.float().contiguous()
+    if peft_type == "PREFIX_TUNING":
+        emb = _prefix_from_peft(emb, cfg, directory)
     _check_embeddings(emb, str(weights))
     meta: dict = {}
     if "ctp" in header:
@@ -293,8 +326,19 @@ def import_peft(directory: str | Path) -> PromptArtifact:
     return art
 
 
+def _prefix_from_peft(flat: torch.Tensor, cfg: dict, directory: Path) -> torch.Tensor:
+    """PEFT's (k, L*2*H*D) prefix embedding as ctp's (2, L, H, k, D) keys/values tensor."""
+    layers, heads, token_dim = cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("token_dim")
+    ok = all(isinstance(v, int) and v > 0 for v in (layers, heads, token_dim)) and token_dim % heads == 0
+    require(ok and flat.dim() == 2 and flat.shape[1] == layers * 2 * token_dim,
+            f"{directory} declares {layers} layers x {heads} heads x {token_dim} but holds prompt embeddings of "
+            f"shape {tuple(flat.shape)}", "the adapter is damaged: recreate it")
+    k = flat.shape[0]
+    return flat.view(k, layers, 2, heads, token_dim // heads).permute(2, 1, 3, 0, 4).contiguous()  # (2, L, H, k, D)
+
+
 def describe(art: PromptArtifact) -> str:
     """One line about a prompt, for logs and summaries."""
     ppl = "n/a" if art.best_val_ppl is None or not math.isfinite(art.best_val_ppl) else f"{art.best_val_ppl:.3f}"
-    return (f"{art.num_tokens} tokens x {art.embeddings.shape[1]} on {art.model_spec} "
+    return (f"{art.shape_text()} on {art.model_spec} "
             f"({'compressed' if art.compression else 'dense'}), {art.steps} steps, best val PPL {ppl}")

@@ -1,12 +1,19 @@
-"""A soft prompt: k learned vectors prepended to every input, and how they start.
+"""A learned prompt's shape and start: soft (k input embeddings) or prefix (k keys/values per layer).
 
-The prompt lives in the output space of the model's input-embedding module
+A soft prompt lives in the output space of the model's input-embedding module
 (``model.get_input_embeddings()(ids)``), so families that scale their
 embeddings (Gemma) get prompts of the right scale from every initialisation.
 Following Lester et al. and the paper (section 4.2), the default start is k
 rows sampled from the vocabulary embedding; a text's embedding and Gaussian
 noise with the embedding's spread are the alternatives. The prompt is always
 an fp32 tensor of shape (k, hidden), whatever the model's dtype.
+
+A prefix (see :mod:`ctp.lm`) starts from the model's own keys and values of
+the same k tokens (vocabulary sample or text), so at step 0 it equals that
+hard prompt; a random prefix draws each layer's keys and values from a normal
+distribution with that layer's spread. Random starts are far worse for
+prefixes (PEFT's default starts worse than no prompt at all), so ``vocab``
+stays the default for both kinds.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch import nn
 
 from ctp.errors import CTPError, check_field_types, require
+from ctp.lm import KINDS, PREFIX, cache_of_tokens
 
 MAX_PROMPT_TOKENS = 4096
 
@@ -32,9 +40,10 @@ class PromptInit(str, enum.Enum):
 
 @dataclass
 class PromptConfig:
-    """Shape and initialisation of a soft prompt."""
+    """Kind, shape and initialisation of a prompt."""
 
     num_tokens: int = 100  # k, the paper's default
+    kind: str = "soft"  # soft (the paper: input embeddings) | prefix (keys and values of every layer)
     init: PromptInit = PromptInit.VOCAB
     init_text: str | None = None  # needed by init=TEXT
     seed: int = 0  # seeds the vocabulary sample and the random init
@@ -46,6 +55,8 @@ class PromptConfig:
         except ValueError:
             raise CTPError(f"unknown prompt init '{self.init}'",
                            f"use one of {', '.join(i.value for i in PromptInit)}") from None
+        self.kind = str(self.kind).lower()
+        require(self.kind in KINDS, f"unknown prompt kind '{self.kind}'", f"use one of {', '.join(KINDS)}")
         require(isinstance(self.num_tokens, int) and 1 <= self.num_tokens <= MAX_PROMPT_TOKENS,
                 f"prompt length {self.num_tokens} is out of range",
                 f"use between 1 and {MAX_PROMPT_TOKENS} tokens (the paper uses 100)")
@@ -62,7 +73,7 @@ class PromptConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PromptConfig:
-        return cls(**{k: d[k] for k in ("num_tokens", "init", "init_text", "seed") if k in d})
+        return cls(**{k: d[k] for k in ("num_tokens", "kind", "init", "init_text", "seed") if k in d})
 
 
 def _sampleable_ids(tokenizer, vocab_rows: int) -> torch.Tensor:
@@ -77,25 +88,39 @@ def _sampleable_ids(tokenizer, vocab_rows: int) -> torch.Tensor:
     return ids
 
 
-@torch.no_grad()
-def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig) -> torch.Tensor:
-    """The starting prompt, fp32, shape (k, hidden), on the embedding's device."""
-    emb = model.get_input_embeddings()
-    device = emb.weight.device
+def _start_ids(tokenizer, cfg: PromptConfig, vocab_rows: int, gen: torch.Generator) -> torch.Tensor:
+    """The k token ids a vocab or text start uses, shape (k,)."""
     k = cfg.num_tokens
-    gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init is PromptInit.TEXT:
         ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
         require(len(ids) > 0, f"init text {cfg.init_text!r} has no tokens", "pass a non-empty --init-text")
         reps = -(-k // len(ids))  # ceil(k / len)
-        ids = torch.tensor(ids * reps, dtype=torch.long)[:k]  # (k,)
+        return torch.tensor(ids * reps, dtype=torch.long)[:k]  # (k,)
+    pool = _sampleable_ids(tokenizer, vocab_rows)
+    return pool[torch.randint(0, pool.numel(), (k,), generator=gen)]  # (k,)
+
+
+@torch.no_grad()
+def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig) -> torch.Tensor:
+    """The starting prompt, fp32, on the embedding's device: (k, hidden) soft, (2, L, H, k, D) prefix."""
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
+    k = cfg.num_tokens
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init is not PromptInit.RANDOM:
+        ids = _start_ids(tokenizer, cfg, emb.weight.shape[0], gen)
+        if cfg.kind == PREFIX:
+            return cache_of_tokens(model, ids).clone()
         return emb(ids.to(device)).float().clone()
     pool = _sampleable_ids(tokenizer, emb.weight.shape[0])
-    if cfg.init is PromptInit.VOCAB:
-        ids = pool[torch.randint(0, pool.numel(), (k,), generator=gen)]  # (k,)
-        return emb(ids.to(device)).float().clone()
-    # RANDOM: N(0, std) where std is the spread of embedding outputs over a sample of the vocabulary
     probe = pool[torch.randint(0, pool.numel(), (min(4096, pool.numel()),), generator=gen)]
+    if cfg.kind == PREFIX:
+        # each layer's keys and values: N(0, std of that layer's keys/values over 256 sampled tokens)
+        real = cache_of_tokens(model, probe[:256])  # (2, L, H, 256, D)
+        std = real.std(dim=(2, 3, 4), keepdim=True).cpu()  # (2, L, 1, 1, 1)
+        shape = (2, real.shape[1], real.shape[2], k, real.shape[4])
+        return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(device)
+    # RANDOM soft: N(0, std) where std is the spread of embedding outputs over a sample of the vocabulary
     std = float(emb(probe.to(device)).float().std())
     noise = torch.randn(k, emb.weight.shape[1], generator=gen, dtype=torch.float32) * std  # (k, hidden)
     return noise.to(device)

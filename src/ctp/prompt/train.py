@@ -1,8 +1,16 @@
-"""Learning a soft prompt on a frozen (typically compressed) model: the paper's section 4.2.
+"""Learning a prompt on a frozen (typically compressed) model: the paper's section 4.2.
 
-The model's parameters never change: only the prompt E (k, hidden) is
-optimised, to minimise the mean next-token NLL of text windows with E
-prepended (Eq. 1). Compared with the paper's released code:
+The model's parameters never change: only the prompt (soft, (k, hidden), or
+prefix, k keys/values per layer; see :mod:`ctp.lm`) is optimised, to minimise
+over text windows with the prompt in front one of three objectives:
+
+* ``nll``: the mean next-token NLL (the paper's Eq. 1);
+* ``kd``: the mean KL(teacher || student) of the next-token distributions, the
+  teacher being the uncompressed model the compressed one came from, run in
+  no-grad mode on the same windows without a prompt;
+* ``mix``: ``(1 - kd_weight) * nll + kd_weight * kd``.
+
+Compared with the paper's released code:
 
 * the prompt is an fp32 master parameter whatever the model's dtype or the
   autocast mode, so small updates are never rounded away;
@@ -42,7 +50,7 @@ from ctp.eval.perplexity import window_nll
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
 from ctp.prompt.artifact import PromptArtifact, artifact_for, embedding_fingerprint, save_prompt
-from ctp.lm import token_nll
+from ctp.lm import teacher_logprobs, token_kl, token_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "ctp-prompt-checkpoint"
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
+OBJECTIVES = ("nll", "kd", "mix")
 VAL_SPLIT = "validation"
 
 
@@ -76,6 +85,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100  # 0: never write a resumable checkpoint
     max_minutes: float | None = None  # stop (keeping the best prompt) once training has run this long
+    objective: str = "nll"  # nll (the paper) | kd (distil the uncompressed teacher) | mix
+    kd_weight: float = 0.5  # with objective mix: (1 - w) * nll + w * kd
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -88,7 +99,7 @@ class TrainConfig:
         require(all(0 <= b < 1 for b in self.betas), f"betas {self.betas} must lie in [0, 1)", "use e.g. (0.9, 0.999)")
         require(self.eps > 0, f"eps {self.eps} must be positive", "use e.g. 1e-8")
         require(self.lr > 0 and math.isfinite(self.lr), f"learning rate {self.lr} must be positive", "pass e.g. --lr 1e-3")
-        require(self.weight_decay >= 0, f"weight decay {self.weight_decay} must be >= 0", "pass e.g. --weight-decay 1e-5")
+        require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), f"weight decay {self.weight_decay} must be >= 0", "pass e.g. --weight-decay 1e-5")
         require(self.batch_size >= 1, f"batch size {self.batch_size} must be at least 1", "pass --batch-size 1 or more")
         require(self.seqlen >= 2, f"seqlen {self.seqlen} is too short", "pass --seqlen 2 or more")
         require(self.steps >= 1, f"steps {self.steps} must be at least 1", "pass --steps 1 or more")
@@ -104,6 +115,9 @@ class TrainConfig:
                 "use train")
         require(self.train_split != VAL_SPLIT, "the prompt cannot be trained on the validation split it is selected on",
                 "train on the train split")
+        require(self.objective in OBJECTIVES, f"unknown objective '{self.objective}'",
+                f"use one of {', '.join(OBJECTIVES)}")
+        require(0 <= self.kd_weight <= 1, f"kd_weight {self.kd_weight} must be in [0, 1]", "pass e.g. --kd-weight 0.5")
         require(self.precision in PRECISIONS, f"unknown precision '{self.precision}'", f"use one of {', '.join(PRECISIONS)}")
         require(self.checkpoint_every >= 0, f"checkpoint_every {self.checkpoint_every} must be >= 0",
                 "pass 0 to disable checkpoints")
@@ -321,6 +335,7 @@ def train_prompt(
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     callback: Callable[[int, TrainHistory, nn.Parameter], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[PromptArtifact, TrainHistory]:
     """Learn a soft prompt on the frozen ``model``; return the best-on-validation prompt and the history.
 
@@ -332,7 +347,8 @@ def train_prompt(
     checkpoint is written every ``checkpoint_every`` steps to ``checkpoint_path``
     (default ``<out>.ckpt.safetensors``); it is removed once the artifact is saved.
     ``callback(step, history, prompt)`` runs after each step (after any eval and checkpoint) with the live
-    fp32 prompt parameter (read it, do not modify it).
+    fp32 prompt parameter (read it, do not modify it). The objectives ``kd`` and ``mix`` need ``teacher``,
+    the uncompressed model (frozen, no-grad, on any device; it sees the windows without a prompt).
 
     In a ``torch.distributed`` process group of N > 1 (``accelerate launch``,
     ``torchrun``; see :mod:`ctp.distributed`) every process calls this with the
@@ -354,6 +370,8 @@ def train_prompt(
     device = model.get_input_embeddings().weight.device
     rank, world_size = distributed.world()
     main = rank == 0
+    require(cfg.objective == "nll" or teacher is not None, f"the objective '{cfg.objective}' needs a teacher model",
+            "pass --teacher MODEL (the uncompressed model), or use --objective nll")
     mode = resolve_precision(cfg.precision, device)
     amp = autocast_context(mode, device)
     check_positions(model, prompt_cfg.num_tokens + cfg.seqlen,
@@ -364,6 +382,8 @@ def train_prompt(
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     model.requires_grad_(False)
+    if teacher is not None:
+        teacher.eval()
 
     train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
     val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
@@ -450,11 +470,11 @@ def train_prompt(
                 if world_size == 1:
                     batch = batch.to(device)  # (batch_size, seqlen)
                     with amp:
-                        loss = token_nll(model, batch, prompt).mean()
+                        loss = token_loss(model, batch, prompt, teacher, cfg).mean()
                     loss_value = float(loss.detach())
                 else:
                     with amp:
-                        loss = _share_of_mean_nll(model, batch, prompt, device)
+                        loss = _share_of_mean_loss(model, batch, prompt, device, teacher, cfg)
                     loss_value = distributed.sum_across([float(loss.detach())], device)[0]  # the batch's mean
                 if not math.isfinite(loss_value):
                     history.stopped = f"non-finite loss ({loss_value}) at step {step}"
@@ -524,9 +544,18 @@ def train_prompt(
     return art, history
 
 
-def _share_of_mean_nll(model: nn.Module, batch: torch.Tensor, prompt: nn.Parameter,
-                       device: torch.device) -> torch.Tensor:
-    """This process's term of the batch's mean token NLL: its share's NLL sum over the whole batch's token count.
+def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: nn.Module | None,
+               cfg: TrainConfig) -> torch.Tensor:
+    """The training objective per scored token of ``ids`` (b, T), shape (b, T-1)."""
+    if cfg.objective == "nll":
+        return token_nll(model, ids, prompt)
+    kl, nll = token_kl(model, ids, teacher_logprobs(teacher, ids), prompt)
+    return kl if cfg.objective == "kd" else (1 - cfg.kd_weight) * nll + cfg.kd_weight * kl
+
+
+def _share_of_mean_loss(model: nn.Module, batch: torch.Tensor, prompt: nn.Parameter, device: torch.device,
+                        teacher: nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
+    """This process's term of the batch's mean token loss: its share's loss sum over the whole batch's token count.
 
     Summed over processes the terms (and their gradients) are the mean over
     ``batch`` (B, T). A process with an empty share (more processes than
@@ -535,8 +564,8 @@ def _share_of_mean_nll(model: nn.Module, batch: torch.Tensor, prompt: nn.Paramet
     local = distributed.shard(batch).to(device)  # (b, T), b = B / processes (+1 for the first B % processes)
     if local.shape[0] == 0:
         return prompt.sum() * 0.0
-    return token_nll(model, local, prompt).sum() / (batch.shape[0] * (batch.shape[1] - 1))
+    return token_loss(model, local, prompt, teacher, cfg).sum() / (batch.shape[0] * (batch.shape[1] - 1))
 
 
 __all__ = ["TrainConfig", "TrainHistory", "train_prompt", "make_optimizer", "lr_at", "checkpoint_path_for", "checkpointed_layers",
-           "resolve_precision", "autocast_context", "step_seed"]
+           "resolve_precision", "autocast_context", "step_seed", "token_loss", "OBJECTIVES"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from ctp.eval.perplexity import perplexity, window_nll
+from ctp.eval.perplexity import perplexity
+from ctp.lm import window_nll
 from ctp.lm import token_nll
 from ctp.prompt.embed import HARD_PROMPT_TEXT, hard_prompt, hard_prompt_ids
 

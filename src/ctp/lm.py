@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
+from ctp.distributed import all_reduce_, is_main, shard, world
 from ctp.errors import require
 
 SOFT, PREFIX = "soft", "prefix"
@@ -212,6 +215,39 @@ def teacher_logprobs(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
+def window_nlls(
+    model: nn.Module,
+    windows: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    batch_size: int = 1,
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """The NLL sum of each of ``windows`` (n, seqlen) over its tokens 2..seqlen: (n,) float64, on the CPU.
+
+    In a process group each process scores a contiguous share of the batches
+    (the batches one process would form) and every process returns all n sums:
+    a collective call, every process must make it.
+    """
+    device = model.get_input_embeddings().weight.device
+    sums = torch.zeros(windows.shape[0], dtype=torch.float64)
+    starts = shard(torch.arange(0, windows.shape[0], batch_size)).tolist()  # this process's batches
+    desc = progress if isinstance(progress, str) else "perplexity"
+    for start in tqdm(starts, desc=desc, disable=not progress or not is_main(), leave=False, unit="batch"):
+        ids = windows[start : start + batch_size].to(device)  # (b, seqlen)
+        sums[start : start + ids.shape[0]] = token_nll(model, ids, prompt).double().sum(dim=1).cpu()
+    if world()[1] > 1:
+        sums = all_reduce_(sums.to(device)).cpu()  # each window is filled by exactly one process
+    return sums
+
+
+def window_nll(model: nn.Module, windows: torch.Tensor, prompt: torch.Tensor | None = None, batch_size: int = 1,
+               progress: bool | str = False) -> tuple[float, int]:
+    """Sum of NLL and number of scored tokens over ``windows`` (n, seqlen) (see :func:`window_nlls`)."""
+    sums = window_nlls(model, windows, prompt, batch_size, progress)
+    return float(sums.sum()), int(windows.shape[0] * (windows.shape[1] - 1))
+
+
+@torch.no_grad()
 def cache_of_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The model's own keys and values of the tokens ``ids`` (k,) at positions 0..k-1: (2, L, H, k, D) fp32.
 
@@ -225,4 +261,5 @@ def cache_of_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["SOFT", "PREFIX", "KINDS", "prompt_kind", "prompt_length", "kv_shape", "check_prompt", "prefix_cache",
-           "embed_inputs", "prompt_inputs", "text_logits", "token_nll", "token_kl", "teacher_logprobs", "cache_of_tokens"]
+           "embed_inputs", "prompt_inputs", "text_logits", "token_nll", "token_kl", "teacher_logprobs", "cache_of_tokens",
+           "window_nlls", "window_nll"]

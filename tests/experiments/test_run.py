@@ -105,6 +105,37 @@ def test_report_shows_only_measured_columns(tiny_dir, tmp_path):
                                       "perplexity": {"datasets": ["c4", "ptb"], "seqlen": 32, "max_windows": 1,
                                                      "hard_prompt": False}})
     report = (run_experiment(cfg, tmp_path / "r", progress=False) / "report.md").read_text()
-    assert "Without a prompt.\n" in report
+    assert "Without a prompt. In brackets" in report
     assert "| model | compression | c4 | ptb |" in report
     assert "learned" not in report and "hard" not in report
+
+
+def test_prefix_kd_recipe_compare_recovered_share_and_case_study(tiny_dir, tmp_path):
+    """A prefix prompt distilled from the full model, the paper's recipe beside it, shares and greedy answers."""
+    exp = {"name": "recipes", "model": tiny_dir, "device": "cpu",
+           "calibration": {"nsamples": 2, "seqlen": 32, "dataset": "c4"},
+           "compressions": {"sp50": {"prune": {"method": "magnitude", "sparsity": 0.5}}},
+           "prompt": {"tokens": 3, "kind": "prefix", "train": {"steps": 2, "seqlen": 32, "batch_size": 2,
+                                                                 "eval_every": 2, "eval_windows": 2, "objective": "kd"},
+                      "compare": {"paper": {"kind": "soft", "train": {"objective": "nll"}}}},
+           "perplexity": {"datasets": ["c4"], "seqlen": 32, "max_windows": 3, "hard_prompt": False},
+           "case_study": {"questions": ["Where is Long Beach?"], "max_new_tokens": 3}}
+    root = run_experiment(ExperimentConfig.from_dict(exp), tmp_path / "r", progress=False)
+    prompts = sorted(p.name for p in (root / "prompts").glob("*.safetensors"))
+    assert len(prompts) == 2  # the main (prefix, kd) and the compared (soft, nll) recipes
+    from ctp.prompt.artifact import load_prompt
+
+    kinds = sorted(load_prompt(root / "prompts" / p).kind for p in prompts)
+    assert kinds == ["prefix", "soft"]
+    recs = json.loads((root / "results.json").read_text())["records"]
+    roles = {r["role"] for r in recs if r["kind"] == "ppl"}
+    assert roles == {"none", "learned", "learned:paper"}
+    assert all(len(r["window_nll"]) == 3 and r["ppl_low"] <= r["ppl"] <= r["ppl_high"]
+               for r in recs if r["kind"] == "ppl")
+    report = (root / "report.md").read_text()
+    assert "Recovered share of the compression gap" in report and "| sp50 | learned:paper |" in report
+    assert "3-token prefix prompt, objective kd" in report
+    assert "Case study" in report and "**Where is Long Beach?**" in report
+    answers = [r for r in recs if r["kind"] == "generate"]
+    assert [(r["model"], r["prompt"]) for r in answers][:2] == [("full", "none"), ("sp50", "none")]
+    assert len(answers) == 5 and all(len(r["answers"]) == 1 for r in answers)  # full; none, hard, 2 learned

@@ -30,14 +30,14 @@ def test_train_prompt_then_generate_compare(tiny_dir, tmp_path, capsys):
         assert printed.count(label) == 2
     assert printed.count("Q: ") == 2 and "ms/tok" in printed
     res = json.loads((tmp_path / "gen.json").read_text())
-    assert [sorted(r["answers"]) for r in res["results"]] == [["hard prompt", "no prompt", "soft prompt"]] * 2
+    assert [sorted(r["answers"]) for r in res["results"]] == [["hard prompt", "learned prompt", "no prompt"]] * 2
 
 
 def test_generate_single_prompt_and_errors(tiny_dir, tmp_path, capsys):
     assert main(["-q", "generate", "--model", tiny_dir, "--prompt", "hard", "--max-new-tokens", "3", "Hi"]) == 0
     assert "[hard prompt]" in capsys.readouterr().out
     assert main(["-q", "generate", "--model", tiny_dir, "--compare", "Hi"]) == 2
-    assert "--compare needs a soft prompt" in capsys.readouterr().err
+    assert "--compare needs a learned prompt" in capsys.readouterr().err
     assert main(["-q", "generate", "--model", tiny_dir, "--prompt", str(tmp_path / "none.safetensors"), "Hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["-q", "train-prompt", "--model", tiny_dir, "--out", str(tmp_path / "p.pt"), "--steps", "1"]) == 2

@@ -65,9 +65,12 @@ def load_prompt_arg(spec: str | None, model, tokenizer, info):
 
     if spec == "hard":
         return hard_prompt(model, tokenizer)
+    from ctp.lm import check_prompt
     from ctp.prompt.artifact import load_prompt
 
-    return load_prompt(spec, info).embeddings
+    prompt = load_prompt(spec, info).embeddings
+    check_prompt(model, prompt)  # a prefix's kv heads and head size must fit too
+    return prompt
 
 
 def write_json(path: str | None, obj) -> None:

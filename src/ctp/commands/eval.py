@@ -45,6 +45,7 @@ def run(args) -> int:
     if not is_main():
         return 0
     rows = [r.to_dict() for r in results]
-    print_table(rows, ["dataset", "split", "seqlen", "n_windows", "n_tokens", "prompt_tokens", "ppl"])
+    print_table(rows, ["dataset", "split", "seqlen", "n_windows", "n_tokens", "prompt_tokens", "ppl", "ppl_low",
+                       "ppl_high"])
     write_json(args.out, {"model": info.to_dict(), "prompt": args.prompt, "results": rows})
     return 0

@@ -1,7 +1,7 @@
-"""``ctp generate``: continue questions with a model, optionally after a soft or hard prompt.
+"""``ctp generate``: continue questions with a model, optionally after a learned (soft or prefix) or hard prompt.
 
 ``--compare`` answers every question three ways, as the paper's Figure 1 does:
-with no prompt, with the paper's hand-written hard prompt, and with the soft
+with no prompt, with the paper's hand-written hard prompt, and with the learned
 prompt given by ``--prompt``. The prompt's KV cache is computed once and reused
 for every question.
 """
@@ -15,15 +15,15 @@ from ctp.errors import require
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate text, optionally with a soft or hard prompt (KV-cached)",
+    p = sub.add_parser("generate", help="generate text, optionally with a learned or hard prompt (KV-cached)",
                        description="Continue each QUESTION. --prompt P.safetensors prepends a learned prompt, "
                                    "--prompt hard the paper's hand-written one; --compare shows no prompt, the "
-                                   "hard prompt and the soft prompt side by side.")
+                                   "hard prompt and the learned prompt side by side.")
     add_model_args(p)
     add_prompt_args(p)
     p.add_argument("questions", nargs="+", metavar="QUESTION", help="text(s) to continue")
     p.add_argument("--compare", action="store_true",
-                   help="answer with no prompt, the hard prompt and the --prompt soft prompt")
+                   help="answer with no prompt, the hard prompt and the --prompt learned prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
@@ -44,12 +44,12 @@ def run(args) -> int:
                          top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop)
     model, tok, info = load_model(args.model, dtype=args.dtype, device=device_of(args))
     if args.compare:
-        require(args.prompt not in (None, "hard"), "--compare needs a soft prompt to compare",
+        require(args.prompt not in (None, "hard"), "--compare needs a learned prompt to compare",
                 "pass --prompt P.safetensors (learned with ctp train-prompt)")
         variants = [("no prompt", None), ("hard prompt", hard_prompt(model, tok)),
-                    ("soft prompt", load_prompt_arg(args.prompt, model, tok, info))]
+                    ("learned prompt", load_prompt_arg(args.prompt, model, tok, info))]
     else:
-        name = "no prompt" if args.prompt is None else ("hard prompt" if args.prompt == "hard" else "soft prompt")
+        name = "no prompt" if args.prompt is None else ("hard prompt" if args.prompt == "hard" else "learned prompt")
         variants = [(name, load_prompt_arg(args.prompt, model, tok, info))]
 
     generators = [(name, PrefixCachedGenerator(model, tok, prompt)) for name, prompt in variants]

@@ -2,7 +2,11 @@
 
 The text of one split is cut into non-overlapping windows of ``seqlen`` tokens;
 each window is scored on its own (tokens 2..seqlen given their prefix), and the
-perplexity is exp of the mean NLL over all scored tokens. A prompt of k
+perplexity is exp of the mean NLL over all scored tokens. Its 95% confidence
+interval treats the windows as the sample: a t interval of the mean of the
+per-window NLLs, mapped through exp; the per-window NLLs are returned too, so
+two settings scored on the same windows can be compared pairwise
+(:mod:`ctp.eval.stats`). A prompt of k
 embeddings is prepended to every window; it is not scored and the scored
 tokens are the same with and without it, so the two numbers compare directly.
 
@@ -20,12 +24,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from ctp.data.corpora import corpus_ids, eval_windows
 from ctp.models.adapter import check_positions
-from ctp.distributed import is_main, shard, sum_across, world
-from ctp.lm import check_prompt, prompt_length, token_nll
+from ctp.eval.stats import mean_ci
+from ctp.lm import check_prompt, prompt_length, window_nlls
 
 
 @dataclass
@@ -40,38 +42,13 @@ class PPLResult:
     ppl: float
     prompt_tokens: int = 0
     seconds: float = 0.0
+    nll_stderr: float = 0.0  # standard error of the mean NLL over windows
+    ppl_low: float = 0.0  # 95% confidence interval of the perplexity (t interval of the windows' mean NLL)
+    ppl_high: float = 0.0
+    window_nll: list[float] | None = None  # mean NLL of each window, in order (for paired comparisons)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@torch.no_grad()
-def window_nll(
-    model: nn.Module,
-    windows: torch.Tensor,
-    prompt: torch.Tensor | None = None,
-    batch_size: int = 1,
-    progress: bool | str = False,
-) -> tuple[float, int]:
-    """Sum of NLL and number of scored tokens over ``windows`` (n, seqlen).
-
-    In a process group each process scores a contiguous share of the batches
-    (the batches one process would form) and every process returns the sums
-    over all of them: a collective call, every process must make it.
-    """
-    device = model.get_input_embeddings().weight.device
-    starts = shard(torch.arange(0, windows.shape[0], batch_size)).tolist()  # this process's batches
-    total, count = 0.0, 0
-    desc = progress if isinstance(progress, str) else "perplexity"
-    for start in tqdm(starts, desc=desc, disable=not progress or not is_main(), leave=False, unit="batch"):
-        ids = windows[start : start + batch_size].to(device)  # (b, seqlen)
-        nll = token_nll(model, ids, prompt)  # (b, seqlen-1)
-        total += float(nll.double().sum())
-        count += nll.numel()
-    if world()[1] > 1:
-        total, n = sum_across([total, count], device)
-        count = int(n)
-    return total, count
 
 
 def perplexity(
@@ -95,8 +72,11 @@ def perplexity(
     ids, ref = corpus_ids(dataset, split, tokenizer, source)
     windows = eval_windows(ids, seqlen, max_windows)
     label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({k})" if k else "")
-    total, count = window_nll(model, windows, prompt, batch_size, progress=label if progress else False)
-    nll = total / count
+    sums = window_nlls(model, windows, prompt, batch_size, progress=label if progress else False)  # (n,)
+    per_window = sums / (windows.shape[1] - 1)  # every window scores seqlen-1 tokens
+    count = int(windows.shape[0] * (windows.shape[1] - 1))
+    nll = float(sums.sum()) / count
+    se, low, high = mean_ci(per_window.tolist())
     return PPLResult(
         dataset=ref.name,
         split=ref.split,
@@ -108,4 +88,8 @@ def perplexity(
         ppl=math.exp(nll),
         prompt_tokens=k,
         seconds=time.perf_counter() - t0,
+        nll_stderr=se,
+        ppl_low=math.exp(min(low, 700)),
+        ppl_high=math.exp(min(high, 700)),
+        window_nll=per_window.tolist(),
     )

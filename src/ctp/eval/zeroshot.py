@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ctp.errors import CTPError, require
 from ctp.eval.tasks import Item, get_task, load_items
+from ctp.eval.stats import mean_stderr
 from ctp.lm import check_prompt, prefix_cache as build_prefix_cache, prompt_inputs, prompt_length
 
 log = logging.getLogger(__name__)
@@ -222,16 +223,6 @@ def loglikelihoods(
 def _argmax(values: Sequence[float]) -> int:
     """Index of the largest value, the first one on ties (as np.argmax)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def mean_stderr(scores: Sequence[float]) -> float | None:
-    """Standard error of the mean with the sample (n-1) standard deviation; None when n < 2."""
-    n = len(scores)
-    if n < 2:
-        return None
-    mu = sum(scores) / n
-    var = sum((s - mu) ** 2 for s in scores) / (n - 1)
-    return math.sqrt(var / n)
 
 
 def item_scores(items: Sequence[Item], lls: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:

@@ -14,7 +14,9 @@ error that names the key. Each section can be left out to skip it.
     prompt:                             # one learned prompt per compressed model
       tokens: 25
       data: c4
-      train: {steps: 150, seqlen: 256, batch_size: 2, eval_every: 25, eval_windows: 8}
+      kind: prefix                      # soft (the paper's) | prefix (keys/values of every layer)
+      train: {steps: 150, seqlen: 256, batch_size: 2, eval_every: 25, eval_windows: 8, objective: kd}
+      compare: {paper: {kind: soft, train: {objective: nll}}}   # other recipes, shown beside it
     perplexity: {datasets: [c4, wikitext2, ptb], seqlen: 512, max_windows: 8, hard_prompt: true}
     zeroshot: {tasks: [piqa, hellaswag], limit: 50, models: [full, sp50]}
     transfer:
@@ -22,6 +24,7 @@ error that names the key. Each section can be left out to skip it.
       datasets: {model: q3, train_on: [wikitext2, ptb]}   # direct vs transferred (Table 4)
     length_ablation: {model: q3, tokens: [0, 10, 25, 50]}
     latency: {models: [full, sp50], prompt_tokens: [0, 25, 50, 100], context_len: 256, new_tokens: 16}
+    case_study: {model: sp50, questions: ["Where is Long Beach?"], max_new_tokens: 40}
 """
 
 from __future__ import annotations
@@ -84,30 +87,58 @@ class CalibrationSpec:
         _datasets([self.dataset], "calibration.dataset")
 
 
+_RECIPE_KEYS = ("kind", "init", "tokens", "train")
+
+
 @dataclass
 class PromptSpec:
     tokens: int = 100
     data: str = "c4"
+    kind: str = "soft"  # soft (the paper) | prefix
     init: str = "vocab"
-    train: dict = field(default_factory=dict)  # TrainConfig fields
+    train: dict = field(default_factory=dict)  # TrainConfig fields (objective: nll | kd | mix among them)
     models: list[str] | None = None  # labels that get a learned prompt (default: every compressed model)
+    compare: dict[str, dict] | None = None  # name -> other recipes (kind/init/tokens/train overrides) shown beside it
 
     def __post_init__(self):
         require(self.tokens >= 1, f"prompt tokens {self.tokens} must be >= 1", "use e.g. 100 (the paper's)")
         _datasets([self.data], "prompt.data")
+        for name, over in (self.compare or {}).items():
+            require(isinstance(over, dict), f"prompt.compare.{name} must be a mapping",
+                    "write e.g. {paper: {kind: soft, train: {objective: nll}}}")
+            require(name.replace("-", "").replace("_", "").isalnum(), f"prompt.compare name '{name}' is invalid",
+                    "use letters, digits, - and _")
+            unknown = sorted(set(over) - set(_RECIPE_KEYS))
+            require(not unknown, f"unknown key '{unknown[0] if unknown else ''}' in 'prompt.compare.{name}'",
+                    f"known keys: {', '.join(_RECIPE_KEYS)}")
+            self.configs(0, recipe=name)
 
-    def configs(self, seed: int, tokens: int | None = None, data: str | None = None):
+    def recipe(self, name: str | None = None) -> dict:
+        """The settings of the main recipe (None) or of a named ``compare`` recipe (its overrides applied)."""
+        base = {"kind": self.kind, "init": self.init, "tokens": self.tokens, "train": dict(self.train)}
+        if name is None:
+            return base
+        over = (self.compare or {}).get(name)
+        require(over is not None, f"unknown prompt recipe '{name}'", "name one listed under prompt.compare")
+        return {**base, **{k: v for k, v in over.items() if k != "train"},
+                "train": {**base["train"], **over.get("train", {})}}
+
+    def configs(self, seed: int, tokens: int | None = None, data: str | None = None, recipe: str | None = None):
         """The (PromptConfig, TrainConfig) this section describes (validated; errors name prompt.train).
 
-        ``tokens`` and ``data`` replace the section's own (a length ablation, a prompt for another dataset).
+        ``tokens`` and ``data`` replace the recipe's own (a length ablation, a prompt for another dataset);
+        ``recipe`` picks a ``compare`` entry instead of the main recipe.
         """
         from ctp.prompt.soft import PromptConfig
         from ctp.prompt.train import TrainConfig
 
-        _check_fields(TrainConfig, self.train, "prompt.train")
+        r = self.recipe(recipe)
+        where = "prompt.train" if recipe is None else f"prompt.compare.{recipe}.train"
+        _check_fields(TrainConfig, r["train"], where)
         try:
-            pcfg = PromptConfig(num_tokens=self.tokens if tokens is None else tokens, init=self.init, seed=seed)
-            tcfg = TrainConfig(**{"data": data or self.data, "seed": seed, **self.train})
+            pcfg = PromptConfig(num_tokens=r["tokens"] if tokens is None else tokens, kind=r["kind"],
+                                init=r["init"], seed=seed)
+            tcfg = TrainConfig(**{"data": data or self.data, "seed": seed, **r["train"]})
         except CTPError as e:
             raise CTPError(f"prompt: {e.problem}", e.fix) from None
         return pcfg, tcfg
@@ -196,6 +227,22 @@ class LatencySpec:
 
 
 @dataclass
+class CaseStudySpec:
+    """The paper's case study (its Figures 1, 7, 8): greedy answers to fixed questions, side by side."""
+
+    model: str = ""  # the compressed model (default: the first prompted one); the full model answers too
+    questions: list[str] = field(default_factory=lambda: ["Where is Long Beach?", "Where is Tulsa, Oklahoma?",
+                                                          "What is asparagus?"])
+    max_new_tokens: int = 40
+
+    def __post_init__(self):
+        require(bool(self.questions) and all(isinstance(q, str) and q.strip() for q in self.questions),
+                "case_study.questions must be a list of non-empty questions", "write e.g. ['Where is Long Beach?']")
+        require(1 <= self.max_new_tokens <= 512, f"case_study.max_new_tokens {self.max_new_tokens} is out of range",
+                "use between 1 and 512")
+
+
+@dataclass
 class ExperimentConfig:
     name: str
     model: str = "smollm2-135m"
@@ -210,6 +257,7 @@ class ExperimentConfig:
     transfer: TransferSpec | None = None
     length_ablation: LengthAblationSpec | None = None
     latency: LatencySpec | None = None
+    case_study: CaseStudySpec | None = None
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, f"experiment name '{self.name}' is invalid",
@@ -267,6 +315,8 @@ class ExperimentConfig:
             yield "length_ablation.model", [self.length_ablation.model]
         if self.latency and self.latency.models:
             yield "latency.models", self.latency.models
+        if self.case_study and self.case_study.model:
+            yield "case_study.model", [self.case_study.model]
 
     @classmethod
     def from_dict(cls, data: dict) -> ExperimentConfig:
@@ -276,7 +326,7 @@ class ExperimentConfig:
         sections = {
             "calibration": CalibrationSpec, "prompt": PromptSpec, "perplexity": PerplexitySpec,
             "zeroshot": ZeroShotSpec, "transfer": TransferSpec, "length_ablation": LengthAblationSpec,
-            "latency": LatencySpec,
+            "latency": LatencySpec, "case_study": CaseStudySpec,
         }
         for key, spec in sections.items():
             if key in data:

@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from ctp.eval.stats import recovered_share
 from ctp.experiments.config import FULL, ExperimentConfig
 from ctp.io import atomic_write_text
 
@@ -33,11 +34,12 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _ppl_index(records: list[dict]) -> dict:
     """(model, role, prompt name, dataset) -> ppl."""
-    idx = {}
-    for r in records:
-        if r.get("kind") == "ppl":
-            idx[(r["model"], r["role"], r["prompt"], r["dataset"])] = r["ppl"]
-    return idx
+    return {k: r["ppl"] for k, r in _ppl_records(records).items()}
+
+
+def _ppl_records(records: list[dict]) -> dict:
+    """(model, role, prompt name, dataset) -> the perplexity record."""
+    return {(r["model"], r["role"], r["prompt"], r["dataset"]): r for r in records if r.get("kind") == "ppl"}
 
 
 def _get(idx: dict, model: str, role: str, dataset: str, prompt: str | None = None):
@@ -45,6 +47,28 @@ def _get(idx: dict, model: str, role: str, dataset: str, prompt: str | None = No
         if m == model and ro == role and d == dataset and (prompt is None or p == prompt):
             return v
     return None
+
+
+def _with_ci(r: dict | None) -> str:
+    """'79.00 (75.12–83.20)': the perplexity and its 95% interval over windows, when the record has one."""
+    if r is None:
+        return "–"
+    if r.get("ppl_low") is None or r.get("n_windows", 0) < 2:
+        return _fmt(r["ppl"])
+    return f"{_fmt(r['ppl'])} ({_fmt(r['ppl_low'])}–{_fmt(r['ppl_high'])})"
+
+
+def _share_cell(recs: dict, label: str, role: str, dataset: str) -> str:
+    """The recovered share of the gap of ``label`` with the prompt of ``role`` on ``dataset``, with its interval."""
+    full, none, prompt = (_get(recs, FULL, "none", dataset), _get(recs, label, "none", dataset),
+                          _get(recs, label, role, dataset))
+    if not (full and none and prompt) or not all(x.get("window_nll") for x in (full, none, prompt)):
+        return "–"
+    s, lo, hi = recovered_share(none["window_nll"], prompt["window_nll"], full["window_nll"])
+    if math.isnan(s):
+        return "–"
+    verdict = "" if lo > 0 or hi < 0 else " (no clear change)"
+    return f"{100 * s:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]{verdict}"
 
 
 def _savefig(fig, path: Path) -> None:
@@ -66,6 +90,7 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
     """Write ``report.md`` and its plots into ``root``; returns the report path."""
     root = Path(root)
     idx = _ppl_index(records)
+    recs = _ppl_records(records)
     models = [r for r in records if r.get("kind") == "model"]
     comp_label = {r["model"]: (r.get("compression") or "uncompressed") for r in models}
     parts: list[str] = [f"# Experiment `{cfg.name}`", ""]
@@ -89,18 +114,33 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
         p = cfg.perplexity
         ds = p.datasets
         # the columns this experiment measures: none always, hard and learned when asked for
-        roles = ["none"] + (["hard"] if p.hard_prompt else []) + (["learned"] if cfg.prompted() else [])
+        compare = list(cfg.prompt.compare or {}) if cfg.prompt and cfg.prompted() else []
+        roles = (["none"] + (["hard"] if p.hard_prompt else []) + (["learned"] if cfg.prompted() else [])
+                 + [f"learned:{c}" for c in compare])
         what = {"none": "without a prompt", "hard": "with the paper's hard prompt",
-                "learned": (f"with the prompt learned on this model ({cfg.prompt.tokens} tokens, trained on "
+                "learned": (f"with the prompt learned on this model ({_recipe_text(cfg)}, trained on "
                             f"{cfg.prompt.data} train)" if cfg.prompt else "")}
+        what.update({f"learned:{c}": f"with the '{c}' recipe ({_recipe_text(cfg, c)})" for c in compare})
         sentence = ", ".join(what[r] for r in roles[:-1]) + (" and " if len(roles) > 1 else "") + what[roles[-1]]
+        n_tokens = {d: next((r["n_tokens"] for k, r in recs.items() if k[3] == d), None) for d in ds}
         parts += [f"## Perplexity ({p.split} split, seqlen {p.seqlen}"
                   + (f", at most {p.max_windows} windows" if p.max_windows else "") + ")", "",
-                  sentence[0].upper() + sentence[1:] + ".", ""]
+                  sentence[0].upper() + sentence[1:] + ". In brackets: the 95% confidence interval over windows. "
+                  "Tokens scored per dataset: " + ", ".join(f"{d} {n_tokens[d]}" for d in ds) + ".", ""]
         header = ["model", "compression"] + [f"{d} {r}" if len(roles) > 1 else d for d in ds for r in roles]
-        rows = [[label, comp_label.get(label, "")] + [_get(idx, label, r, d) for d in ds for r in roles]
+        rows = [[label, comp_label.get(label, "")] + [_with_ci(_get(recs, label, r, d)) for d in ds for r in roles]
                 for label in cfg.labels()]
         parts += [_table(header, rows), ""]
+        prompt_roles = [r for r in roles if r != "none"]
+        share_rows = [[label, r] + [_share_cell(recs, label, r, d) for d in ds]
+                      for label in cfg.labels() if label != FULL for r in prompt_roles
+                      if any(_get(recs, label, r, d) for d in ds)]
+        if share_rows and any(_get(recs, FULL, "none", d) for d in ds):
+            parts += ["### Recovered share of the compression gap", "",
+                      "(NLL without prompt - NLL with it) / (NLL without prompt - NLL of the full model), on the same "
+                      "test windows: 0% is no recovery, 100% the full model's perplexity. In brackets the 95% "
+                      "paired-bootstrap interval over windows; an interval that contains 0 is marked as no clear "
+                      "change.", "", _table(["model", "prompt", *ds], share_rows), ""]
         fig_path = _plot_ppl(cfg, idx, root)
         if fig_path:
             parts += [f"![perplexity versus compression]({fig_path.name})", ""]
@@ -172,9 +212,32 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
         fig_path = _plot_latency(lat, root)
         parts += [f"![latency versus prompt length]({fig_path.name})", ""]
 
+    # ---------------------------------------------------------------- case study (Figures 1, 7, 8)
+    gens = [r for r in records if r.get("kind") == "generate"]
+    if gens and cfg.case_study:
+        parts += ["## Case study: greedy answers", "",
+                  f"The paper's qualitative comparison (its Figures 1, 7 and 8): each model answers the same "
+                  f"questions with greedy decoding, at most {cfg.case_study.max_new_tokens} new tokens.", ""]
+        for i, q in enumerate(cfg.case_study.questions):
+            rows = [[r["model"], r["prompt"], _oneline(r["answers"][i])] for r in gens if i < len(r["answers"])]
+            parts += [f"**{q}**", "", _table(["model", "prompt", "answer"], rows), ""]
+
     path = root / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _oneline(text: str) -> str:
+    """An answer fit for a table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+
+def _recipe_text(cfg: ExperimentConfig, name: str | None = None) -> str:
+    """e.g. '25-token prefix, objective kd, 60 steps'."""
+    r = cfg.prompt.recipe(name)
+    steps = r["train"].get("steps")
+    return (f"{r['tokens']}-token {r['kind']} prompt, objective {r['train'].get('objective', 'nll')}"
+            + (f", {steps} steps" if steps else ""))
 
 
 def write_index(cfg: ExperimentConfig, slugs: list[str], root: str | Path) -> Path:

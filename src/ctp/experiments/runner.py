@@ -36,6 +36,11 @@ from ctp.io import atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 
+# Bumped whenever a change alters what a measurement records or its numbers; it is part of every cell's key,
+# so a rerun measures again what an older version measured. 2: per-window NLLs and confidence intervals.
+EVAL_VERSION = 2
+
+
 def content_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -50,6 +55,7 @@ class PromptRef:
     source_model: str | None = None
     data: str | None = None
     tokens: int = 0
+    recipe: str | None = None  # a prompt.compare entry; None: the main recipe
 
 
 NONE = PromptRef("none", "")
@@ -63,6 +69,7 @@ class Runner:
     records: list[dict] = field(default_factory=list)
     on_save: Callable[[list[dict]], None] | None = None  # called after each stage (e.g. to rewrite the report)
     _loaded: tuple[str, object, object, object] | None = None
+    _teacher: object | None = None
 
     # ------------------------------------------------------------------ keys and paths
 
@@ -107,11 +114,11 @@ class Runner:
 
         cfg = self.compress_config(label)
         log.info("compressing %s (%s)", label, cfg.label())
-        model, tok, _ = load_model(self.cfg.model)
+        model, tok, info = load_model(self.cfg.model)
         partial = checkpoint_dir_for(path)  # an interrupted compression resumes from its last finished block
         report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress,
                                 checkpoint_dir=partial)
-        save_compressed(model, tok, report, out_dir=path)
+        save_compressed(model, tok, report, out_dir=path, source=info.to_dict())
         discard_checkpoint(partial)
         self._loaded = None
         return path
@@ -128,17 +135,23 @@ class Runner:
 
     # ------------------------------------------------------------------ stage 2: learned prompts
 
-    def prompt_ref(self, label: str, data: str | None = None, tokens: int | None = None) -> PromptRef:
+    def prompt_ref(self, label: str, data: str | None = None, tokens: int | None = None,
+                   recipe: str | None = None) -> PromptRef:
+        """The learned prompt of model ``label``: the main recipe, or the ``prompt.compare`` entry ``recipe``."""
         p = self.cfg.prompt
         if p is None:
             raise CTPError("the experiment has no 'prompt' section", "add one to learn prompts")
+        r = p.recipe(recipe)
         data = data or p.data
-        tokens = p.tokens if tokens is None else tokens
-        key = content_hash({"model": self.model_key(label), "data": data, "tokens": tokens, "init": p.init,
-                            "train": p.train, "seed": self.cfg.seed})
-        name = f"{label}@{data}" + ("" if tokens == p.tokens else f"/k{tokens}")
+        tokens = r["tokens"] if tokens is None else tokens
+        spec = {"model": self.model_key(label), "data": data, "tokens": tokens, "init": r["init"],
+                "train": r["train"], "seed": self.cfg.seed}
+        if r["kind"] != "soft":  # soft prompts keep the keys they had before prompt kinds existed
+            spec["kind"] = r["kind"]
+        key = content_hash(spec)
+        name = f"{label}@{data}" + ("" if tokens == p.tokens else f"/k{tokens}") + (f"#{recipe}" if recipe else "")
         path = self.root / "prompts" / f"{label}-{data}-k{tokens}-{key}.safetensors"
-        return PromptRef(name, key, str(path), label, data, tokens)
+        return PromptRef(name, key, str(path), label, data, tokens, recipe)
 
     def ensure_prompt(self, ref: PromptRef) -> PromptRef:
         if ref.path is None or Path(ref.path).is_file():
@@ -146,10 +159,21 @@ class Runner:
         from ctp.prompt.train import train_prompt
 
         model, tok, info = self.load(ref.source_model)
-        pcfg, tcfg = self.cfg.prompt.configs(self.cfg.seed, tokens=ref.tokens, data=ref.data)
-        log.info("learning prompt %s (%d tokens on %s)", ref.name, ref.tokens, ref.data)
-        train_prompt(model, tok, info, pcfg, tcfg, out_path=ref.path, resume=True, progress=self.progress)
+        pcfg, tcfg = self.cfg.prompt.configs(self.cfg.seed, tokens=ref.tokens, data=ref.data, recipe=ref.recipe)
+        teacher = self.teacher() if tcfg.objective != "nll" else None
+        log.info("learning prompt %s (%d %s tokens on %s, objective %s)", ref.name, ref.tokens, pcfg.kind, ref.data,
+                 tcfg.objective)
+        train_prompt(model, tok, info, pcfg, tcfg, out_path=ref.path, resume=True, progress=self.progress,
+                     teacher=teacher)
         return ref
+
+    def teacher(self):
+        """The uncompressed model, the teacher of distillation objectives (loaded once, beside the current model)."""
+        if self._teacher is None:
+            from ctp.models.load import load_model
+
+            self._teacher = load_model(self.cfg.model, device=self._device())[0]
+        return self._teacher
 
     def prompt_tensor(self, ref: PromptRef, model, tok, info) -> torch.Tensor | None:
         if ref.name == "none":
@@ -192,7 +216,7 @@ class Runner:
         spec = {"model": label, "model_key": self.model_key(label), "prompt": ref.name, "prompt_key": ref.key,
                 "prompt_tokens": ref.tokens, "prompt_source": ref.source_model, "prompt_data": ref.data,
                 "dataset": dataset, "split": s.split, "seqlen": s.seqlen, "max_windows": s.max_windows,
-                "role": role}
+                "role": role, "eval_version": EVAL_VERSION}
 
         def compute():
             from ctp.eval.perplexity import perplexity
@@ -201,7 +225,9 @@ class Runner:
             prompt = self.prompt_tensor(ref, model, tok, info)
             r = perplexity(model, tok, dataset, s.split, s.seqlen, prompt=prompt, batch_size=s.batch_size,
                            max_windows=s.max_windows, progress=self.progress)
-            return {"ppl": r.ppl, "nll": r.nll, "n_tokens": r.n_tokens, "n_windows": r.n_windows}
+            return {"ppl": r.ppl, "nll": r.nll, "n_tokens": r.n_tokens, "n_windows": r.n_windows,
+                    "ppl_low": r.ppl_low, "ppl_high": r.ppl_high, "nll_stderr": r.nll_stderr,
+                    "window_nll": r.window_nll}
 
         return self.cell("ppl", spec, compute)
 
@@ -218,6 +244,8 @@ class Runner:
                                  **self._model_summary(label)})
         for label in cfg.prompted():
             self.ensure_prompt(self.prompt_ref(label))
+            for name in cfg.prompt.compare or {}:
+                self.ensure_prompt(self.prompt_ref(label, recipe=name))
         # cheapest stages first; after each, results.json (and the report, if asked) reflect what is done
         stages = [
             (cfg.perplexity, self._perplexity),
@@ -225,6 +253,7 @@ class Runner:
             (cfg.length_ablation and cfg.prompt, self._length_ablation),
             (cfg.zeroshot, self._zeroshot),
             (cfg.transfer and cfg.transfer.datasets and cfg.prompt, self._dataset_transfer),
+            (cfg.case_study, self._case_study),
         ]
         for enabled, stage in stages:
             if enabled:
@@ -265,6 +294,7 @@ class Runner:
     def _perplexity(self) -> None:
         cfg = self.cfg
         prompted = cfg.prompted()
+        compare = list(cfg.prompt.compare or {}) if cfg.prompt else []
         transfer = cfg.transfer is not None and cfg.transfer.compression
         # group by target model so each model loads once
         for label in cfg.labels():
@@ -273,6 +303,7 @@ class Runner:
                 refs.append((self.hard_ref(), "hard"))
             if label in prompted:
                 refs.append((self.prompt_ref(label), "learned"))
+                refs += [(self.prompt_ref(label, recipe=name), f"learned:{name}") for name in compare]
             if transfer and label in prompted:  # the matrix: every prompted level x every other's prompt
                 refs += [(self.prompt_ref(src), "transfer") for src in prompted if src != label]
             for ref, role in refs:
@@ -319,6 +350,30 @@ class Runner:
                     return {"tasks_results": [r.to_dict() for r in res]}
 
                 self.cell("zeroshot", spec, compute)
+
+    def case_study_model(self) -> str:
+        return self.cfg.case_study.model or (self.cfg.prompted() or list(self.cfg.compressions) or [FULL])[0]
+
+    def _case_study(self) -> None:
+        cs = self.cfg.case_study
+        label = self.case_study_model()
+        runs = [(FULL, NONE), (label, NONE), (label, self.hard_ref())]
+        if label in self.cfg.prompted():
+            runs.append((label, self.prompt_ref(label)))
+            runs += [(label, self.prompt_ref(label, recipe=name)) for name in self.cfg.prompt.compare or {}]
+        for model_label, ref in runs:
+            spec = {"model": model_label, "model_key": self.model_key(model_label), "prompt": ref.name,
+                    "prompt_key": ref.key, "questions": cs.questions, "max_new_tokens": cs.max_new_tokens}
+
+            def compute(model_label=model_label, ref=ref):
+                from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
+
+                model, tok, info = self.load(model_label)
+                gen = PrefixCachedGenerator(model, tok, self.prompt_tensor(ref, model, tok, info))
+                sampling = SamplingConfig(max_new_tokens=cs.max_new_tokens)  # greedy
+                return {"answers": [gen.generate(q, sampling).text for q in cs.questions]}
+
+            self.cell("generate", spec, compute)
 
     def _latency(self) -> None:
         from ctp.eval.latency import measure_latency

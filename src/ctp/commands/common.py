@@ -20,8 +20,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"named model ({', '.join(NAMED_MODELS)}), a Hugging Face or ctp-compressed directory, "
                         f"a .gguf file, or a hub id (default: {DEFAULT_MODEL})")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype for evaluation (default: float32)")
+                   help="dtype the model is loaded and run in (default: float32)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own Python code (auto_map) to run; off by default")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle weights (pytorch_model.bin), which can run code; safetensors only by default")
+
+
+def load_options(args) -> dict:
+    """The keyword arguments of :func:`ctp.models.load.load_model` the model flags give (dtype, trust)."""
+    return {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +80,14 @@ def load_prompt_arg(spec: str | None, model, tokenizer, info):
     prompt = load_prompt(spec, info).embeddings
     check_prompt(model, prompt)  # a prefix's kv heads and head size must fit too
     return prompt
+
+
+def check_json_out(args) -> None:
+    """Refuse a ``--out`` JSON path that would overwrite the model or the prompt, before any work."""
+    if args.out is not None:
+        from ctp.io import check_output
+
+        check_output(args.out, args.model, getattr(args, "prompt", None))
 
 
 def write_json(path: str | None, obj) -> None:

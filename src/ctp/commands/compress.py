@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ctp.commands.common import add_model_args, device_of, print_table
+from ctp.commands.common import add_model_args, device_of, load_options, print_table
 from ctp.errors import CTPError, require
 
 # flag dest -> (section, CompressConfig / PruneConfig / QuantConfig field)
@@ -148,6 +148,7 @@ def run(args) -> int:
     from ctp.compress.artifact import save_compressed
     from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
+    from ctp.io import check_output
     from ctp.models.load import load_model, parse_dtype
 
     require(args.out is not None, "--out is required", "pass --out DIR for the compressed model")
@@ -155,13 +156,12 @@ def run(args) -> int:
             f"use one of {', '.join(_SAVE_DTYPES)}")
     require(args.calib_batch >= 1, f"--calib-batch {args.calib_batch} must be at least 1", "use e.g. 8")
     cfg = build_config(args)
-    out = Path(args.out)
-    require(not out.exists() or out.is_dir(), f"{out} exists and is not a directory", "pass another --out")
+    out = check_output(args.out, args.model, directory=True)
     require(not (out.exists() and any(out.iterdir()) and not (out / "ctp_compression.json").is_file()),
             f"{out} is a non-empty directory that is not a ctp compressed model",
             "pass a new or empty directory for --out")
 
-    model, tok, info = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks move to --device one by one
+    model, tok, info = load_model(args.model, **load_options(args), device="cpu")  # blocks move to --device one by one
     partial = checkpoint_dir_for(out)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume)

@@ -6,7 +6,8 @@ processes; the main process prints and writes the (single-process) result.
 
 from __future__ import annotations
 
-from ctp.commands.common import (add_model_args, add_prompt_args, join_launch, load_prompt_arg, parse_list,
+from ctp.commands.common import (add_model_args, add_prompt_args, check_json_out, join_launch, load_options,
+                                 load_prompt_arg, parse_list,
                                  print_table, write_json)
 
 
@@ -32,10 +33,11 @@ def run(args) -> int:
     from ctp.eval.perplexity import perplexity
     from ctp.models.load import load_model
 
+    check_json_out(args)
     datasets = parse_list(args.datasets, "datasets")
     device = join_launch(args)
     with main_first():  # a named model is converted into the cache once
-        model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
+        model, tok, info = load_model(args.model, **load_options(args), device=device)
     prompt = load_prompt_arg(args.prompt, model, tok, info)
     results = [
         perplexity(model, tok, d, args.split, args.seqlen, prompt=prompt, batch_size=args.batch_size,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import textwrap
 
-from ctp.commands.common import add_model_args, add_prompt_args, device_of, load_prompt_arg, write_json
+from ctp.commands.common import (add_model_args, add_prompt_args, check_json_out, device_of, load_options,
+                                 load_prompt_arg, write_json)
 from ctp.errors import require
 
 
@@ -39,10 +40,11 @@ def run(args) -> int:
     from ctp.models.load import load_model
     from ctp.prompt.embed import hard_prompt
     from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
+    check_json_out(args)
 
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, seed=args.seed, stop_at_eos=not args.no_stop)
-    model, tok, info = load_model(args.model, dtype=args.dtype, device=device_of(args))
+    model, tok, info = load_model(args.model, **load_options(args), device=device_of(args))
     if args.compare:
         require(args.prompt not in (None, "hard"), "--compare needs a learned prompt to compare",
                 "pass --prompt P.safetensors (learned with ctp train-prompt)")

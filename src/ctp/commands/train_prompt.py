@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import fields
 
-from ctp.commands.common import add_model_args, join_launch, write_json
+from ctp.commands.common import add_model_args, join_launch, load_options, write_json
 from ctp.errors import require
 
 # flag dest -> TrainConfig field
@@ -113,7 +113,7 @@ def teacher_spec(given: str | None, info) -> str | None:
     return source.get("spec") or source.get("path")
 
 
-def load_teacher(given: str | None, info, tcfg, dtype=None, device=None):
+def load_teacher(given: str | None, info, tcfg, device=None, **load_options):
     """The uncompressed teacher model for objectives kd/mix, or None (with a one-line note) when none is known."""
     if tcfg.objective == "nll":
         return None
@@ -125,7 +125,7 @@ def load_teacher(given: str | None, info, tcfg, dtype=None, device=None):
         return None
     from ctp.models.load import load_model
 
-    teacher, _, tinfo = load_model(spec, dtype=dtype, device=device)
+    teacher, _, tinfo = load_model(spec, device=device, **load_options)
     require(tinfo.tokenizer_hash == info.tokenizer_hash,
             f"teacher '{spec}' uses another tokenizer than model '{info.spec}'",
             "pass --teacher the uncompressed model this one was made from")
@@ -142,13 +142,20 @@ def run(args) -> int:
     from ctp.prompt.artifact import export_peft
     from ctp.prompt.train import train_prompt
 
+    from ctp.io import check_output
+
     require(args.out.endswith(".safetensors"), f"--out {args.out} should end in .safetensors",
             "pass e.g. --out prompt.safetensors")
+    check_output(args.out, args.model, args.teacher)
+    if args.peft_dir:
+        check_output(args.peft_dir, args.model, args.teacher, args.out, flag="--peft-dir", directory=True)
+    if args.json:
+        check_output(args.json, args.model, args.teacher, args.out, flag="--json")
     pcfg, tcfg = build_configs(args)
     device = join_launch(args)
     with main_first():  # a named model is converted into the cache once
-        model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
-        teacher = load_teacher(args.teacher, info, tcfg, dtype=args.dtype, device=device)
+        model, tok, info = load_model(args.model, **load_options(args), device=device)
+        teacher = load_teacher(args.teacher, info, tcfg, device=device, **load_options(args))
     if teacher is None and tcfg.objective != "nll":
         tcfg = dataclasses.replace(tcfg, objective="nll")
     art, hist = train_prompt(model, tok, info, pcfg, tcfg, out_path=args.out, resume=not args.no_resume,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ctp.commands.common import (add_model_args, add_prompt_args, device_of, load_prompt_arg, parse_list,
+from ctp.commands.common import (add_model_args, add_prompt_args, check_json_out, device_of, load_options,
+                                 load_prompt_arg, parse_list,
                                  print_table, write_json)
 
 DEFAULT_TASKS = "hellaswag,piqa,openbookqa,arc_easy,arc_challenge,mmlu_hs_european_history"
@@ -36,11 +37,12 @@ def run(args) -> int:
     from ctp.eval.tasks import get_task
     from ctp.eval.zeroshot import evaluate_tasks
     from ctp.models.load import load_model
+    check_json_out(args)
 
     tasks = [get_task(t).name for t in parse_list(args.tasks, "tasks")]  # unknown names fail before loading
     require(args.limit is None or args.limit >= 1, f"--limit must be >= 1, got {args.limit}")
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    model, tok, info = load_model(args.model, dtype=args.dtype, device=device_of(args))
+    model, tok, info = load_model(args.model, **load_options(args), device=device_of(args))
 
     if args.compare:
         settings = ["none", "hard"] + ([args.prompt] if args.prompt not in (None, "hard") else [])

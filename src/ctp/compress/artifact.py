@@ -40,6 +40,8 @@ embedding) are stored once and re-tied on load.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from contextlib import nullcontext
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctp.compress.config import CompressConfig
+from ctp.compress.config import ALGORITHM_VERSION, CompressConfig
 from ctp.compress.quant import dequantize, max_code, pack_int, pack_mask, unpack_int, unpack_mask
 from ctp.compress.registry import CompressedWeight
 from ctp.errors import CTPError
@@ -257,6 +259,7 @@ def save_compressed(
     }
     meta = {
         "format_version": FORMAT_VERSION,
+        "algorithm_version": ALGORITHM_VERSION,
         "config": cfg_dict,
         "label": CompressConfig.from_dict(cfg_dict).label(),
         "summary": report.summary() if report is not None else None,
@@ -285,6 +288,10 @@ def save_compressed(
         storage["file_bytes"] = sizes
         storage["weights_file_bytes"] = sizes[DENSE_FILE] + sizes[COMPRESSED_FILE]
         storage["total_bytes"] = sum(sizes.values())
+        # every other file is covered: the safetensors by their own digests, the JSON files here
+        meta["files_sha256"] = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir())
+                                if f.is_file() and not f.name.endswith(".safetensors")}
+        meta["index_sha256"] = _index_digest(meta)
         atomic_write_json(tmp / MARKER, meta)
     log.info("wrote %s: %.1f MB of weights (%.2f bits per compressed weight)", out_dir,
              storage["weights_file_bytes"] / 1e6, storage["linear_bits_per_weight"])
@@ -294,11 +301,36 @@ def save_compressed(
 # --------------------------------------------------------------------------- load
 
 
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _index_digest(meta: dict) -> str:
+    """SHA-256 of the index itself (all but this digest), so an edited recipe or label is noticed."""
+    body = {k: v for k, v in meta.items() if k != "index_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _verify_index(path: Path, meta: dict) -> None:
+    """Check the index's own digest and those of the metadata files it lists (artifacts from before they existed
+    carry none and are accepted as they are)."""
+    fix = "the artifact was modified or damaged: recreate it with ctp compress"
+    if "index_sha256" in meta and meta["index_sha256"] != _index_digest(meta):
+        raise CTPError(f"{path / MARKER} was modified after it was written (checksum mismatch)", fix)
+    for name, digest in (meta.get("files_sha256") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CTPError(f"{f} is missing from the compressed model", fix)
+        if _file_sha256(f) != digest:
+            raise CTPError(f"{f} was modified after the compressed model was written (checksum mismatch)", fix)
+
+
 def read_index(path: str | Path) -> dict:
     """The validated ``ctp_compression.json`` of an artifact directory."""
     meta = read_json(Path(path) / MARKER, "compression index")
     if not isinstance(meta, dict):
         raise CTPError(f"{Path(path) / MARKER} does not hold a mapping", "the artifact is damaged: recreate it")
+    _verify_index(Path(path), meta)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CTPError(f"{path} has compressed-model format {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
                        "recreate it with this version of ctp")
@@ -330,8 +362,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
         raise CTPError(e.problem, f"the compressed model in {path} is incomplete or damaged: "
                                   "recreate it with ctp compress") from e
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path) if meta.get("tokenizer", True) else None
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # no code from the directory runs
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if meta.get("tokenizer", True) else None
     except (OSError, ValueError) as e:
         raise CTPError(f"cannot read the model config or tokenizer in {path}: {str(e).splitlines()[0]}",
                        "the artifact is damaged: recreate it") from e
@@ -341,7 +373,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
     except ImportError:  # pragma: no cover - older transformers
         no_init_weights = nullcontext  # type: ignore[assignment]
     with no_init_weights():  # every weight is overwritten below
-        model = AutoModelForCausalLM.from_config(config, dtype=stored)
+        model = AutoModelForCausalLM.from_config(config, dtype=stored, trust_remote_code=False)
     index: dict[str, dict] = meta["tensors"]
     aliases: dict[str, str] = meta.get("aliases", {})
     result = model.load_state_dict(dense, strict=False)
@@ -364,7 +396,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
     if dtype != stored:
         model.to(dtype)
     model.eval()
-    compression = {k: v for k, v in meta.items() if k not in ("tensors", "aliases", "tokenizer")}
+    skip = ("tensors", "aliases", "tokenizer", "files_sha256", "index_sha256")
+    compression = {k: v for k, v in meta.items() if k not in skip}
     compression["label"] = cfg.label()
     return model, tokenizer, compression
 

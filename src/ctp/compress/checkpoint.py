@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ctp.compress.config import ALGORITHM_VERSION
 from ctp.compress.registry import CompressedWeight
 from ctp.errors import CTPError
 from ctp.io import atomic_write_json, load_tensors, read_json, save_tensors, tensors_digest
@@ -47,6 +48,7 @@ def checkpoint_key(model: nn.Module, cfg_dict: dict, windows: Tensor, chunk: int
         config.pop(volatile, None)
     blob = {
         "format_version": FORMAT_VERSION,
+        "algorithm_version": ALGORITHM_VERSION,
         "weights": tensors_digest(dict(model.state_dict())),
         "model_config": config,
         "compress_config": cfg_dict,

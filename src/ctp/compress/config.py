@@ -34,6 +34,11 @@ from typing import Any
 
 from ctp.errors import CTPError
 
+# The version of the compression arithmetic: bumped whenever a change alters the weights a recipe produces
+# (Hessian batching, dampening, rounding). Recorded in every artifact and part of every cache key, so
+# `ctp run` and `ctp compress` resume never mix results of two versions.
+ALGORITHM_VERSION = 2
+
 PRUNE_METHODS = ("sparsegpt", "magnitude", "wanda")
 QUANT_METHODS = ("gptq", "rtn")
 QUANT_BITS = (2, 3, 4, 8)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,21 @@ def _datasets(names: list[str], where: str) -> None:
             canonical(n)
         except CTPError as e:
             raise CTPError(f"{where}: {e.problem}", e.fix) from None
+
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def safe_name(name, where: str) -> None:
+    """Names that become parts of paths: letters, digits, '.', '_' and '-', not starting with '.' or '-'."""
+    require(isinstance(name, str) and _SAFE.fullmatch(name) is not None,
+            f"{where} '{_short(name)}' is not a safe name for a file",
+            "use letters, digits, '.', '_' and '-' (starting with a letter or digit), at most 100 characters")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _positive(where: str, **values) -> None:
@@ -106,8 +122,7 @@ class PromptSpec:
         for name, over in (self.compare or {}).items():
             require(isinstance(over, dict), f"prompt.compare.{name} must be a mapping",
                     "write e.g. {paper: {kind: soft, train: {objective: nll}}}")
-            require(name.replace("-", "").replace("_", "").isalnum(), f"prompt.compare name '{name}' is invalid",
-                    "use letters, digits, - and _")
+            safe_name(name, "prompt.compare name")
             unknown = sorted(set(over) - set(_RECIPE_KEYS))
             require(not unknown, f"unknown key '{unknown[0] if unknown else ''}' in 'prompt.compare.{name}'",
                     f"known keys: {', '.join(_RECIPE_KEYS)}")
@@ -260,8 +275,9 @@ class ExperimentConfig:
     case_study: CaseStudySpec | None = None
 
     def __post_init__(self):
-        require(bool(self.name) and "/" not in self.name, f"experiment name '{self.name}' is invalid",
-                "use a plain name such as 'demo'")
+        safe_name(self.name, "experiment name")
+        for label in self.compressions:
+            safe_name(label, "compression label")
         require(FULL not in self.compressions, f"'{FULL}' is reserved for the uncompressed model",
                 "rename that compression")
         labels = set(self.labels())

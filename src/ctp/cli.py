@@ -15,8 +15,15 @@ from ctp.errors import CTPError
 COMMANDS = ("eval", "compress", "train_prompt", "generate", "zeroshot", "run")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with ctp's rule for mistakes: one line on stderr naming the problem and the fix, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ctp",
         description="Compress a causal LM (SparseGPT, GPTQ, baselines), learn a soft prompt that "
         "recovers its quality, and measure what came back.",
@@ -26,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"ctp.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"ctp.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"ctp.commands.{name}").register(sub)
     return parser
 
 
@@ -43,6 +44,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+    elif not sys.stderr.isatty():
+        # a log file, not a terminal: a progress line every 30 s instead of hundreds of updates a minute
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if quiet or verbose == 0:
         # transformers' own "Loading weights" bars: ctp shows its own progress for long work
         from transformers.utils import logging as hf_logging
@@ -51,21 +55,32 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    _setup_logging(args.verbose, args.quiet)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
+    command = "ctp"
+    try:  # Ctrl-C at any point, start-up included, ends in one line
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+            return e.code if isinstance(e.code, int) else 2
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        command = f"ctp {args.command}"
+        _setup_logging(args.verbose, args.quiet)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         return int(args.func(args) or 0)
     except CTPError as e:
-        print(f"ctp {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {_capped(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ctp {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _capped(message: str, limit: int = 2000) -> str:
+    """One line of at most ``limit`` characters: a message quoting a huge value stays readable."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 20] + " ... (cut)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,22 +60,38 @@ def _normal_mode(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def write_error(path: Path, e: OSError) -> CTPError:
+    """A failed write (full disk, read-only file system, no permission) as one line naming the path."""
+    import errno
+
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EISDIR: "it is a directory", errno.ENOTDIR: "a part of the path is a file"}.get(
+        e.errno, e.strerror or str(e))
+    return CTPError(f"cannot write {path}: {why}", "free space or pass a writable path; nothing was left half-written")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         _normal_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -95,6 +111,46 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CTPError(f"{what} {path} is not valid JSON ({e})", "the file is damaged: recreate it") from e
+
+
+MAX_CONFIG_BYTES = 1 << 20  # experiment and config files are small; a larger one is a mistake or an attack
+
+
+def _safe_yaml(text: str, what: str, path: Path):
+    """``yaml.safe_load`` without aliases: an alias bomb ("billion laughs") is refused, not expanded."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise CTPError(f"{what} {path} uses a YAML alias (*name)", "write the values out in full")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_config_file(path: str | Path, what: str = "config file") -> object:
+    """Parse a JSON (``.json``) or YAML file, bounded: at most 1 MiB, no YAML aliases, errors in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTPError(f"{what} {path} does not exist", "check the path")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CTPError(f"{what} {path} is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a config may have",
+                       "pass the right file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CTPError(f"{what} {path} is not UTF-8 text", "pass a JSON or YAML file") from e
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return _safe_yaml(text, what, path)
+    except CTPError:
+        raise
+    except Exception as e:  # yaml and json raise their own error types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CTPError(f"{what} {path} does not parse ({first})", "fix its syntax (JSON or YAML)") from e
 
 
 def check_output(out: str | Path, *inputs: str | Path | None, flag: str = "--out", directory: bool = False) -> Path:
@@ -140,9 +196,11 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise CTPError(f"{path} already exists", "pass another --out or remove it")
     if path.exists() and not path.is_dir():
         raise CTPError(f"{path} exists and is not a directory", "pass another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         _normal_mode(tmp, directory=True)
         yield tmp
         for f in tmp.rglob("*"):
@@ -157,8 +215,33 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        raise write_error(path, e) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale(path: str | Path) -> list[Path]:
+    """Remove the hidden temporaries a killed write of ``path`` left beside it (``.NAME.*.tmp``, ``.NAME.old-*``)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.glob(f".{glob_escape(path.name)}.*")
+             if p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

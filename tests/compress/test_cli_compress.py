@@ -100,7 +100,7 @@ def test_bad_flags_exit_2_with_one_line(tiny_dir, tmp_path, capsys, argv, match)
 def test_missing_out_exits_2(tiny_dir, capsys):
     assert main(["-q", "compress", "--model", tiny_dir, "--bits", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--out is required" in err
+    assert len(err.splitlines()) == 1 and "the following arguments are required: --out" in err
 
 
 def test_out_must_not_clobber_an_unrelated_directory(tiny_dir, tmp_path, capsys):

@@ -211,3 +211,43 @@ def test_offload_to_cuda_matches_cpu():
     probe = calib(2, 24, seed=1)
     a, b = logits(cpu, probe), logits(gpu, probe)
     assert float((a - b).norm() / a.norm()) < 0.05
+
+
+@pytest.mark.parametrize("recipe", [{"quant": {"method": "rtn", "bits": 4, "group_size": 32}},
+                                    {"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                    {"prune": {"method": "magnitude", "prune_n": 2, "prune_m": 4},
+                                     "quant": {"method": "rtn", "bits": 3, "group_size": 32}}])
+def test_data_free_methods_skip_calibration_with_the_same_weights(recipe, tokenizer, monkeypatch):
+    """RTN and magnitude pruning read the weights alone: no calibration pass, the weights calibration gave."""
+    import ctp.compress.driver as driver
+    from ctp.compress.registry import compress_weight, needs_calibration
+    from ctp.models.adapter import decoder_layers, linear_layers, weight_matrix
+
+    cfg = CompressConfig.from_dict({**recipe, "nsamples": 2, "seqlen": 32})
+    assert not needs_calibration(cfg)
+    model = make_tiny("llama")
+    expected = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for n, mod in linear_layers(layer).items():
+            expected[f"{i}.{n}"] = compress_weight(weight_matrix(mod).clone(), None, 0, cfg).weight
+
+    def no_data(*a, **k):
+        raise AssertionError("a data-free method ran the calibration pass")
+
+    monkeypatch.setattr(driver, "_calibration", no_data)
+    monkeypatch.setattr(driver, "_capture_inputs", no_data)
+    report = driver.compress_model(model, tokenizer, cfg, device="cpu", progress=False)
+    for i, layer in enumerate(decoder_layers(model)):
+        for n, mod in linear_layers(layer).items():
+            assert torch.equal(weight_matrix(mod), expected[f"{i}.{n}"]), n
+    stats = report.linear_stats()
+    assert all("weight_rel_error" in s and "recon_error" not in s for s in stats.values())
+    assert report.calibration["data"] is None
+    # the calibrated path (a Hessian the methods ignore) gives the very same weights
+    monkeypatch.undo()
+    again = make_tiny("llama")
+    for i, layer in enumerate(decoder_layers(again)):
+        for n, mod in linear_layers(layer).items():
+            W = weight_matrix(mod)
+            H = torch.eye(W.shape[1])
+            assert torch.equal(compress_weight(W.clone(), H, 4, cfg).weight, expected[f"{i}.{n}"])

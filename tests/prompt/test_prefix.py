@@ -146,3 +146,29 @@ def test_soft_prompt_file_loads_as_before(tokenizer, tmp_path):
     save_prompt(tmp_path / "p.safetensors", art)
     back = load_prompt(tmp_path / "p.safetensors", _info(tokenizer))
     assert back.kind == "soft" and back.num_tokens == 3
+
+
+def test_prefix_kd_training_resumes_exactly(tokenizer, tmp_path):
+    from ctp.prompt.train import checkpoint_path_for
+
+    model, teacher = make_tiny("llama"), make_tiny("llama", seed=1)
+    pcfg = PromptConfig(num_tokens=3, kind="prefix")
+    cfg = TrainConfig(lr=3e-2, steps=6, eval_every=3, checkpoint_every=3, objective="mix", **FAST)
+    full, _ = train_prompt(model, tokenizer, _info(tokenizer), pcfg, cfg, out_path=tmp_path / "a.safetensors",
+                           progress=False, teacher=teacher)
+
+    def interrupt(step, hist, p):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train_prompt(model, tokenizer, _info(tokenizer), pcfg, cfg, out_path=out, progress=False, teacher=teacher,
+                     callback=interrupt)
+    assert checkpoint_path_for(out).exists()
+    with pytest.raises(CTPError, match="prompt settings"):  # a soft prompt cannot resume a prefix's checkpoint
+        train_prompt(model, tokenizer, _info(tokenizer), PromptConfig(num_tokens=3), cfg, out_path=out,
+                     progress=False, teacher=teacher)
+    resumed, hist = train_prompt(model, tokenizer, _info(tokenizer), pcfg, cfg, out_path=out, progress=False,
+                                 teacher=teacher)
+    assert hist.resumed_from == [3] and torch.equal(resumed.embeddings, full.embeddings)

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from ctp.errors import CTPError
-from ctp.io import atomic_write_json
-from ctp.models.load import DEFAULT_MODEL, NAMED_MODELS, default_device
+from ctp.models.names import DEFAULT_MODEL, NAMED_MODELS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,11 +34,17 @@ def load_options(args) -> dict:
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, metavar="P",
-                   help="a prompt to prepend: a ctp prompt file (.safetensors), or 'hard' for the paper's hard prompt")
+                   help="a prompt to prepend: a ctp prompt file (.safetensors), a PEFT adapter directory, or 'hard' "
+                        "for the paper's hard prompt")
+    p.add_argument("--allow-foreign-prompt", action="store_true",
+                   help="use a prompt learned on another base model (refused by default)")
 
 
 def device_of(args) -> str:
-    return args.device or default_device()
+    """``--device``, checked (an unknown name, or a GPU that is not there, is one line), else the default."""
+    from ctp.devices import check_device, default_device
+
+    return check_device(args.device) if args.device else default_device()
 
 
 def join_launch(args) -> str:
@@ -66,7 +71,7 @@ def parse_list(value: str, what: str) -> list[str]:
     return items
 
 
-def load_prompt_arg(spec: str | None, model, tokenizer, info):
+def load_prompt_arg(spec: str | None, model, tokenizer, info, args=None):
     """Resolve ``--prompt``: None, 'hard', or a prompt artifact checked against the model."""
     if spec is None:
         return None
@@ -77,7 +82,7 @@ def load_prompt_arg(spec: str | None, model, tokenizer, info):
     from ctp.lm import check_prompt
     from ctp.prompt.artifact import load_prompt
 
-    prompt = load_prompt(spec, info).embeddings
+    prompt = load_prompt(spec, info, allow_foreign=getattr(args, "allow_foreign_prompt", False)).embeddings
     check_prompt(model, prompt)  # a prefix's kv heads and head size must fit too
     return prompt
 
@@ -92,6 +97,8 @@ def check_json_out(args) -> None:
 
 def write_json(path: str | None, obj) -> None:
     if path:
+        from ctp.io import atomic_write_json
+
         atomic_write_json(Path(path), obj)
 
 

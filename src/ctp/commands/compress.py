@@ -14,6 +14,7 @@ is written.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ctp.commands.common import add_model_args, device_of, load_options, print_table
@@ -36,7 +37,7 @@ def register(sub) -> None:
                     "loadable by every ctp command (--model DIR) and stores codes and masks, not dense weights.",
     )
     add_model_args(p)
-    p.add_argument("--out", default=None, help="output directory (required)")
+    p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a CompressConfig as JSON or YAML (unknown keys rejected); flags override it")
     g = p.add_argument_group("pruning")
@@ -70,21 +71,51 @@ def register(sub) -> None:
 
 
 def _read_config_file(path: str) -> dict:
-    f = Path(path)
-    require(f.is_file(), f"config file {path} does not exist", "check the path")
-    text = f.read_text(encoding="utf-8")
-    try:
-        if f.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+    from ctp.io import read_config_file
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # yaml and json raise their own error types
-        raise CTPError(f"config file {path} cannot be parsed ({str(e).splitlines()[0]})",
-                       "write it as JSON or YAML") from e
+    data = read_config_file(path, "config file")
     require(isinstance(data, dict), f"config file {path} does not hold a mapping", "write key: value pairs")
     return data
+
+
+def _already_done(out: Path, cfg, model_spec: str) -> bool:
+    """True (with a message) when ``out`` already holds this recipe applied to this model by this ctp version."""
+    from ctp.compress.artifact import read_index
+    from ctp.compress.config import ALGORITHM_VERSION
+    from ctp.models.names import is_compressed_artifact
+
+    if not is_compressed_artifact(out):
+        return False
+    try:
+        index = read_index(out)
+    except CTPError:
+        return False  # damaged: compressed again and replaced
+    source = (index.get("source") or {}).get("spec")
+    same = (index.get("config") == cfg.to_dict() and source == model_spec
+            and index.get("algorithm_version") == ALGORITHM_VERSION)
+    if same:
+        print(f"{out} already holds {cfg.label()} of {model_spec}: nothing to do (pass --no-resume to compress again)")
+    else:
+        logging.getLogger(__name__).warning("%s holds another compressed model (%s of %s); it will be replaced",
+                                            out, index.get("label"), source)
+    return same
+
+
+def _mean_weight_error(report) -> float:
+    errs = [s["weight_rel_error"] for s in report.linear_stats().values() if "weight_rel_error" in s]
+    return sum(errs) / len(errs) if errs else float("nan")
+
+
+def _bits_explained(cfg, storage: dict) -> str:
+    """What the stored bits per compressed weight are made of, e.g. '32-bit kept values + 1-bit mask'."""
+    parts = []
+    if cfg.quant is not None:
+        parts.append(f"{cfg.quant.bits}-bit codes + scales/zeros per group")
+    else:
+        parts.append(f"{storage.get('dense_dtype', 'float32')} kept values")
+    if cfg.prune is not None:
+        parts.append("1-bit mask")
+    return " + ".join(parts)
 
 
 def _parse_nm(value: str) -> tuple[int, int]:
@@ -150,17 +181,19 @@ def run(args) -> int:
     from ctp.compress.driver import compress_model
     from ctp.io import check_output
     from ctp.models.load import load_model, parse_dtype
+    from ctp.models.names import is_compressed_artifact
 
-    require(args.out is not None, "--out is required", "pass --out DIR for the compressed model")
     require(args.save_dtype in _SAVE_DTYPES, f"unknown --save-dtype {args.save_dtype!r}",
             f"use one of {', '.join(_SAVE_DTYPES)}")
     require(args.calib_batch >= 1, f"--calib-batch {args.calib_batch} must be at least 1", "use e.g. 8")
     cfg = build_config(args)
     out = check_output(args.out, args.model, directory=True)
-    require(not (out.exists() and any(out.iterdir()) and not (out / "ctp_compression.json").is_file()),
+    require(not (out.exists() and any(out.iterdir()) and not is_compressed_artifact(out)),
             f"{out} is a non-empty directory that is not a ctp compressed model",
             "pass a new or empty directory for --out")
 
+    if args.resume and _already_done(out, cfg, args.model):
+        return 0
     model, tok, info = load_model(args.model, **load_options(args), device="cpu")  # blocks move to --device one by one
     partial = checkpoint_dir_for(out)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
@@ -174,18 +207,23 @@ def run(args) -> int:
         {"metric": "recipe", "value": report.label},
         {"metric": "model", "value": f"{info.spec} ({info.model_type})"},
         {"metric": "time", "value": f"{report.seconds:.1f} s"},
-        {"metric": "calibration", "value": f"{cfg.nsamples} x {cfg.seqlen} tokens of {cfg.calib_dataset} train"},
+        *([{"metric": "calibration", "value": f"{cfg.nsamples} x {cfg.seqlen} tokens of {cfg.calib_dataset} train"}]
+          if report.calibration.get("data", True) is not None else []),
         {"metric": "compressed linears", "value": f"{len(report.compressed)} ({report.n_params:,} weights)"},
         {"metric": "achieved sparsity", "value": f"{report.sparsity:.4f}"},
         {"metric": "bits", "value": str(report.bits or "-")},
-        {"metric": "bits per compressed weight", "value": f"{storage['linear_bits_per_weight']:.3f}"},
+        {"metric": "bits per compressed weight", "value": f"{storage['linear_bits_per_weight']:.3f} "
+                                                          f"({_bits_explained(cfg, storage)})"},
         {"metric": "weights on disk", "value": f"{_mb(weights)} (dense part {storage['dense_dtype']})"},
         {"metric": "dense fp16 size",
          "value": f"{_mb(storage['fp16_bytes'])} (x{weights / storage['fp16_bytes']:.3f})"},
         {"metric": f"dense {storage['model_dtype']} size",
          "value": f"{_mb(storage['original_bytes'])} (x{weights / storage['original_bytes']:.3f})"},
-        {"metric": "mean layer recon error", "value": f"{report.mean_recon_error:.4g}"},
-        {"metric": "mean relative recon error", "value": f"{report.mean_rel_error:.4g}"},
+        *([{"metric": "mean layer recon error", "value": f"{report.mean_recon_error:.4g}"},
+           {"metric": "mean relative recon error", "value": f"{report.mean_rel_error:.4g}"}]
+          if report.calibration.get("data", True) is not None else
+          [{"metric": "calibration", "value": "none (the method reads the weights alone)"},
+           {"metric": "mean relative weight error", "value": f"{_mean_weight_error(report):.4g}"}]),
         {"metric": "saved to", "value": str(out)},
     ]
     print_table(rows, ["metric", "value"])

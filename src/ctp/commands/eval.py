@@ -38,7 +38,7 @@ def run(args) -> int:
     device = join_launch(args)
     with main_first():  # a named model is converted into the cache once
         model, tok, info = load_model(args.model, **load_options(args), device=device)
-    prompt = load_prompt_arg(args.prompt, model, tok, info)
+    prompt = load_prompt_arg(args.prompt, model, tok, info, args)
     results = [
         perplexity(model, tok, d, args.split, args.seqlen, prompt=prompt, batch_size=args.batch_size,
                    max_windows=args.max_windows, source=args.data_source, progress=not args.quiet)

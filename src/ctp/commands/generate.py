@@ -49,10 +49,10 @@ def run(args) -> int:
         require(args.prompt not in (None, "hard"), "--compare needs a learned prompt to compare",
                 "pass --prompt P.safetensors (learned with ctp train-prompt)")
         variants = [("no prompt", None), ("hard prompt", hard_prompt(model, tok)),
-                    ("learned prompt", load_prompt_arg(args.prompt, model, tok, info))]
+                    ("learned prompt", load_prompt_arg(args.prompt, model, tok, info, args))]
     else:
         name = "no prompt" if args.prompt is None else ("hard prompt" if args.prompt == "hard" else "learned prompt")
-        variants = [(name, load_prompt_arg(args.prompt, model, tok, info))]
+        variants = [(name, load_prompt_arg(args.prompt, model, tok, info, args))]
 
     generators = [(name, PrefixCachedGenerator(model, tok, prompt)) for name, prompt in variants]
     results = []

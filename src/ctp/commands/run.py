@@ -20,7 +20,7 @@ def register(sub) -> None:
                     "x evaluations). Finished work is cached by content hash under the run directory, so a rerun "
                     "skips it and an interrupted run resumes. Ends with report.md, plots and results.json. "
                     f"Shipped experiment files: {names}.")
-    p.add_argument("experiment", nargs="?", default="demo",
+    p.add_argument("experiment", nargs="?", default=None,
                    help=f"an experiment file (.yaml/.json) or a shipped name ({names}); default: demo")
     p.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
     p.add_argument("--device", default=None, help="override the experiment's device")
@@ -34,6 +34,11 @@ def run(args) -> int:
     from ctp.experiments.runner import run_experiment
     from ctp.io import read_json
 
+    if args.experiment is None:
+        args.experiment = "demo"
+        if not args.report_only:
+            log.warning("no experiment file given: running the shipped demo (about 45 minutes on 2 CPU cores; "
+                        "results in runs/demo). Ctrl-C stops it; a rerun resumes.")
     cfg = load_experiment(args.experiment)
     if args.device:
         cfg.device = args.device

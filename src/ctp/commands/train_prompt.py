@@ -132,6 +132,30 @@ def load_teacher(given: str | None, info, tcfg, device=None, **load_options):
     return teacher
 
 
+def _already_trained(out: str, model_spec: str, pcfg, tcfg) -> bool:
+    """True (with a message) when ``out`` holds a finished prompt of these settings on this model."""
+    from pathlib import Path
+
+    from ctp.errors import CTPError
+    from ctp.prompt.artifact import load_prompt
+    from ctp.prompt.train import comparable_config
+
+    if not Path(out).is_file():
+        return False
+    try:
+        art = load_prompt(out)
+    except CTPError:
+        return False  # damaged: trained again and replaced
+    same = (art.model_spec == model_spec and art.prompt_config == pcfg.to_dict()
+            and comparable_config(art.train_config or {}) == comparable_config(tcfg.to_dict()))
+    if same:
+        print(f"{out} already holds this prompt ({art.shape_text()}, {art.steps} steps, best validation PPL "
+              f"{_fmt(art.best_val_ppl)}): nothing to do (pass --no-resume to train again)")
+    else:
+        logging.getLogger(__name__).warning("%s holds a prompt of other settings; it will be replaced", out)
+    return same
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
@@ -140,9 +164,8 @@ def run(args) -> int:
     from ctp.distributed import is_main, main_first
     from ctp.models.load import load_model
     from ctp.prompt.artifact import export_peft
-    from ctp.prompt.train import train_prompt
-
     from ctp.io import check_output
+    from ctp.prompt.train import train_prompt
 
     require(args.out.endswith(".safetensors"), f"--out {args.out} should end in .safetensors",
             "pass e.g. --out prompt.safetensors")
@@ -152,6 +175,8 @@ def run(args) -> int:
     if args.json:
         check_output(args.json, args.model, args.teacher, args.out, flag="--json")
     pcfg, tcfg = build_configs(args)
+    if not args.no_resume and _already_trained(args.out, args.model, pcfg, tcfg):
+        return 0
     device = join_launch(args)
     with main_first():  # a named model is converted into the cache once
         model, tok, info = load_model(args.model, **load_options(args), device=device)

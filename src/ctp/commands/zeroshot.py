@@ -50,7 +50,7 @@ def run(args) -> int:
         settings = [args.prompt or "none"]
     rows, records = [], []
     for setting in settings:
-        prompt = load_prompt_arg(None if setting == "none" else setting, model, tok, info)
+        prompt = load_prompt_arg(None if setting == "none" else setting, model, tok, info, args)
         results = evaluate_tasks(model, tok, tasks, prompt=prompt, limit=args.limit, batch_size=args.batch_size,
                                  progress=not args.quiet, max_length=args.max_length)
         for r in results:

@@ -11,7 +11,8 @@
 from ctp.compress.artifact import load_compressed, save_compressed
 from ctp.compress.checkpoint import discard_checkpoint
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
-from ctp.compress.driver import CompressionReport, compress_model
+from ctp.compress.driver import compress_model
+from ctp.compress.report import CompressionReport
 from ctp.compress.registry import CompressedWeight, compress_weight
 
 __all__ = [

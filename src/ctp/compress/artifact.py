@@ -54,13 +54,15 @@ from torch import Tensor, nn
 from ctp.compress.config import ALGORITHM_VERSION, CompressConfig
 from ctp.compress.quant import dequantize, max_code, pack_int, pack_mask, unpack_int, unpack_mask
 from ctp.compress.registry import CompressedWeight
+from ctp.compress.report import CompressionReport
 from ctp.errors import CTPError
 from ctp.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from ctp.models.adapter import set_weight_matrix, weight_matrix
+from ctp.models.names import COMPRESSED_MARKER
 
 log = logging.getLogger(__name__)
 
-MARKER = "ctp_compression.json"  # same name as ctp.models.load.COMPRESSED_MARKER
+MARKER = COMPRESSED_MARKER
 FORMAT_VERSION = 1
 DENSE_FILE = "dense.safetensors"
 COMPRESSED_FILE = "compressed.safetensors"
@@ -189,7 +191,7 @@ def save_compressed(
 ) -> dict:
     """Write the compressed ``model`` as an artifact directory; returns its storage summary.
 
-    ``report_or_cfg`` is a :class:`~ctp.compress.driver.CompressionReport` (its config,
+    ``report_or_cfg`` is a :class:`~ctp.compress.report.CompressionReport` (its config,
     summary and full report are recorded) or a :class:`CompressConfig`. ``compressed``
     maps full module names to what :func:`~ctp.compress.driver.compress_model` produced
     (default: the report's ``compressed``; ``save_compressed(model, tok, report, out_dir)``
@@ -198,8 +200,6 @@ def save_compressed(
     in another precision; then the loaded model matches the in-memory one cast to it.
     ``source`` (e.g. ``ModelInfo.to_dict()``) records where the model came from.
     """
-    from ctp.compress.driver import CompressionReport
-
     if out_dir is None and isinstance(compressed, (str, Path)):
         compressed, out_dir = None, compressed
     if out_dir is None:

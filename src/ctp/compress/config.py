@@ -40,6 +40,7 @@ from ctp.errors import CTPError
 ALGORITHM_VERSION = 2
 
 PRUNE_METHODS = ("sparsegpt", "magnitude", "wanda")
+MIN_SPARSITY = 1 / 32  # below it, fp32 values of the kept weights + a 1-bit mask take more than dense fp32
 QUANT_METHODS = ("gptq", "rtn")
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -104,6 +105,7 @@ class PruneConfig:
             raise CTPError(f"unknown prune method {self.method!r}", f"use one of: {', '.join(PRUNE_METHODS)}")
         if not _is_number(self.sparsity) or not 0 < self.sparsity < 1:
             raise CTPError(f"sparsity {self.sparsity!r} is outside (0, 1)", "pass a fraction such as 0.5")
+
         _check_int("prune_n", self.prune_n, low=0, fix="use 0 for unstructured pruning or e.g. 2 for 2:4")
         _check_int("prune_m", self.prune_m, low=0, fix="use 0 for unstructured pruning or e.g. 4 for 2:4")
         _check_int("blocksize", self.blocksize, low=1, fix="use a positive column count such as 128")
@@ -247,6 +249,10 @@ class CompressConfig:
             raise CTPError(f"quant must be a quant config, got {type(self.quant).__name__}", "pass a mapping or null")
         if self.prune is None and self.quant is None:
             raise CTPError("nothing to compress: neither prune nor quant is set", "give a prune and/or a quant config")
+        if self.prune is not None and self.quant is None and self.prune.sparsity < MIN_SPARSITY:
+            raise CTPError(f"sparsity {self.prune.sparsity} removes almost nothing, and the 1-bit mask then costs more "
+                           f"than it saves (below {MIN_SPARSITY:.4f}, 32-bit kept values + mask exceed dense fp32)",
+                           "pass a sparsity of 0.05 or more, or quantize instead")
         _check_int("nsamples", self.nsamples, low=1, fix="use e.g. 128 calibration sequences")
         _check_int("seqlen", self.seqlen, low=1, fix="use e.g. 2048 tokens")
         _check_int("seed", self.seed, low=0, fix="use a non-negative integer")

@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ctp.compress.config import CompressConfig
+from ctp.compress.report import CompressionReport
 from ctp.compress.kernels import accumulate_hessian
-from ctp.compress.registry import CompressedWeight, compress_weight
+from ctp.compress.registry import CompressedWeight, compress_weight, needs_calibration
 from ctp.errors import require
 from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
                                 set_weight_matrix, weight_matrix)
@@ -115,57 +116,6 @@ def _drop_caches(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- report
-
-
-@dataclass
-class CompressionReport:
-    """What a compression run did: config, per-layer / per-linear statistics and totals.
-
-    ``compressed`` maps each compressed module's full name to its
-    :class:`~ctp.compress.registry.CompressedWeight` (codes, masks, scales: what the
-    artifact stores); it is not part of :meth:`to_dict`.
-    """
-
-    config: dict
-    label: str
-    model_type: str
-    calibration: dict
-    layers: list[dict] = field(default_factory=list)  # per block: index, seconds, linears {name: stats}
-    seconds: float = 0.0
-    sparsity: float = 0.0  # achieved pruned fraction (by mask) over all compressed linears
-    zero_fraction: float = 0.0  # exact zeros in the compressed linears (pruned or rounded to 0)
-    bits: int | None = None
-    n_params: int = 0  # weights in the compressed linears
-    mean_recon_error: float = float("nan")  # mean of trace((W-W')H(W-W')^T) over linears
-    mean_rel_error: float = float("nan")  # mean of recon_error / trace(W H W^T)
-    compressed: dict[str, CompressedWeight] = field(default_factory=dict, repr=False)
-
-    def linear_stats(self) -> dict[str, dict]:
-        """Flat ``{module name: stats}`` over all blocks."""
-        return {name: s for layer in self.layers for name, s in layer["linears"].items()}
-
-    def summary(self) -> dict:
-        """The headline numbers (no per-linear detail)."""
-        return {
-            "label": self.label,
-            "model_type": self.model_type,
-            "seconds": self.seconds,
-            "sparsity": self.sparsity,
-            "zero_fraction": self.zero_fraction,
-            "bits": self.bits,
-            "n_params": self.n_params,
-            "n_linears": len(self.linear_stats()),
-            "mean_recon_error": self.mean_recon_error,
-            "mean_rel_error": self.mean_rel_error,
-        }
-
-    def to_dict(self) -> dict:
-        return {
-            "config": self.config,
-            "calibration": self.calibration,
-            **self.summary(),
-            "layers": self.layers,
-        }
 
 
 # --------------------------------------------------------------------------- capture
@@ -339,6 +289,22 @@ def _compress_group(
     return out
 
 
+@torch.no_grad()
+def _compress_data_free(layer: nn.Module, cfg: CompressConfig) -> dict[str, tuple[CompressedWeight, dict]]:
+    """Compress every linear of ``layer`` from its weights alone (no inputs, no Hessian)."""
+    out = {}
+    for n, mod in linear_layers(layer).items():
+        W = weight_matrix(mod)
+        t0 = time.perf_counter()
+        cw = compress_weight(W, None, 0, cfg)
+        set_weight_matrix(mod, cw.weight)
+        stats = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                 for k, v in cw.stats.items()}
+        stats.update(seconds=time.perf_counter() - t0, bits=cw.bits, shape=list(cw.weight.shape), n_samples=0)
+        out[n] = (cw, stats)
+    return out
+
+
 def compress_model(
     model: nn.Module,
     tokenizer,
@@ -365,7 +331,7 @@ def compress_model(
     (a rerun then only restores it); remove it with
     :func:`ctp.compress.checkpoint.discard_checkpoint` once the artifact is saved.
     """
-    from ctp.models.load import default_device
+    from ctp.devices import default_device
 
     require(chunk >= 1, f"chunk {chunk} must be at least 1", "pass a positive number of windows per forward")
     device = torch.device(device or default_device())
@@ -374,9 +340,14 @@ def compress_model(
     _check_widths(model, cfg)
     t_start = time.perf_counter()
 
-    seqlen = calib_ids.shape[-1] if calib_ids is not None else cfg.seqlen
-    check_positions(model, seqlen, f"a calibration window of {seqlen} tokens", "use a shorter --seqlen")
-    windows, calib = _calibration(tokenizer, cfg, calib_ids)
+    data = needs_calibration(cfg)  # magnitude / rtn alone run straight on the weights
+    if data:
+        seqlen = calib_ids.shape[-1] if calib_ids is not None else cfg.seqlen
+        check_positions(model, seqlen, f"a calibration window of {seqlen} tokens", "use a shorter --seqlen")
+        windows, calib = _calibration(tokenizer, cfg, calib_ids)
+    else:
+        windows = torch.zeros(0, 0, dtype=torch.long)
+        calib = {"data": None, "why": f"{cfg.label()} reads the weights alone: no calibration data"}
     was_training = model.training
     model.eval()
     report = CompressionReport(config=cfg.to_dict(), label=cfg.label(), model_type=model.config.model_type,
@@ -399,7 +370,7 @@ def compress_model(
              len(layers) - start, cfg.label(), device, windows.shape[0], windows.shape[1])
 
     inps: list[Tensor] = []
-    if start < len(layers):
+    if start < len(layers) and data:
         inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks
         inps = ckpt.load_inputs(device) if start else [h.to(device) for h in inps]
         calls = _calls_to(calls, device)
@@ -412,11 +383,14 @@ def compress_model(
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
-        groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
         results: dict[str, tuple[CompressedWeight, dict]] = {}
-        for names in groups:
-            results.update(_compress_group(layer, names, calls[i], inps, cfg))
-        inps = _run_block(layer, calls[i], inps)  # compressed outputs feed the next block
+        if data:
+            groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
+            for names in groups:
+                results.update(_compress_group(layer, names, calls[i], inps, cfg))
+            inps = _run_block(layer, calls[i], inps)  # compressed outputs feed the next block
+        else:
+            results = _compress_data_free(layer, cfg)
         layer.to(home)
 
         linears, records = {}, {}

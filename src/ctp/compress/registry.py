@@ -32,6 +32,7 @@ Quantizer = Callable[[Tensor, Tensor | None, int, QuantConfig, Tensor | None], K
 
 _PRUNERS: dict[str, Pruner] = {}
 _QUANTIZERS: dict[str, Quantizer] = {}
+_DATA_FREE: set[str] = set()  # methods that read the weights alone: no calibration data, no Hessian
 
 
 @dataclass
@@ -71,17 +72,21 @@ class CompressedWeight:
         return w if self.mask is None else w * self.mask
 
 
-def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
+def register_pruner(name: str, data_free: bool = False) -> Callable[[Pruner], Pruner]:
     def deco(fn: Pruner) -> Pruner:
         _PRUNERS[name] = fn
+        if data_free:
+            _DATA_FREE.add(f"prune:{name}")
         return fn
 
     return deco
 
 
-def register_quantizer(name: str) -> Callable[[Quantizer], Quantizer]:
+def register_quantizer(name: str, data_free: bool = False) -> Callable[[Quantizer], Quantizer]:
     def deco(fn: Quantizer) -> Quantizer:
         _QUANTIZERS[name] = fn
+        if data_free:
+            _DATA_FREE.add(f"quant:{name}")
         return fn
 
     return deco
@@ -92,13 +97,21 @@ def registered_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(_PRUNERS), tuple(_QUANTIZERS)
 
 
+def needs_calibration(cfg: CompressConfig) -> bool:
+    """Whether the recipe reads calibration data (a Hessian or input norms); magnitude and rtn alone do not."""
+    if cfg.joint:
+        return True
+    return ((cfg.prune is not None and f"prune:{cfg.prune.method}" not in _DATA_FREE)
+            or (cfg.quant is not None and f"quant:{cfg.quant.method}" not in _DATA_FREE))
+
+
 def _need_h(H: Tensor | None, method: str) -> Tensor:
     if H is None:
         raise ValueError(f"{method} needs the layer-input Hessian H")
     return H
 
 
-@register_pruner("magnitude")
+@register_pruner("magnitude", data_free=True)
 def _magnitude(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
     return K.magnitude_prune(W, cfg.sparsity, cfg.prune_n, cfg.prune_m)
 
@@ -116,7 +129,7 @@ def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.Kerne
     )
 
 
-@register_quantizer("rtn")
+@register_quantizer("rtn", data_free=True)
 def _rtn(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> K.KernelResult:
     return K.rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, mask=mask)
 
@@ -192,6 +205,9 @@ def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressC
     stats["zero_fraction"] = float((weight == 0).float().mean())
     if H is not None:
         stats["recon_error"] = K.reconstruction_error(W, weight, H.to(W.device))
+    else:  # data-free: the weight's own relative error ||W - W'||^2 / ||W||^2
+        ref = W.float()
+        stats["weight_rel_error"] = float(((ref - weight.float()) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
     return CompressedWeight(
         weight=weight,
         mask=res.mask,
@@ -210,6 +226,7 @@ __all__ = [
     "Pruner",
     "Quantizer",
     "compress_weight",
+    "needs_calibration",
     "register_pruner",
     "register_quantizer",
     "registered_methods",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from ctp.data.corpora import corpus_ids, eval_windows
 from ctp.models.adapter import check_positions
+from ctp.errors import require
 from ctp.eval.stats import mean_ci
 from ctp.lm import check_prompt, prompt_length, window_nlls
 
@@ -66,6 +67,10 @@ def perplexity(
     """Perplexity of ``model`` (with ``prompt`` prepended, if given) on one split of a corpus."""
     t0 = time.perf_counter()
     k = prompt_length(prompt)
+    require(max_windows is None or max_windows >= 1, f"max windows {max_windows} must be at least 1",
+            "pass --max-windows 1 or more, or leave it out for the whole split")
+    require(batch_size >= 1, f"batch size {batch_size} must be at least 1", "pass --batch-size 1 or more")
+    require(seqlen >= 2, f"seqlen {seqlen} is too short", "pass --seqlen 2 or more")
     check_prompt(model, prompt)
     check_positions(model, seqlen + k, f"a window of {seqlen} tokens" + (f" after a prompt of {k}" if k else ""),
                     "use a shorter --seqlen" + (" or a shorter prompt" if k else ""))

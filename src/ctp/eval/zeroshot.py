@@ -47,6 +47,7 @@ from ctp.errors import CTPError, require
 from ctp.eval.tasks import Item, get_task, load_items
 from ctp.eval.stats import mean_stderr
 from ctp.lm import check_prompt, prefix_cache as build_prefix_cache, prompt_inputs, prompt_length
+from ctp.models.adapter import check_positions
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,12 @@ def evaluate_tasks(
     """
     specs = [get_task(t) for t in tasks]
     k = prompt_length(prompt)
+    require(limit is None or limit >= 1, f"limit {limit} must be at least 1", "pass --limit 1 or more, or none")
+    require(batch_size >= 1, f"batch size {batch_size} must be at least 1", "pass --batch-size 1 or more")
+    if max_length is not None:
+        require(max_length > k, f"max length {max_length} leaves no room after a prompt of {k} tokens",
+                f"pass --max-length above {k}, or leave it out for the model's own")
+        check_positions(model, max_length, f"max length {max_length}", "pass a smaller --max-length, or leave it out")
     was_training = model.training
     model.eval()
     results = []

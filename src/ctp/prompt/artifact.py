@@ -35,6 +35,7 @@ from torch import nn
 from ctp.errors import CTPError, require
 from ctp.io import atomic_dir, load_tensors, read_json, save_tensors
 from ctp.lm import PREFIX, SOFT, prompt_kind, prompt_length
+from ctp.models.load import embedding_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class PromptArtifact:
     num_layers: int | None = None
     tokenizer_hash: str | None = None
     embedding_hash: str | None = None  # sha256 prefix of the input-embedding matrix
+    base_hash: str | None = None  # embedding fingerprint of the uncompressed base model (None: unknown)
     compression: dict | None = None  # the compression config of the model it was learned on (None: uncompressed)
     data: dict | None = None  # CorpusRef of the training text
     validation: dict | None = None  # CorpusRef of the validation text used to pick the best prompt
@@ -105,16 +107,6 @@ class PromptArtifact:
         return cls(embeddings=embeddings, **{k: v for k, v in meta.items() if k in known})
 
 
-@torch.no_grad()
-def embedding_fingerprint(model: nn.Module) -> str:
-    """A short SHA-256 of the input-embedding matrix (cheap: one pass over its bytes)."""
-    w = model.get_input_embeddings().weight.detach().contiguous().cpu()
-    h = hashlib.sha256()
-    h.update(f"{w.dtype}{tuple(w.shape)}".encode())
-    h.update(w.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def artifact_for(model: nn.Module, info, embeddings: torch.Tensor, **meta) -> PromptArtifact:
     """A :class:`PromptArtifact` for ``embeddings`` learned on ``model`` (described by a ``ModelInfo``)."""
     return PromptArtifact(
@@ -127,6 +119,7 @@ def artifact_for(model: nn.Module, info, embeddings: torch.Tensor, **meta) -> Pr
         num_layers=info.num_layers,
         tokenizer_hash=info.tokenizer_hash,
         embedding_hash=embedding_fingerprint(model),
+        base_hash=getattr(info, "base_hash", None),
         compression=info.compression,
         **meta,
     )
@@ -152,8 +145,12 @@ def save_prompt(path: str | Path, art: PromptArtifact) -> Path:
     return save_tensors(path, {TENSOR_KEY: emb}, metadata=meta, kind=KIND)
 
 
-def check_compatible(art: PromptArtifact, info, where: str = "the prompt") -> None:
-    """Raise :class:`CTPError` if ``art`` cannot be used with the model ``info`` describes; warn on transfers."""
+def check_compatible(art: PromptArtifact, info, where: str = "the prompt", allow_foreign: bool = False) -> None:
+    """Raise :class:`CTPError` if ``art`` cannot be used with the model ``info`` describes; warn on transfers.
+
+    A prompt from another base model (another embedding fingerprint of the uncompressed base) is refused
+    unless ``allow_foreign``; another compression of the same base is a transfer (a warning).
+    """
     if art.kind == PREFIX:
         layers = int(art.embeddings.shape[1])
         require(layers == info.num_layers,
@@ -179,6 +176,18 @@ def check_compatible(art: PromptArtifact, info, where: str = "the prompt") -> No
         )
     if art.model_type is not None and art.model_type != info.model_type:
         log.warning("%s was learned on a %s model and is used with a %s model", where, art.model_type, info.model_type)
+    base = getattr(info, "base_hash", None)
+    if art.base_hash is None:
+        log.warning("%s records no base-model fingerprint (a PEFT adapter made elsewhere, or an older prompt): "
+                    "cannot check it was learned on the base of model '%s'", where, info.spec)
+    elif base is not None and art.base_hash != base:
+        if not allow_foreign:
+            raise CTPError(f"{where} was learned on another base model ({art.model_spec}, base fingerprint "
+                           f"{art.base_hash}) than model '{info.spec}' (base {base})",
+                           "learn a prompt on this model, or pass --allow-foreign-prompt to use it on purpose")
+        log.warning("%s comes from another base model (%s): used on purpose (--allow-foreign-prompt)", where,
+                    art.model_spec)
+        return
     if (art.compression or None) != (info.compression or None):
         log.warning(
             "%s was learned on a model with compression %s and is used with compression %s: "
@@ -195,7 +204,7 @@ def _describe_compression(c: dict | None) -> str:
     return str(label) if label else json.dumps(c.get("config", c), sort_keys=True, default=str)
 
 
-def load_prompt(path: str | Path, model_info=None) -> PromptArtifact:
+def load_prompt(path: str | Path, model_info=None, allow_foreign: bool = False) -> PromptArtifact:
     """Read a prompt file (or a PEFT prompt-tuning directory) and, given a ``ModelInfo``, check it fits the model.
 
     Raises :class:`CTPError` when the file is missing, damaged or modified (checksum),
@@ -216,7 +225,7 @@ def load_prompt(path: str | Path, model_info=None) -> PromptArtifact:
                 f"{prompt_length(emb)} {prompt_kind(emb)}", "the file is damaged: recreate it")
         art = PromptArtifact.from_parts(emb, meta)
     if model_info is not None:
-        check_compatible(art, model_info, where=f"prompt {path}")
+        check_compatible(art, model_info, where=f"prompt {path}", allow_foreign=allow_foreign)
     return art
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ctp.errors import require
+from ctp.models.adapter import check_positions
 from ctp.lm import check_prompt, prefix_cache, prompt_inputs, prompt_length
 
 
@@ -154,6 +155,9 @@ class PrefixCachedGenerator:
         require(input_ids.dim() == 1 and input_ids.numel() > 0, "the input must be a non-empty 1-D id tensor",
                 "pass token ids of shape (T,)")
         model, dev = self.model, self.device
+        total = self.prompt_tokens + int(input_ids.numel()) + cfg.max_new_tokens
+        check_positions(model, total, f"prompt ({self.prompt_tokens}) + question ({input_ids.numel()}) + "
+                        f"new tokens ({cfg.max_new_tokens})", "pass a smaller --max-new-tokens")
         gen = None if cfg.greedy else torch.Generator().manual_seed(cfg.seed)
         cache = copy.deepcopy(self._cache) if self._cache is not None else None
         ids = input_ids.to(dev).unsqueeze(0)  # (1, T)

@@ -48,7 +48,8 @@ from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, sampl
 from ctp.errors import CTPError, check_field_types, require
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
-from ctp.prompt.artifact import PromptArtifact, artifact_for, embedding_fingerprint, save_prompt
+from ctp.models.load import embedding_fingerprint
+from ctp.prompt.artifact import PromptArtifact, artifact_for, save_prompt
 from ctp.lm import teacher_logprobs, token_kl, token_nll, window_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
 
@@ -288,7 +289,7 @@ def _save_checkpoint(path: Path, prompt: nn.Parameter, best: torch.Tensor, opt: 
     save_tensors(path, tensors, metadata=meta, kind=CHECKPOINT_KIND)
 
 
-def _comparable(cfg: dict) -> dict:
+def comparable_config(cfg: dict) -> dict:
     # max_minutes only bounds one run's wall time and checkpoint_every only when state is saved:
     # neither changes the prompt a finished run reaches.
     return {k: v for k, v in cfg.items() if k not in ("max_minutes", "checkpoint_every")}
@@ -308,7 +309,7 @@ def _load_checkpoint(path: Path, identity: dict, prompt_cfg: PromptConfig, train
     if meta.get("prompt_config") != prompt_cfg.to_dict():
         raise CTPError(f"checkpoint {path} was made with prompt settings {meta.get('prompt_config')}, "
                        f"not {prompt_cfg.to_dict()}", fix)
-    saved_cfg, cfg = _comparable(meta.get("train_config", {})), _comparable(train_cfg.to_dict())
+    saved_cfg, cfg = comparable_config(meta.get("train_config", {})), comparable_config(train_cfg.to_dict())
     if saved_cfg != cfg:
         diff = ", ".join(f"{k} {saved_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in sorted(set(saved_cfg) | set(cfg))
                          if saved_cfg.get(k) != cfg.get(k))

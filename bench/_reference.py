@@ -18,6 +18,9 @@
   independently of :func:`ctp.compress.kernels.prepare_hessian` (no retries, no act-order).
   The quantization grid itself (min/max, rounding) is the library's definition,
   imported from :mod:`ctp.compress.quant`.
+* :func:`rtn_nearest`: round-to-nearest written as the GPTQ reference code's ``--nearest`` path does
+  it: a loop over the linears of every block, each row (or group) quantized on its min/max grid
+  (zero included), with no calibration data.
 * :func:`hessian_per_sample`: GPTQ's ``add_batch`` called once per calibration sequence.
 * :func:`hessian_per_token`: the definition ``H = 2/n sum_t x_t x_t^T``, one rank-1 update
   per token.
@@ -118,3 +121,28 @@ def hessian_per_token(X: Tensor) -> Tensor:
     for x in X.reshape(-1, d).float():  # (in,)
         H.addr_(x, x)
     return H.mul_(2 / X.shape[0])
+
+
+@torch.no_grad()
+def rtn_nearest(weights: list[Tensor], bits: int, group_size: int) -> list[Tensor]:
+    """Round-to-nearest of each (out, in) weight, groups of ``group_size`` columns (-1: per row), as the
+    GPTQ reference's ``--nearest`` does: grid from each group's min/max widened to include 0."""
+    maxq = 2**bits - 1
+    out = []
+    for W in weights:
+        W = W.float()
+        Q = torch.empty_like(W)
+        g = W.shape[1] if group_size == -1 else group_size
+        for c in range(0, W.shape[1], g):
+            w = W[:, c:c + g]
+            xmin = torch.minimum(w.min(1).values, torch.zeros(w.shape[0]))
+            xmax = torch.maximum(w.max(1).values, torch.zeros(w.shape[0]))
+            same = (xmin == 0) & (xmax == 0)
+            xmin[same], xmax[same] = -1, 1
+            scale = ((xmax - xmin) / maxq).unsqueeze(1)
+            zero = torch.round(-xmin / scale.squeeze(1)).unsqueeze(1)
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            Q[:, c:c + g] = scale * (q - zero)
+        out.append(Q)
+    return out
+

@@ -180,8 +180,10 @@ def bench_hessian(nsamples, seqlen, d, repeats, per_token_samples, device, chunk
     return out
 
 
-def bench_model(spec: str, nsamples: int, seqlen: int, device: torch.device) -> list[dict[str, Any]]:
-    """Time :func:`ctp.compress.compress_model` for 50% SparseGPT and 4-bit GPTQ on ``spec``."""
+def bench_model(spec: str, nsamples: int, seqlen: int, device: torch.device,
+                which: str = "sparsegpt,gptq,rtn,magnitude") -> list[dict[str, Any]]:
+    """Time :func:`ctp.compress.compress_model` on ``spec``: 50% SparseGPT and 4-bit GPTQ (calibrated), RTN 4-bit
+    in groups of 64 and 50% magnitude (data-free), and the reference's RTN loop on the same weights."""
     from ctp.compress import CompressConfig, PruneConfig, QuantConfig, compress_model
     from ctp.models.load import load_model
 
@@ -191,7 +193,20 @@ def bench_model(spec: str, nsamples: int, seqlen: int, device: torch.device) -> 
                                                          seqlen=seqlen),
         f"gptq{BITS}": CompressConfig(quant=QuantConfig(bits=BITS), nsamples=nsamples, seqlen=seqlen),
     }
+    # data-free methods: no calibration pass (nsamples/seqlen unused)
+    recipes[f"rtn{BITS}g64"] = CompressConfig(quant=QuantConfig(method="rtn", bits=BITS, group_size=64))
+    recipes[f"magnitude{int(SPARSITY * 100)}"] = CompressConfig(prune=PruneConfig(method="magnitude",
+                                                                                  sparsity=SPARSITY))
+    recipes = {k: v for k, v in recipes.items() if any(k.startswith(w) for w in which.split(","))}
     out = []
+    from bench._reference import rtn_nearest
+    from ctp.models.adapter import decoder_layers, linear_layers, weight_matrix
+
+    weights = [weight_matrix(mod) for layer in decoder_layers(model) for mod in linear_layers(layer).values()]
+    t0 = time.perf_counter()
+    rtn_nearest(weights, BITS, 64)
+    out.append({"model": spec, "recipe": f"reference rtn{BITS}g64 (--nearest loop)", "blocks": len(decoder_layers(model)),
+                "linears": len(weights), "seconds": time.perf_counter() - t0})
     for label, cfg in recipes.items():
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
@@ -283,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hessian", default="32x512x576", help="nsamples x seqlen x width ('none' to skip)")
     p.add_argument("--per-token-samples", type=int, default=2, help="sequences in the per-token Hessian baseline")
     p.add_argument("--model", default=None, help="also time compress_model on this model (e.g. smollm2-135m)")
+    p.add_argument("--model-recipes", default="sparsegpt,gptq,rtn,magnitude",
+                   help="which whole-model recipes to time (comma separated)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     args = p.parse_args(argv)
@@ -308,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n, T, d = (int(x) for x in args.hessian.lower().split("x"))
         hessian = bench_hessian(n, T, d, args.repeats, args.per_token_samples, device)
     result["hessian"] = hessian
-    result["model"] = bench_model(args.model, args.nsamples, args.seqlen, device) if args.model else None
+    result["model"] = (bench_model(args.model, args.nsamples, args.seqlen, device, args.model_recipes)
+                       if args.model else None)
     calibs = tuple(dict.fromkeys([(128, 2048), (args.nsamples, args.seqlen)]))  # the paper's, and this run's
     result["llama7b"] = {clock: extrapolate_7b(kernels, prep, big_shape, hessian, calibs, clock)
                          for clock in ("cpu", "wall")}

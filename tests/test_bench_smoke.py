@@ -72,9 +72,18 @@ def test_compress_speed_smoke(capsys):
 def test_compress_speed_model_section(tiny_dir):
     r = compress_speed.main(["--shapes", "none", "--big", "none", "--hessian", "none", "--model", tiny_dir,
                              "--nsamples", "2", "--seqlen", "16"])
-    assert [m["recipe"] for m in r["model"]] == ["sparsegpt50", "gptq4"]
-    for m in r["model"]:
+    assert [m["recipe"] for m in r["model"]] == ["reference rtn4g64 (--nearest loop)", "sparsegpt50", "gptq4",
+                                                 "rtn4g64", "magnitude50"]
+    for m in r["model"][1:]:
         assert m["blocks"] == 2 and m["linears"] == 14 and 0 < m["kernel_seconds"] <= m["seconds"]
+
+
+def test_reference_rtn_loop_gives_ctps_rtn_weights():
+    from bench._reference import rtn_nearest
+
+    W = 0.02 * torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    for group in (-1, 64):
+        assert torch.equal(rtn_nearest([W], 4, group)[0], K.rtn_quantize(W, 4, group, sym=False).weight)
 
 
 def test_int_kernels_match_dequantized_matmul():

@@ -123,7 +123,8 @@ def test_block_call_accepts_tuple_outputs_and_slices_batch_arguments():
 
 
 def layer0_errors(model, cfg):
-    report = run(model, cfg)
+    report = compress_model(model, None, cfg, device="cpu", calib_ids=calib(), progress=False, chunk=3,
+                            output_error=True)
     return {n.split(".", 3)[-1]: s["recon_error"] for n, s in report.layers[0]["linears"].items()}
 
 

@@ -315,6 +315,7 @@ def compress_model(
     chunk: int = DEFAULT_CHUNK,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
+    output_error: bool = False,
 ) -> CompressionReport:
     """Compress every linear layer of every decoder block of ``model`` in place.
 
@@ -330,6 +331,11 @@ def compress_model(
     a checkpoint made with anything else is discarded. The checkpoint is left in place
     (a rerun then only restores it); remove it with
     :func:`ctp.compress.checkpoint.discard_checkpoint` once the artifact is saved.
+
+    Methods that read the weights alone (magnitude pruning, round-to-nearest) run without
+    calibration data and report each linear's relative weight error; ``output_error=True``
+    runs the calibration pass anyway to report their output error ``trace((W-W')H(W-W')^T)``
+    (the weights are the same either way).
     """
     from ctp.devices import default_device
 
@@ -340,7 +346,7 @@ def compress_model(
     _check_widths(model, cfg)
     t_start = time.perf_counter()
 
-    data = needs_calibration(cfg)  # magnitude / rtn alone run straight on the weights
+    data = output_error or needs_calibration(cfg)  # magnitude / rtn alone run straight on the weights
     if data:
         seqlen = calib_ids.shape[-1] if calib_ids is not None else cfg.seqlen
         check_positions(model, seqlen, f"a calibration window of {seqlen} tokens", "use a shorter --seqlen")
@@ -366,8 +372,8 @@ def compress_model(
             report.layers.append(entry)
         if start:
             log.info("resuming from %s: blocks 0-%d restored", checkpoint_dir, start - 1)
-    log.info("compressing %d blocks with %s on %s (%d calibration windows of %d tokens)",
-             len(layers) - start, cfg.label(), device, windows.shape[0], windows.shape[1])
+    log.info("compressing %d blocks with %s on %s (%s)", len(layers) - start, cfg.label(), device,
+             f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
     inps: list[Tensor] = []
     if start < len(layers) and data:

@@ -142,6 +142,8 @@ def save_prompt(path: str | Path, art: PromptArtifact) -> Path:
     meta = art.metadata()
     meta["num_tokens"] = prompt_length(emb)
     meta["kind"] = prompt_kind(emb)
+    if meta["kind"] == PREFIX:  # the cache shape it fits: (2, layers, kv_heads, k, head_dim)
+        meta.update(prefix_layers=int(emb.shape[1]), kv_heads=int(emb.shape[2]), head_dim=int(emb.shape[4]))
     return save_tensors(path, {TENSOR_KEY: emb}, metadata=meta, kind=KIND)
 
 

@@ -101,6 +101,22 @@ def _already_done(out: Path, cfg, model_spec: str) -> bool:
     return same
 
 
+def _warn_if_long(model, cfg, device: str) -> None:
+    """On a CPU, say how long calibration will take when it is more than about half an hour."""
+    from ctp.compress.registry import needs_calibration
+
+    if str(device).startswith("cuda") or not needs_calibration(cfg):
+        return
+    params = sum(p.numel() for p in model.parameters())
+    # measured: 16 x 512 calibration tokens take about 2 minutes for the 135M default model on one core
+    minutes = 2.0 * (cfg.nsamples * cfg.seqlen) / (16 * 512) * (params / 135e6)
+    if minutes > 30:
+        logging.getLogger("ctp").warning(
+            "calibrating on %d x %d tokens on a CPU takes roughly %.0f minutes for this model (measured: 16 x 512 "
+            "tokens in about 2 minutes at 135M parameters); --nsamples 16 --seqlen 512 is the CPU demo's setting",
+            cfg.nsamples, cfg.seqlen, minutes)
+
+
 def _mean_weight_error(report) -> float:
     errs = [s["weight_rel_error"] for s in report.linear_stats().values() if "weight_rel_error" in s]
     return sum(errs) / len(errs) if errs else float("nan")
@@ -195,6 +211,7 @@ def run(args) -> int:
     if args.resume and _already_done(out, cfg, args.model):
         return 0
     model, tok, info = load_model(args.model, **load_options(args), device="cpu")  # blocks move to --device one by one
+    _warn_if_long(model, cfg, device_of(args))
     partial = checkpoint_dir_for(out)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume)

@@ -132,6 +132,24 @@ def load_teacher(given: str | None, info, tcfg, device=None, **load_options):
     return teacher
 
 
+# Measured: one training step of 2 x 256 tokens of the 135M default model takes 3-4 s on one CPU core.
+_CPU_TOKENS_PER_S_135M = 150.0
+
+
+def _warn_if_long(model, tcfg, device: str, cpu_demo: bool) -> None:
+    """On a CPU, say how long the requested training will take when it is more than about an hour."""
+    if str(device).startswith("cuda") or cpu_demo:
+        return
+    params = sum(p.numel() for p in model.parameters())
+    tokens = tcfg.steps * tcfg.batch_size * tcfg.seqlen
+    hours = tokens / _CPU_TOKENS_PER_S_135M * (params / 135e6) / 3600
+    if hours > 1 and tcfg.max_minutes is None:
+        logging.getLogger("ctp").warning(
+            "%d steps of %d x %d tokens on a CPU take roughly %.0f hours for this model (from a measured 3-4 s per "
+            "2 x 256-token step at 135M parameters); --cpu-demo is a preset that takes about 25 minutes, and "
+            "--max-minutes bounds any run", tcfg.steps, tcfg.batch_size, tcfg.seqlen, hours)
+
+
 def _already_trained(out: str, model_spec: str, pcfg, tcfg) -> bool:
     """True (with a message) when ``out`` holds a finished prompt of these settings on this model."""
     from pathlib import Path
@@ -181,6 +199,7 @@ def run(args) -> int:
     with main_first():  # a named model is converted into the cache once
         model, tok, info = load_model(args.model, **load_options(args), device=device)
         teacher = load_teacher(args.teacher, info, tcfg, device=device, **load_options(args))
+    _warn_if_long(model, tcfg, device, args.cpu_demo)
     if teacher is None and tcfg.objective != "nll":
         tcfg = dataclasses.replace(tcfg, objective="nll")
     art, hist = train_prompt(model, tok, info, pcfg, tcfg, out_path=args.out, resume=not args.no_resume,

@@ -197,6 +197,7 @@ class Runner:
 
     def cell(self, kind: str, spec: dict, compute: Callable[[], dict]) -> dict:
         """A cached measurement: ``compute()`` runs only when no finished cell has this key."""
+        spec = {**spec, "eval_version": EVAL_VERSION}
         path = self.root / "cells" / f"{kind}-{content_hash({'kind': kind, **spec})}.json"
         record = None
         if path.is_file():
@@ -220,7 +221,7 @@ class Runner:
         spec = {"model": label, "model_key": self.model_key(label), "prompt": ref.name, "prompt_key": ref.key,
                 "prompt_tokens": ref.tokens, "prompt_source": ref.source_model, "prompt_data": ref.data,
                 "dataset": dataset, "split": s.split, "seqlen": s.seqlen, "max_windows": s.max_windows,
-                "role": role, "eval_version": EVAL_VERSION}
+                "role": role}
 
         def compute():
             from ctp.eval.perplexity import perplexity

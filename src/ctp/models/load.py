@@ -265,9 +265,11 @@ def _load_error(spec: str, where: str, what: str, e: Exception) -> CTPError:
 
 # what transformers raises for missing, unreadable or damaged files (SafetensorError for a truncated file)
 def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, SafetensorError, EOFError)
+    return (OSError, ValueError, SafetensorError, EOFError, pickle.UnpicklingError)
 
 
 @torch.no_grad()

@@ -126,8 +126,12 @@ def score_token_requests(
     pad_id: int = 0,
     progress: bool | str = False,
     prefix_cache: bool = True,
-) -> list[float]:
+    return_greedy: bool = False,
+) -> list[float] | list[tuple[float, bool]]:
     """Summed log-likelihood of each continuation given its context, in request order.
+
+    With ``return_greedy`` each entry is ``(log-likelihood, is_greedy)`` as lm-eval's
+    ``loglikelihood`` returns it: whether every continuation token is the argmax.
 
     ``requests`` are (context_ids, continuation_ids) pairs. Each is scored on
     ``(context + continuation)[-(L+1):][:-1]`` with ``L = max_length - k`` (k the
@@ -161,7 +165,7 @@ def score_token_requests(
 
     cache = build_prefix_cache(model, prompt) if prefix_cache else None
     keep_positions = _accepts(model, "logits_to_keep")
-    out = [0.0] * len(requests)
+    out: list = [0.0] * len(requests)
     desc = progress if isinstance(progress, str) else "loglikelihood"
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,
                       unit="batch"):
@@ -197,7 +201,8 @@ def score_token_requests(
                 cols = [column[p] for p in range(L - len(cont), L)]
                 logp = torch.log_softmax(logits[r, cols].float(), dim=-1)  # (c, V)
                 tgt = torch.tensor(cont, device=logp.device).unsqueeze(1)  # (c, 1)
-                out[i] = float(logp.gather(1, tgt).sum())
+                ll = float(logp.gather(1, tgt).sum())
+                out[i] = (ll, bool((logp.argmax(-1) == tgt.squeeze(1)).all())) if return_greedy else ll
     return out
 
 

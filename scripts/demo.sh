@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then run the main job on the embedded default model (SmolLM2-135M, offline):
-# compress five ways, learn prompts, evaluate with and without them, write runs/demo/report.md.
+# compress two ways, learn prompts, evaluate with and without them, write runs/demo/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -14,7 +14,7 @@ LAYERS = [
     ["ctp.models", "ctp.data"],
     ["ctp.compress", "ctp.lm"],
     ["ctp.prompt", "ctp.eval"],
-    ["ctp.experiments"],
+    ["ctp.experiments", "ctp.integrations"],
     ["ctp.commands", "ctp.cli", "ctp.__main__", "ctp"],
 ]
 SIDEWAYS_FORBIDDEN = [("ctp.prompt", "ctp.eval"), ("ctp.eval", "ctp.prompt")]

@@ -25,7 +25,7 @@ def test_loglikelihoods_equal_hflm(tiny_dir):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import ctp.eval.harness as harness
+    import ctp.integrations.lm_eval_model as harness
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -64,7 +64,7 @@ def _piqa_task(limit_docs: int):
 def test_lm_eval_runs_ctp_models_with_prompts_as_ctp_zeroshot(kind, tiny_dir, tokenizer, tmp_path):
     import lm_eval
 
-    import ctp.eval.harness  # noqa: F401 - registers "ctp"
+    import ctp.integrations.lm_eval_model  # noqa: F401 - registers "ctp"
     from ctp.models.load import load_model
     from ctp.prompt.artifact import artifact_for, save_prompt
     from ctp.prompt.soft import PromptConfig, init_prompt
@@ -87,7 +87,7 @@ def test_lm_eval_runs_ctp_models_with_prompts_as_ctp_zeroshot(kind, tiny_dir, to
 def test_harness_with_a_dense_tiny_model_rolls_and_generates(tiny_dir):
     from lm_eval.api.instance import Instance
 
-    import ctp.eval.harness as harness
+    import ctp.integrations.lm_eval_model as harness
 
     lm = harness.CTPLM(model=tiny_dir, max_length=32)
     text = "The quick brown fox jumps over the lazy dog. " * 5

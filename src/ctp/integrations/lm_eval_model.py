@@ -6,13 +6,13 @@ PEFT adapter directory, or ``hard``) runs under lm-eval's own tasks and metrics,
 scored by ctp's batched, prefix-cached scorer (:func:`ctp.eval.zeroshot.score_token_requests`,
 equal to lm-eval's ``HFLM`` per request, tested)::
 
-    python -m ctp.eval.harness --model ctp --model_args model=sp50q4,prompt=p.safetensors --tasks piqa
+    python -m ctp.integrations.lm_eval_model --model ctp --model_args model=sp50q4,prompt=p.safetensors --tasks piqa
 
-    import ctp.eval.harness  # registers "ctp"
+    import ctp.integrations.lm_eval_model  # registers "ctp"
     lm_eval.simple_evaluate(model="ctp", model_args="model=sp50q4,prompt=p.safetensors", tasks=["piqa"])
 
 lm-eval has no plugin discovery for models, so the registration happens when this
-module is imported; ``python -m ctp.eval.harness`` imports it and hands the rest of
+module is imported; ``python -m ctp.integrations.lm_eval_model`` imports it and hands the rest of
 the command line to lm-eval's own CLI.
 """
 

@@ -148,3 +148,26 @@ def test_prompt_train_memory_subprocess(tiny_dir):
 def test_prompt_train_rejects_unknown_config(bad):
     with pytest.raises(SystemExit):
         prompt_train.main(bad)
+
+
+def test_recovery_bench_at_toy_size(tiny_dir, tmp_path):
+    """bench.recovery end to end on a tiny model: baselines, two recipes, shares with intervals, a plot."""
+    import math
+
+    from bench import recovery
+    from ctp.cli import main as ctp_main
+
+    comp = tmp_path / "c"
+    assert ctp_main(["-q", "compress", "--model", tiny_dir, "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+                     "--out", str(comp)]) == 0
+    out = tmp_path / "r" / "rec.json"
+    r = recovery.main(["--compressed", str(comp), "--recipes", "soft-nll,prefix-kd-k3", "--minutes", "0.05",
+                       "--seqlen", "32", "--eval-every", "2", "--eval-windows", "1", "--test-windows", "3",
+                       "--datasets", "c4", "--json", str(out)])
+    assert [row["recipe"] for row in r["rows"]] == ["soft-nll", "prefix-kd-k3"] and r["rows"][1]["k"] == 3
+    for row in r["rows"]:
+        c4 = row["c4"]
+        assert c4["n_tokens"] == 3 * 31 and c4["ppl_low"] <= c4["ppl"] <= c4["ppl_high"]
+        assert math.isfinite(c4["share"]) and c4["share_low"] <= c4["share"] <= c4["share_high"]
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
+    assert (out.parent / "recovery-c-prefix-kd-k3.safetensors").is_file()

@@ -416,7 +416,7 @@ def compress_model(
         report.layers.append({"index": i, "seconds": seconds, "recon_error": float(sum(errs)), "linears": linears})
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
-        bar.set_postfix(err=f"{sum(errs):.3g}", s=f"{seconds:.1f}")
+        bar.set_postfix(err=f"{sum(errs):.3g}", s=f"{seconds:.1f}", refresh=False)
         log.debug("block %d: %.1fs, recon error %.4g", i, seconds, sum(errs))
 
     del inps

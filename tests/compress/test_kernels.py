@@ -13,7 +13,6 @@ from ctp.compress import kernels as K
 from ctp.compress.config import PRUNE_METHODS, QUANT_METHODS, CompressConfig, PruneConfig, QuantConfig
 from ctp.compress.quant import (
     dequantize,
-    fake_quant,
     pack_int,
     pack_mask,
     quant_params,
@@ -342,11 +341,11 @@ def test_quant_params_grid(bits, sym):
     assert ((zero >= 0) & (zero <= maxq) & (zero == zero.round())).all()
     if sym:
         assert (zero == 2 ** (bits - 1)).all()
-    # 0 is exactly representable, and fake_quant error is at most a step (clipping aside).
-    assert (fake_quant(torch.zeros(6, 1), scale, zero, maxq) == 0).all()
+    # 0 is exactly representable, and the rounding error is at most a step (clipping aside).
+    assert (dequantize(quantize_int(torch.zeros(6, 1), scale, zero, maxq), scale, zero) == 0).all()
     q = quantize_int(w, scale, zero, maxq)
     assert q.dtype == torch.uint8 and int(q.max()) <= maxq
-    err = (fake_quant(w, scale, zero, maxq) - w).abs()
+    err = (dequantize(quantize_int(w, scale, zero, maxq), scale, zero) - w).abs()
     assert (err[[0, 4, 5]] <= scale[[0, 4, 5]] * (1 if sym else 0.5) + 1e-6).all()
 
 

@@ -109,3 +109,31 @@ def test_two_processes_learn_and_score_like_one(tiny_dir, tmp_path):
     r2 = json.loads((two / "eval.json").read_text())["results"][0]
     assert (r2["n_windows"], r2["n_tokens"]) == (r1["n_windows"], r1["n_tokens"]) == (5, 5 * 31)
     assert r2["ppl"] == pytest.approx(r1["ppl"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_two_processes_learn_a_distilled_prefix_like_one(tiny_dir, tmp_path):
+    """A prefix prompt with the mix objective (teacher forward in every process) is data parallel too."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    extra = ["--kind", "prefix", "--objective", "mix", "--teacher", tiny_dir]
+    commands = [train_args(tiny_dir, two, "p") + extra]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(WORKER), str(two), json.dumps(commands)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert main(train_args(tiny_dir, one, "p") + extra) == 0
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    _, _, info = load_model(tiny_dir)
+    p1, p2 = load_prompt(one / "p.safetensors", info), load_prompt(two / "p.safetensors", info)
+    assert p1.kind == p2.kind == "prefix" and p2.train_config["objective"] == "mix"
+    torch.testing.assert_close(p2.embeddings, p1.embeddings, rtol=1e-5, atol=1e-6)
+    h1 = json.loads((one / "p.json").read_text())["history"]
+    h2 = json.loads((two / "p.json").read_text())["history"]
+    assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)

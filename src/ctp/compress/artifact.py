@@ -417,9 +417,4 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
         setattr(a_owner, a_name, getattr(s_owner, s_name))
 
 
-def artifact_size(path: str | Path) -> int:
-    """Bytes of every file in an artifact directory."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-
-
 __all__ = ["MARKER", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]

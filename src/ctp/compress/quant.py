@@ -12,9 +12,8 @@ is ``scale * (q - zero)``. Because ``zero`` is an integer inside the grid, a wei
 exactly 0 always maps to the code ``zero`` and back to exactly ``+0.0``, so pruned
 weights stay pruned after quantization.
 
-``fake_quant`` is literally ``dequantize(quantize_int(...))``: the kernels use it in
-their loops and the artifact reader uses ``dequantize``, so both give bit-identical
-fp32 values.
+The kernels and the artifact reader both go through ``dequantize(quantize_int(...))``,
+so a weight in memory and its rebuild from the stored codes are bit-identical fp32 values.
 """
 
 from __future__ import annotations
@@ -66,11 +65,6 @@ def quantize_int(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """fp32 values ``scale * (q - zero)`` of integer codes ``q``."""
     return scale * (q.float() - zero)
-
-
-def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Round ``w`` onto the grid, returning fp32 values (quantize then dequantize)."""
-    return dequantize(quantize_int(w, scale, zero, maxq), scale, zero)
 
 
 # --------------------------------------------------------------------------- packing

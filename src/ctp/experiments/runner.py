@@ -294,7 +294,7 @@ class Runner:
         meta = read_json(path / COMPRESSED_MARKER, "compression metadata")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         return {"compression": self.compress_config(label).label(), "disk_bytes": disk,
-                "summary": meta.get("report", meta.get("summary"))}
+                "summary": meta.get("summary")}
 
     def _perplexity(self) -> None:
         cfg = self.cfg

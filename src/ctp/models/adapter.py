@@ -184,10 +184,6 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data.copy_(w.to(module.weight.dtype).contiguous())
 
 
-def hidden_size(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
-
-
 def max_positions(model: nn.Module) -> int | None:
     """The positions the model was built for (``max_position_embeddings`` / ``n_positions``), None if unstated."""
     cfg = getattr(model, "config", None)

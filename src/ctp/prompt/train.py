@@ -317,6 +317,62 @@ def _load_checkpoint(path: Path, identity: dict, prompt_cfg: PromptConfig, train
     return tensors, meta
 
 
+def _step(model: nn.Module, prompt: nn.Parameter, opt: torch.optim.Optimizer, scaler, teacher: nn.Module | None,
+          batch: torch.Tensor, cfg: TrainConfig, lr: float, step: int, amp) -> tuple[float, str | None]:
+    """One optimisation step on ``batch`` (B, T), the global batch: (the batch's mean loss, why to stop or None).
+
+    With several processes each scores its share and the prompt's gradient is summed across them.
+    """
+    device = prompt.device
+    for g in opt.param_groups:
+        g["lr"] = lr
+    if distributed.world()[1] == 1:
+        with amp:
+            loss = token_loss(model, batch.to(device), prompt, teacher, cfg).mean()
+        loss_value = float(loss.detach())
+    else:
+        with amp:
+            loss = _share_of_mean_loss(model, batch, prompt, device, teacher, cfg)
+        loss_value = distributed.sum_across([float(loss.detach())], device)[0]  # the batch's mean
+    if not math.isfinite(loss_value):
+        return loss_value, f"non-finite loss ({loss_value}) at step {step}"
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if distributed.world()[1] > 1:
+        distributed.all_reduce_(prompt.grad)  # the global batch's gradient, the same on every process
+    scaler.unscale_(opt)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)) if cfg.grad_clip > 0 \
+        else float(prompt.grad.norm())
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        return loss_value, f"non-finite gradient at step {step}"
+    scaler.step(opt)  # with fp16, skips the update on overflow and lowers the scale
+    scaler.update()
+    return loss_value, None
+
+
+def _restore(loaded: tuple[dict, dict], prompt: nn.Parameter, opt: torch.optim.Optimizer, scaler,
+             device: torch.device) -> tuple[torch.Tensor, TrainHistory, int]:
+    """Put a checkpoint's prompt, optimizer, scaler and RNG state back; returns (best prompt, history, step)."""
+    tensors, meta = loaded
+    with torch.no_grad():
+        prompt.copy_(tensors["prompt"].to(device))
+    best = tensors["best_prompt"].to(device=device, dtype=torch.float32)
+    scalars = set(meta.get("opt_scalars", []))
+    state = {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")}
+    state = {k: (v.reshape(()) if k in scalars else v) for k, v in state.items()}
+    if state:
+        sd = opt.state_dict()
+        sd["state"] = {0: state}
+        opt.load_state_dict(sd)
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng_cpu"])
+    history = TrainHistory.from_dict(meta["history"])
+    start = int(meta["step"])
+    history.resumed_from.append(start)
+    return best, history, start
+
+
 def _evaluate(model, windows, prompt, batch_size, amp) -> tuple[float, float]:
     with amp:
         total, count = window_nll(model, windows, prompt, batch_size=batch_size)
@@ -421,23 +477,7 @@ def train_prompt(
         if isinstance(loaded, CTPError):
             raise loaded  # on every process, so none waits for the others
     if loaded is not None:
-        tensors, meta = loaded
-        with torch.no_grad():
-            prompt.copy_(tensors["prompt"].to(device))
-        best = tensors["best_prompt"].to(device=device, dtype=torch.float32)
-        scalars = set(meta.get("opt_scalars", []))
-        state = {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")}
-        state = {k: (v.reshape(()) if k in scalars else v) for k, v in state.items()}
-        if state:
-            sd = opt.state_dict()
-            sd["state"] = {0: state}
-            opt.load_state_dict(sd)
-        if meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(tensors["rng_cpu"])
-        history = TrainHistory.from_dict(meta["history"])
-        start = int(meta["step"])
-        history.resumed_from.append(start)
+        best, history, start = _restore(loaded, prompt, opt, scaler, device)
         log.info("resuming prompt training from %s at step %d/%d", ckpt, start, cfg.steps)
 
     def validate(at_step: int) -> float:
@@ -465,33 +505,10 @@ def train_prompt(
         with checkpointed_layers(model, cfg.gradient_checkpointing):
             for step in range(start, cfg.steps):
                 lr = lr_at(step, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step))
-                if world_size == 1:
-                    batch = batch.to(device)  # (batch_size, seqlen)
-                    with amp:
-                        loss = token_loss(model, batch, prompt, teacher, cfg).mean()
-                    loss_value = float(loss.detach())
-                else:
-                    with amp:
-                        loss = _share_of_mean_loss(model, batch, prompt, device, teacher, cfg)
-                    loss_value = distributed.sum_across([float(loss.detach())], device)[0]  # the batch's mean
-                if not math.isfinite(loss_value):
-                    history.stopped = f"non-finite loss ({loss_value}) at step {step}"
+                loss_value, history.stopped = _step(model, prompt, opt, scaler, teacher, batch, cfg, lr, step, amp)
+                if history.stopped:
                     break
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if world_size > 1:
-                    distributed.all_reduce_(prompt.grad)  # the global batch's gradient, the same on every process
-                scaler.unscale_(opt)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)) if cfg.grad_clip > 0 \
-                    else float(prompt.grad.norm())
-                if not math.isfinite(grad_norm) and not scaler.is_enabled():
-                    history.stopped = f"non-finite gradient at step {step}"
-                    break
-                scaler.step(opt)  # with fp16, skips the update on overflow and lowers the scale
-                scaler.update()
                 history.train_loss.append(loss_value)
                 history.lr.append(lr)
                 done = step + 1

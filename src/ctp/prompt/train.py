@@ -317,6 +317,32 @@ def _load_checkpoint(path: Path, identity: dict, prompt_cfg: PromptConfig, train
     return tensors, meta
 
 
+def _shared_checkpoint(ckpt: Path | None, resume: bool, identity: dict, prompt_cfg: PromptConfig,
+                       cfg: TrainConfig) -> tuple[dict, dict] | None:
+    """The checkpoint to resume from, or None, on every process.
+
+    The main process alone reads it (its disk may be the only one holding it) and sends it on; a
+    checkpoint that cannot be used raises the same error on every process, so none waits for the others.
+    """
+    main, world_size = distributed.is_main(), distributed.world()[1]
+    loaded = None
+    if main and ckpt is not None and ckpt.exists():
+        if resume:
+            try:
+                loaded = _load_checkpoint(ckpt, identity, prompt_cfg, cfg)
+            except CTPError as e:
+                if world_size == 1:
+                    raise
+                loaded = e
+        else:
+            log.info("ignoring the existing checkpoint %s (no resume); it will be overwritten", ckpt)
+    if world_size > 1:
+        loaded = distributed.broadcast(loaded)
+        if isinstance(loaded, CTPError):
+            raise loaded
+    return loaded
+
+
 def _step(model: nn.Module, prompt: nn.Parameter, opt: torch.optim.Optimizer, scaler, teacher: nn.Module | None,
           batch: torch.Tensor, cfg: TrainConfig, lr: float, step: int, amp) -> tuple[float, str | None]:
     """One optimisation step on ``batch`` (B, T), the global batch: (the batch's mean loss, why to stop or None).
@@ -460,22 +486,7 @@ def train_prompt(
         require(len(set(hashes)) == 1, f"the {world_size} processes hold different models "
                 f"(embedding fingerprints {hashes})", "load the same model in every process")
     ckpt = Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None)
-    # The main process alone reads the checkpoint (its disk may be the only one holding it) and sends it on.
-    loaded = None
-    if main and ckpt is not None and ckpt.exists():
-        if resume:
-            try:
-                loaded = _load_checkpoint(ckpt, identity, prompt_cfg, cfg)
-            except CTPError as e:
-                if world_size == 1:
-                    raise
-                loaded = e
-        else:
-            log.info("ignoring the existing checkpoint %s (no resume); it will be overwritten", ckpt)
-    if world_size > 1:
-        loaded = distributed.broadcast(loaded)
-        if isinstance(loaded, CTPError):
-            raise loaded  # on every process, so none waits for the others
+    loaded = _shared_checkpoint(ckpt, resume, identity, prompt_cfg, cfg)
     if loaded is not None:
         best, history, start = _restore(loaded, prompt, opt, scaler, device)
         log.info("resuming prompt training from %s at step %d/%d", ckpt, start, cfg.steps)

@@ -13,6 +13,7 @@ checked on load.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -227,7 +228,7 @@ def clean_stale(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    stale = [p for p in path.parent.glob(f".{glob_escape(path.name)}.*")
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*")
              if p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")]
     for p in stale:
         if p.is_dir():
@@ -237,11 +238,6 @@ def clean_stale(path: str | Path) -> list[Path]:
                 p.unlink()
     return stale
 
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -24,6 +24,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ctp.eval.zeroshot import encode_pair, model_max_length, score_token_requests
+from ctp.lm import prompt_length
 
 
 def _flag(value) -> bool:
@@ -78,7 +79,7 @@ class CTPLM(LM):
         for r in requests:
             ids = self.tokenizer.encode(r.args[0], add_special_tokens=False)
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=ids, prefix_token=prefix, max_seq_len=self.max_length - len_of(self.prompt),
+                token_list=ids, prefix_token=prefix, max_seq_len=self.max_length - prompt_length(self.prompt),
                 context_len=1)]
             out.append(sum(ll for ll, _ in self._score(windows, True)))
         return out
@@ -97,12 +98,6 @@ class CTPLM(LM):
             cut = min([text.find(u) for u in until if u and u in text], default=len(text))
             out.append(text[:cut])
         return out
-
-
-def len_of(prompt) -> int:
-    from ctp.lm import prompt_length
-
-    return prompt_length(prompt)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -126,23 +126,24 @@ def encode_weight(name: str, cw: CompressedWeight, value_dtype: torch.dtype) -> 
     return tensors, entry
 
 
-def decode_weight(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor:
-    """The fp32 (out, in) matrix of one stored linear (inverse of :func:`encode_weight`)."""
+def decode_mask(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor | None:
+    """The (out, in) bool keep-mask of one stored linear, or None for an unpruned one."""
+    if entry["kind"] not in ("sparse", "sparse_quant"):
+        return None
     rows, cols = entry["shape"]
-    numel = rows * cols
-    mask = None
-    if entry["kind"] in ("sparse", "sparse_quant"):
-        mask = unpack_mask(tensors[f"{name}.mask"], numel).view(rows, cols)
-        if int(mask.sum()) != entry["n_kept"]:
-            raise CTPError(f"{name}: the mask keeps {int(mask.sum())} weights, the index says {entry['n_kept']}",
-                           "the artifact is damaged: recreate it")
-    if entry["kind"] == "sparse":
-        values = tensors[f"{name}.values"]
-        w = torch.zeros(rows, cols, dtype=values.dtype)
-        w[mask] = values
-        return w.float()
+    mask = unpack_mask(tensors[f"{name}.mask"], rows * cols).view(rows, cols)
+    if int(mask.sum()) != entry["n_kept"]:
+        raise CTPError(f"{name}: the mask keeps {int(mask.sum())} weights, the index says {entry['n_kept']}",
+                       "the artifact is damaged: recreate it")
+    return mask
 
+
+def decode_codes(name: str, entry: dict, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(codes (out, in) uint8, scale (out, n_groups) fp32, zero (out, n_groups) fp32, g_idx (in,) int64)`` of one
+    stored quantized linear; pruned positions hold their group's zero-point code (so they dequantize to exactly 0)."""
+    rows, cols = entry["shape"]
     bits, n_groups = entry["bits"], entry["n_groups"]
+    mask = decode_mask(name, entry, tensors)
     zero = unpack_int(tensors[f"{name}.zero"], bits, rows * n_groups).view(rows, n_groups).float()
     scale = tensors[f"{name}.scale"].float()  # (rows, n_groups)
     if entry["g_idx"]:
@@ -150,12 +151,25 @@ def decode_weight(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor:
     else:
         g = torch.arange(cols) // (cols // n_groups)  # (cols,) contiguous groups
     if mask is None:
-        codes = unpack_int(tensors[f"{name}.codes"], bits, numel).view(rows, cols)
+        codes = unpack_int(tensors[f"{name}.codes"], bits, rows * cols).view(rows, cols)
     else:
-        # Pruned positions hold the zero-point code, as the kernels leave them (-> exactly 0).
         codes = zero[:, g].to(torch.uint8)  # (rows, cols)
         codes[mask] = unpack_int(tensors[f"{name}.codes"], bits, entry["n_kept"])
+    return codes, scale, zero, g
+
+
+def decode_weight(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor:
+    """The fp32 (out, in) matrix of one stored linear (inverse of :func:`encode_weight`)."""
+    rows, cols = entry["shape"]
+    if entry["kind"] == "sparse":
+        mask = decode_mask(name, entry, tensors)
+        values = tensors[f"{name}.values"]
+        w = torch.zeros(rows, cols, dtype=values.dtype)
+        w[mask] = values
+        return w.float()
+    codes, scale, zero, g = decode_codes(name, entry, tensors)
     w = dequantize(codes, scale[:, g], zero[:, g])  # (rows, cols) fp32
+    mask = decode_mask(name, entry, tensors) if entry["kind"] == "sparse_quant" else None
     return w if mask is None else w * mask
 
 
@@ -340,7 +354,8 @@ def read_index(path: str | Path) -> dict:
     return meta
 
 
-def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtime: str = "dense",
+                    device: str | torch.device = "cpu", act_dtype: torch.dtype | None = None):
     """Rebuild ``(model, tokenizer, compression)`` from an artifact directory.
 
     The model is built from its config without random initialisation, the dense tensors
@@ -348,6 +363,10 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
     weights are re-tied. ``dtype`` is the returned model's dtype; when it is the dtype the
     artifact was stored in (its ``storage.dense_dtype``), the logits equal the in-memory
     compressed model's bit for bit. ``compression`` is the index minus the tensor list.
+
+    ``runtime="packed"`` keeps every quantized linear the kernels take as codes in memory
+    (:mod:`ctp.compress.packed`; ``act_dtype`` defaults to bf16) and rebuilds the rest dense;
+    the model is then built on ``device`` (the kernels' layouts differ between CPU and GPU).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -382,19 +401,40 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32):
     if missing or result.unexpected_keys:
         raise CTPError(f"{path} does not fit its model config (missing {sorted(missing)[:3]}, "
                        f"unexpected {sorted(result.unexpected_keys)[:3]})", "the artifact is damaged: recreate it")
+    if runtime not in ("dense", "packed"):
+        raise ValueError(f"runtime must be 'dense' or 'packed', not {runtime!r}")
     modules = dict(model.named_modules())
     for name, entry in index.items():
         if name not in modules:
             raise CTPError(f"{path}: compressed layer {name} is not in the model", "the artifact is damaged")
-        mod = modules[name]
-        w = decode_weight(name, entry, comp)  # (out, in) fp32
-        if tuple(weight_matrix(mod).shape) != tuple(entry["shape"]):
+        if tuple(weight_matrix(modules[name]).shape) != tuple(entry["shape"]):
             raise CTPError(f"{path}: {name} has shape {entry['shape']}, the model expects "
-                           f"{tuple(weight_matrix(mod).shape)}", "the artifact is damaged: recreate it")
-        set_weight_matrix(mod, w)
+                           f"{tuple(weight_matrix(modules[name]).shape)}", "the artifact is damaged: recreate it")
     _retie(model, aliases)
     if dtype != stored:
         model.to(dtype)
+    packed, dense_why = [], {}
+    if runtime == "packed":
+        from ctp.compress.packed import default_act_dtype, pack_linear, packable
+
+        model.to(device)
+        act_dtype = act_dtype or default_act_dtype(device)
+    for name, entry in index.items():
+        mod = modules[name]
+        why = packable(entry) if runtime == "packed" else "dense runtime"
+        if why is None:
+            codes, scale, zero, g = decode_codes(name, entry, comp)
+            bias = getattr(mod, "bias", None)
+            model.set_submodule(name, pack_linear(codes, scale, zero, g, entry["bits"], bias,
+                                                  act_dtype=act_dtype, device=device))
+            packed.append(name)
+        else:
+            set_weight_matrix(mod, decode_weight(name, entry, comp))  # (out, in) fp32, cast to the module's dtype
+            dense_why[name] = why
+    if runtime == "packed":
+        reasons = sorted(set(dense_why.values()))
+        log.info("packed %d of %d compressed linears%s", len(packed), len(index),
+                 f"; dense: {len(dense_why)} ({'; '.join(reasons)})" if dense_why else "")
     model.eval()
     skip = ("tensors", "aliases", "tokenizer", "files_sha256", "index_sha256")
     compression = {k: v for k, v in meta.items() if k not in skip}
@@ -417,4 +457,4 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
         setattr(a_owner, a_name, getattr(s_owner, s_name))
 
 
-__all__ = ["MARKER", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]
+__all__ = ["MARKER", "decode_codes", "decode_mask", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]

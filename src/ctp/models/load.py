@@ -54,6 +54,7 @@ class ModelInfo:
     tokenizer_hash: str
     compression: dict | None = None  # the compression config when loaded from a ctp artifact
     embedding_hash: str | None = None  # fingerprint of the input-embedding matrix (see embedding_fingerprint)
+    runtime: str = "dense"  # "packed" when quantized linears run through low-bit kernels (ctp.compress.packed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -349,12 +350,15 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    runtime: str = "dense",
 ):
     """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off.
 
     No code from the model directory runs unless ``trust_remote_code``; pickle
     weights (``*.bin``) are refused unless ``allow_pickle``; weights with missing,
     unexpected or wrongly shaped tensors are an error (never random initialisation).
+    ``runtime="packed"`` keeps a ctp-quantized model's linears as low-bit codes run by
+    weight-only kernels (:mod:`ctp.compress.packed`); other models load dense whatever it says.
     """
     from transformers import AutoModelForCausalLM
 
@@ -365,8 +369,11 @@ def load_model(
     if is_compressed_artifact(where):
         from ctp.compress.artifact import load_compressed  # the compressed-model format lives there
 
-        model, tokenizer, compression = load_compressed(where, dtype=dtype)
+        model, tokenizer, compression = load_compressed(where, dtype=dtype, runtime=runtime, device=device)
     else:
+        if runtime == "packed":
+            log.warning("%s is not a ctp-quantized model: it runs dense (--runtime packed applies to "
+                        "artifacts of ctp compress)", spec)
         _check_weight_files(spec, where, allow_pickle)
         try:
             model, loading = AutoModelForCausalLM.from_pretrained(
@@ -392,6 +399,7 @@ def load_model(
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         compression=compression,
         embedding_hash=embedding_fingerprint(model),
+        runtime="packed" if any(hasattr(m, "dequantized") for m in model.modules()) else "dense",
     )
     return model, tokenizer, info
 

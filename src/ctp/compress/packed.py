@@ -1,0 +1,303 @@
+"""Packed run time: quantized linears that stay low-bit in memory and run through weight-only kernels.
+
+``ctp`` stores integer codes; :func:`ctp.compress.artifact.load_compressed` can rebuild them
+as dense matrices (``runtime="dense"``, exact) or keep them packed (``runtime="packed"``) as
+the modules below, which call torch's built-in weight-only matmuls:
+
+* :class:`Int4Linear`, for every grid of at most 4 bits (2-, 3- and 4-bit codes fit the
+  4-bit kernel): ``torch._weight_int4pack_mm_for_cpu`` on CPU, ``torch._weight_int4pack_mm``
+  on CUDA. The kernel computes ``(q - 8) * s + z'`` per group of 32/64/128/256 input columns;
+  ctp's ``s * (q - z)`` is that with ``z' = s * (8 - z)``. Per-row grids are replicated over
+  such groups; act-order groupings (``g_idx``) are made contiguous by permuting the input
+  columns once at load time and the activations at every call (as exllama does).
+* :class:`Int8Linear`, for 8-bit per-row grids: ``torch._weight_int8pack_mm`` (int8
+  weight, per-row scale); an asymmetric zero point adds ``s * (128 - z) * sum(x)``.
+
+Pruned weights hold their group's zero-point code, so sparsity needs nothing extra: a
+50% + 4-bit model packs exactly like a 4-bit one (unstructured sparsity has no fast CPU
+kernel: ``bench/README.md``). Pruned-only layers and other grids (8-bit groups, 5-7 bits,
+widths the kernels do not take) stay dense; :func:`packable` says why.
+
+The kernels are fast only for bf16 activations on CPU (fp32 activations take a scalar
+fallback 3-28x slower than a dense fp32 matmul; measured in ``bench/README.md``), so
+``act_dtype`` defaults to bf16: inputs are cast to it inside each linear and outputs cast
+back, the rest of the model keeps its own dtype. With ``act_dtype=float32`` the result
+equals the dense rebuild's to fp32 rounding.
+
+Backpropagation reaches the input (a prompt) but never the weights: the backward pass
+dequantizes the weight it needs from the packed codes, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels accept, largest first
+RUNTIMES = ("auto", "dense", "packed")
+
+
+def default_act_dtype(device: torch.device | str) -> torch.dtype:
+    """Activation dtype of the kernels: bf16 (the only fast one on CPU, the only one on CUDA)."""
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------- what packs
+
+
+def packable(entry: dict) -> str | None:
+    """Why a stored linear (an artifact index entry) cannot run packed, or None when it can."""
+    if entry["kind"] == "sparse":
+        return "pruned only (unstructured sparsity has no fast CPU kernel)"
+    rows, cols = entry["shape"]
+    bits, n_groups = entry["bits"], entry["n_groups"]
+    if bits == 8:
+        return None if n_groups == 1 else "8-bit with groups (the int8 kernel takes one scale per row)"
+    if bits > 4:
+        return f"{bits}-bit (kernels exist for at most 4 bits and for 8 bits)"
+    if rows % 16:
+        return f"{rows} output rows (the int4 kernel needs a multiple of 16)"
+    group = cols if n_groups == 1 else cols // n_groups
+    if cols % n_groups or not any(group % g == 0 for g in INT4_GROUPS):
+        return f"groups of {cols / n_groups:g} columns (the int4 kernel needs multiples of 32)"
+    return None
+
+
+def _kernel_group(cols: int, n_groups: int) -> int:
+    """The largest kernel group size that divides ctp's group (a whole row for per-row grids)."""
+    group = cols if n_groups == 1 else cols // n_groups
+    return next(g for g in INT4_GROUPS if group % g == 0)
+
+
+def _act_order_perm(g_idx: Tensor, n_groups: int, cols: int) -> Tensor | None:
+    """The column order that makes ctp's groups contiguous, or None when they already are."""
+    contiguous = torch.arange(cols) // (cols // n_groups)
+    if torch.equal(g_idx, contiguous):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], contiguous):  # groups of unequal sizes cannot be made contiguous
+        raise ValueError("act-order groups of unequal sizes")
+    return perm
+
+
+# --------------------------------------------------------------------------- the CPU int4 layout
+
+
+def _cpu_unpack(packed: Tensor, rows: int, cols: int) -> Tensor:
+    """Invert ``torch._convert_weight_to_int4pack_for_cpu``: (rows, cols/2) uint8 -> (rows, cols) uint8 codes.
+
+    torch lays the codes out in blocks of 32 rows, column-major inside a block: byte ``k * 16 + j`` of
+    block ``b`` holds row ``32 b + j`` in its low nibble and row ``32 b + 16 + j`` in its high nibble.
+    Checked against the codes when a layer is packed (:meth:`Int4Linear.__init__`).
+    """
+    p3 = packed.reshape(rows // 32, cols, 16)  # (blocks, cols, 16)
+    both = torch.cat([p3 & 15, p3 >> 4], dim=2)  # (blocks, cols, 32)
+    return both.transpose(1, 2).reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _WeightOnlyMM(torch.autograd.Function):
+    """``y = x W^T`` through a packed kernel; the backward pass gives ``dx = dy W`` (no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, module: "_PackedLinear") -> Tensor:  # type: ignore[override]
+        ctx.module = module
+        return module._mm(x2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        w = ctx.module.kernel_weight()  # (out, in) fp32 in the kernel's column order, this layer only
+        return (grad.float() @ w).to(grad.dtype), None
+
+
+class _PackedLinear(nn.Module):
+    """What both kernel linears share: dtype casts, act-order permutation, bias, autograd."""
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None, perm: Tensor | None,
+                 act_dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_dtype = act_dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device=device, dtype=torch.float32))
+        self.register_buffer("perm", None if perm is None else perm.to(device))
+
+    def _mm(self, x2: Tensor) -> Tensor:  # (tokens, in) act dtype, columns permuted -> (tokens, out)
+        raise NotImplementedError
+
+    def kernel_weight(self) -> Tensor:
+        """The (out, in) fp32 weight in the kernel's column order (act-order permuted), for the backward pass."""
+        raise NotImplementedError
+
+    def dequantized(self) -> Tensor:
+        """The (out, in) fp32 weight in the model's column order: what the dense rebuild holds."""
+        w = self.kernel_weight()
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+    @property
+    def weight_nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _apply(self, fn, recurse=True):
+        """Moves keep every buffer's dtype (``model.to(dtype)`` must not cast codes or grids); the kernel's
+        layout is per device type, so a packed linear cannot move between CPU and GPU."""
+        before = {k: (b.dtype, b.device.type) for k, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for k, (dtype, dev) in before.items():
+            b = self._buffers[k]
+            if b.device.type != dev:
+                from ctp.errors import CTPError
+
+                raise CTPError(f"a packed model cannot move from {dev} to {b.device.type}",
+                               "load it on the device it runs on (--device), or with --runtime dense")
+            if b.dtype != dtype:
+                self._buffers[k] = b.to(dtype)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        x2 = x2.to(self.act_dtype).contiguous()
+        y = _WeightOnlyMM.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._mm(x2)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"act_dtype={self.act_dtype}")
+
+
+class Int4Linear(_PackedLinear):
+    """A linear whose weight is 4-bit codes (or fewer bits) packed two per byte, with a scale and zero per group."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bias: Tensor | None = None, *,
+                 act_dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        rows, cols = codes.shape
+        n_groups = scale.shape[1]
+        device = torch.device(device)
+        perm = _act_order_perm(g_idx.long().cpu(), n_groups, cols)
+        super().__init__(cols, rows, bias, perm, act_dtype, device)
+        if perm is not None:
+            codes, g_idx = codes[:, perm], g_idx[perm]
+        G = _kernel_group(cols, n_groups)
+        gk = g_idx.long().cpu()[::G]  # (cols/G,) ctp group of each kernel group
+        s = scale.float().cpu()[:, gk]  # (out, cols/G)
+        z = zero.float().cpu()[:, gk]
+        self.group = G
+        self.register_buffer("scale_zero", torch.stack([s, s * (8 - z)], dim=-1).transpose(0, 1).contiguous()
+                             .to(device=device, dtype=act_dtype))  # (cols/G, out, 2)
+        # fp32 grid for the backward pass and exact checks: (out, cols/G) each, small next to the codes
+        self.register_buffer("scale_fp32", s.contiguous().to(device))
+        self.register_buffer("zero_fp32", z.contiguous().to(device))
+        codes = codes.to(torch.uint8).contiguous()
+        self.register_buffer("codes_copy", None)
+        if device.type == "cuda":
+            nib = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous().to(device)  # (out, in/2), high nibble first
+            self.register_buffer("packed", torch._convert_weight_to_int4pack(nib, 2))
+            self.register_buffer("codes_copy", nib)  # the CUDA layout is tiled: keep the codes for backward
+        else:
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(
+                codes.to(torch.int32), 2))
+            if rows % 32 or not torch.equal(_cpu_unpack(self.packed, rows, cols), codes):
+                self.register_buffer("codes_copy", (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous())
+
+    def set_act_dtype(self, dtype: torch.dtype) -> None:
+        self.act_dtype = dtype
+        s, z = self.scale_fp32, self.zero_fp32
+        self.scale_zero = torch.stack([s, s * (8 - z)], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+    def _mm(self, x2: Tensor) -> Tensor:
+        if x2.is_cuda:
+            return torch._weight_int4pack_mm(x2, self.packed, self.group, self.scale_zero)
+        return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
+
+    def _codes(self) -> Tensor:
+        if self.codes_copy is not None:
+            nib = self.codes_copy
+            return torch.stack([nib >> 4, nib & 15], dim=-1).reshape(self.out_features, self.in_features)
+        return _cpu_unpack(self.packed, self.out_features, self.in_features)
+
+    def kernel_weight(self) -> Tensor:
+        rows, cols, G = self.out_features, self.in_features, self.group
+        q = self._codes().view(rows, cols // G, G).float()
+        return ((q - self.zero_fp32[..., None]) * self.scale_fp32[..., None]).view(rows, cols)
+
+
+class Int8Linear(_PackedLinear):
+    """A linear whose weight is 8-bit codes with one scale and zero point per row."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | None = None,
+                 bias: Tensor | None = None, *, act_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu"):
+        rows, cols = codes.shape
+        if scale.shape[-1] != 1:
+            raise ValueError("the int8 kernel takes one scale per row")
+        device = torch.device(device)
+        super().__init__(cols, rows, bias, None, act_dtype, device)
+        self.register_buffer("weight_int8", (codes.to(torch.int16) - 128).to(torch.int8).contiguous().to(device))
+        s = scale.reshape(-1).float()
+        z = zero.reshape(-1).float()
+        self.register_buffer("scale_fp32", s.to(device))
+        self.register_buffer("zero_fp32", z.to(device))
+        self.register_buffer("scales", s.to(device=device, dtype=act_dtype))
+        shift = s * (128 - z)  # (out,) the zero point's contribution per unit of sum(x)
+        self.register_buffer("shift", None if bool((z == 128).all()) else shift.to(device))
+
+    def set_act_dtype(self, dtype: torch.dtype) -> None:
+        self.act_dtype = dtype
+        self.scales = self.scale_fp32.to(dtype)
+
+    def _mm(self, x2: Tensor) -> Tensor:
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        if self.shift is not None:
+            y = (y.float() + x2.float().sum(1, keepdim=True) * self.shift).to(y.dtype)
+        return y
+
+    def kernel_weight(self) -> Tensor:
+        return (self.weight_int8.float() + 128 - self.zero_fp32[:, None]) * self.scale_fp32[:, None]
+
+
+def pack_linear(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bits: int, bias: Tensor | None, *,
+                act_dtype: torch.dtype, device: torch.device | str) -> _PackedLinear:
+    """The kernel linear for one quantized matrix (callers check :func:`packable` first)."""
+    cls = Int8Linear if bits == 8 else Int4Linear
+    return cls(codes, scale, zero, g_idx, bias, act_dtype=act_dtype, device=device)
+
+
+def packed_modules(model: nn.Module) -> dict[str, _PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _PackedLinear)}
+
+
+def set_act_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run every packed linear of ``model`` on ``dtype`` activations from now on."""
+    for m in packed_modules(model).values():
+        m.set_act_dtype(dtype)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, tied tensors once (what its weights hold in memory)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.device, t.data_ptr())
+        if key in seen or not t.numel():
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["INT4_GROUPS", "Int4Linear", "Int8Linear", "RUNTIMES", "default_act_dtype", "pack_linear",
+           "packable", "packed_modules", "set_act_dtype", "weight_bytes"]

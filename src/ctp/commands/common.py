@@ -13,7 +13,9 @@ from ctp.errors import CTPError
 from ctp.models.names import DEFAULT_MODEL, NAMED_MODELS
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, runtime: str | None = "score") -> None:
+    """The model flags; ``runtime`` is the command's workload ("score" or "decode") for ``--runtime auto``,
+    or None for a command that always runs dense (compress)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"named model ({', '.join(NAMED_MODELS)}), a Hugging Face or ctp-compressed directory, "
@@ -25,11 +27,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow a model directory's own Python code (auto_map) to run; off by default")
     g.add_argument("--allow-pickle", action="store_true",
                    help="allow pickle weights (pytorch_model.bin), which can run code; safetensors only by default")
+    if runtime is not None:
+        best = "packed" if runtime == "decode" else "dense"
+        g.add_argument("--runtime", default="auto", choices=["auto", "dense", "packed"],
+                       help="how a ctp-quantized model runs: 'packed' keeps its linears as int4/int8 codes run by "
+                            "weight-only kernels (less memory, faster decoding), 'dense' rebuilds them as exact "
+                            f"float matrices (faster for long inputs on CPU); auto (default) = {best} for this "
+                            "command, the faster one measured (bench/README.md)")
+    p.set_defaults(workload=runtime)
 
 
 def load_options(args) -> dict:
-    """The keyword arguments of :func:`ctp.models.load.load_model` the model flags give (dtype, trust)."""
-    return {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    """The keyword arguments of :func:`ctp.models.load.load_model` the model flags give (dtype, trust, runtime)."""
+    opts = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    if getattr(args, "workload", None) is not None:
+        from ctp.models.names import choose_runtime
+
+        opts["runtime"] = choose_runtime(args.runtime, args.workload)
+    return opts
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:

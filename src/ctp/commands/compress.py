@@ -36,7 +36,7 @@ def register(sub) -> None:
                     "(--bits), or both (sparsegpt + gptq run jointly in one pass). The output directory is "
                     "loadable by every ctp command (--model DIR) and stores codes and masks, not dense weights.",
     )
-    add_model_args(p)
+    add_model_args(p, runtime=None)
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a CompressConfig as JSON or YAML (unknown keys rejected); flags override it")

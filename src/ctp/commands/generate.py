@@ -20,7 +20,7 @@ def register(sub) -> None:
                        description="Continue each QUESTION. --prompt P.safetensors prepends a learned prompt, "
                                    "--prompt hard the paper's hand-written one; --compare shows no prompt, the "
                                    "hard prompt and the learned prompt side by side.")
-    add_model_args(p)
+    add_model_args(p, runtime="decode")
     add_prompt_args(p)
     p.add_argument("questions", nargs="+", metavar="QUESTION", help="text(s) to continue")
     p.add_argument("--compare", action="store_true",

@@ -24,6 +24,9 @@ def register(sub) -> None:
                    help=f"an experiment file (.yaml/.json) or a shipped name ({names}); default: demo")
     p.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
     p.add_argument("--device", default=None, help="override the experiment's device")
+    p.add_argument("--runtime", default=None, choices=["dense", "packed"],
+                   help="override the experiment's runtime: how compressed models run (dense float matrices, "
+                        "or packed int4/int8 kernels); measured results are cached per runtime")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the run's results.json")
     p.set_defaults(func=run)
 
@@ -42,6 +45,8 @@ def run(args) -> int:
     cfg = load_experiment(args.experiment)
     if args.device:
         cfg.device = args.device
+    if args.runtime:
+        cfg.runtime = args.runtime
     root = Path(args.out) if args.out else Path("runs") / cfg.name
     if args.report_only:
         from ctp.experiments.report import write_index

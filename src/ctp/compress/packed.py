@@ -38,7 +38,6 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels accept, largest first
-RUNTIMES = ("auto", "dense", "packed")
 
 
 def default_act_dtype(device: torch.device | str) -> torch.dtype:
@@ -201,7 +200,7 @@ class Int4Linear(_PackedLinear):
                              .to(device=device, dtype=act_dtype))  # (cols/G, out, 2)
         # fp32 grid for the backward pass and exact checks: (out, cols/G) each, small next to the codes
         self.register_buffer("scale_fp32", s.contiguous().to(device))
-        self.register_buffer("zero_fp32", z.contiguous().to(device))
+        self.register_buffer("zero_codes", z.to(torch.uint8).contiguous().to(device))  # integers in [0, 15]
         codes = codes.to(torch.uint8).contiguous()
         self.register_buffer("codes_copy", None)
         if device.type == "cuda":
@@ -216,7 +215,7 @@ class Int4Linear(_PackedLinear):
 
     def set_act_dtype(self, dtype: torch.dtype) -> None:
         self.act_dtype = dtype
-        s, z = self.scale_fp32, self.zero_fp32
+        s, z = self.scale_fp32, self.zero_codes.float()
         self.scale_zero = torch.stack([s, s * (8 - z)], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
     def _mm(self, x2: Tensor) -> Tensor:
@@ -233,7 +232,7 @@ class Int4Linear(_PackedLinear):
     def kernel_weight(self) -> Tensor:
         rows, cols, G = self.out_features, self.in_features, self.group
         q = self._codes().view(rows, cols // G, G).float()
-        return ((q - self.zero_fp32[..., None]) * self.scale_fp32[..., None]).view(rows, cols)
+        return ((q - self.zero_codes.float()[..., None]) * self.scale_fp32[..., None]).view(rows, cols)
 
 
 class Int8Linear(_PackedLinear):
@@ -299,5 +298,5 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["INT4_GROUPS", "Int4Linear", "Int8Linear", "RUNTIMES", "default_act_dtype", "pack_linear",
+__all__ = ["INT4_GROUPS", "Int4Linear", "Int8Linear", "default_act_dtype", "pack_linear",
            "packable", "packed_modules", "set_act_dtype", "weight_bytes"]

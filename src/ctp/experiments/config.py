@@ -264,6 +264,7 @@ class ExperimentConfig:
     models: list[str] | None = None  # several models: the same grid runs once per model
     seed: int = 0
     device: str | None = None
+    runtime: str = "dense"  # how compressed models run: dense rebuild, or packed low-bit kernels (ctp.compress.packed)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     compressions: dict[str, dict] = field(default_factory=dict)
     prompt: PromptSpec | None = None
@@ -276,6 +277,8 @@ class ExperimentConfig:
 
     def __post_init__(self):
         safe_name(self.name, "experiment name")
+        require(self.runtime in ("dense", "packed"), f"runtime '{self.runtime}' is not one of dense, packed",
+                "write runtime: dense (exact float matrices) or runtime: packed (int4/int8 kernels)")
         for label in self.compressions:
             safe_name(label, "compression label")
         require(FULL not in self.compressions, f"'{FULL}' is reserved for the uncompressed model",

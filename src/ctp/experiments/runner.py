@@ -133,7 +133,7 @@ class Runner:
             from ctp.models.load import load_model
 
             self._loaded = None
-            model, tok, info = load_model(self.ensure_model(label), device=self._device())
+            model, tok, info = load_model(self.ensure_model(label), device=self._device(), runtime=self.cfg.runtime)
             self._loaded = (label, model, tok, info)
         return self._loaded[1], self._loaded[2], self._loaded[3]
 
@@ -152,6 +152,8 @@ class Runner:
                 "train": r["train"], "seed": self.cfg.seed}
         if r["kind"] != "soft":  # soft prompts keep the keys they had before prompt kinds existed
             spec["kind"] = r["kind"]
+        if self.cfg.runtime != "dense":  # likewise dense runs keep theirs
+            spec["runtime"] = self.cfg.runtime
         key = content_hash(spec)
         name = f"{label}@{data}" + ("" if tokens == p.tokens else f"/k{tokens}") + (f"#{recipe}" if recipe else "")
         path = self.root / "prompts" / f"{label}-{data}-k{tokens}-{key}.safetensors"
@@ -198,6 +200,8 @@ class Runner:
     def cell(self, kind: str, spec: dict, compute: Callable[[], dict]) -> dict:
         """A cached measurement: ``compute()`` runs only when no finished cell has this key."""
         spec = {**spec, "eval_version": EVAL_VERSION}
+        if self.cfg.runtime != "dense":
+            spec["runtime"] = self.cfg.runtime
         path = self.root / "cells" / f"{kind}-{content_hash({'kind': kind, **spec})}.json"
         record = None
         if path.is_file():

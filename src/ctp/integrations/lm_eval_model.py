@@ -37,17 +37,20 @@ class CTPLM(LM):
 
     def __init__(self, model: str = "smollm2-135m", prompt: str | None = None, batch_size: int | str = 8,
                  max_length: int | str | None = None, device: str | None = None, dtype: str = "float32",
-                 allow_foreign_prompt: bool | str = False, pretrained=None, tokenizer=None, **_ignored):
+                 allow_foreign_prompt: bool | str = False, pretrained=None, tokenizer=None, runtime: str = "auto",
+                 **_ignored):
         super().__init__()
         from ctp.devices import check_device, default_device
         from ctp.lm import check_prompt
         from ctp.models.load import load_model
+        from ctp.models.names import choose_runtime
 
         if pretrained is not None and not isinstance(pretrained, str):  # an in-memory model, as HFLM accepts
             self.model, self.tokenizer, info = pretrained, tokenizer, None
         else:
             self.model, self.tokenizer, info = load_model(
-                pretrained or model, dtype=dtype, device=check_device(device) if device else default_device())
+                pretrained or model, dtype=dtype, device=check_device(device) if device else default_device(),
+                runtime=choose_runtime(runtime, "score"))
         self.prompt = None
         if prompt:
             if prompt == "hard":

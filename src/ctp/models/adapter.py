@@ -181,7 +181,11 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write an (out_features, in_features) matrix back in the module's own layout and dtype."""
     if bool(Conv1D) and isinstance(module, Conv1D):
         w = w.t()
-    module.weight.data.copy_(w.to(module.weight.dtype).contiguous())
+    w = w.to(module.weight.dtype).contiguous()
+    if module.weight.is_meta:  # a model built without weight memory (load_compressed): take the tensor itself
+        module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
+    else:
+        module.weight.data.copy_(w)
 
 
 def max_positions(model: nn.Module) -> int | None:

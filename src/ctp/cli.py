@@ -12,7 +12,7 @@ from ctp import __version__
 from ctp.errors import CTPError
 
 # Subcommand modules; each defines register(subparsers) and sets func=run on its parser.
-COMMANDS = ("eval", "compress", "train_prompt", "generate", "zeroshot", "run")
+COMMANDS = ("eval", "compress", "train_prompt", "generate", "zeroshot", "run", "export")
 
 
 class Parser(argparse.ArgumentParser):

@@ -372,17 +372,25 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     if runtime not in ("dense", "packed"):
         raise ValueError(f"runtime must be 'dense' or 'packed', not {runtime!r}")
     path = Path(path)
-    meta = read_index(path)
-    cfg = CompressConfig.from_dict(meta["config"])  # validates the recorded recipe
+    if (path / MARKER).is_file():
+        meta = read_index(path)
+        label = CompressConfig.from_dict(meta["config"]).label()  # validates the recorded recipe
+        try:
+            dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
+            comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
+        except CTPError as e:  # the file's own message, with the fix for an artifact directory
+            raise CTPError(e.problem, f"the compressed model in {path} is incomplete or damaged: "
+                                      "recreate it with ctp compress") from e
+    else:  # a checkpoint quantized by another tool, read into ctp's encoding
+        from ctp.compress.formats import read_foreign
+
+        meta, dense, comp = read_foreign(path)
+        label = meta["label"]
     stored = _NAME_DTYPES.get(meta["storage"].get("dense_dtype", "float32"), torch.float32)
     try:
-        dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
-        comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
-    except CTPError as e:  # the file's own message, with the fix for an artifact directory
-        raise CTPError(e.problem, f"the compressed model in {path} is incomplete or damaged: "
-                                  "recreate it with ctp compress") from e
-    try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # no code from the directory runs
+        if hasattr(config, "quantization_config"):  # a foreign checkpoint's: ctp runs its codes itself
+            del config.quantization_config
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if meta.get("tokenizer", True) else None
     except (OSError, ValueError) as e:
         raise CTPError(f"cannot read the model config or tokenizer in {path}: {str(e).splitlines()[0]}",
@@ -395,7 +403,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     index: dict[str, dict] = meta["tensors"]
     aliases: dict[str, str] = meta.get("aliases", {})
     result = model.load_state_dict(dense, strict=False, assign=True)
-    expected_missing = {f"{n}.weight" for n in index} | set(aliases)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    expected_missing = {f"{n}.weight" for n in index} | set(aliases) | tied
     missing = set(result.missing_keys) - expected_missing
     if missing or result.unexpected_keys:
         raise CTPError(f"{path} does not fit its model config (missing {sorted(missing)[:3]}, "
@@ -408,6 +417,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
             raise CTPError(f"{path}: {name} has shape {entry['shape']}, the model expects "
                            f"{tuple(weight_matrix(modules[name]).shape)}", "the artifact is damaged: recreate it")
     _retie(model, aliases)
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
     if dtype != stored:
         model.to(dtype)
     packed, dense_why = [], {}
@@ -440,7 +451,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     release_memory()
     skip = ("tensors", "aliases", "tokenizer", "files_sha256", "index_sha256")
     compression = {k: v for k, v in meta.items() if k not in skip}
-    compression["label"] = cfg.label()
+    compression["label"] = label
     return model, tokenizer, compression
 
 

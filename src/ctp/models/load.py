@@ -5,8 +5,9 @@ Resolution order for a model spec:
 1. a named model shipped by a pip package (``smollm2-135m``, ``gemma3-270m``):
    its GGUF file is dequantised once to an fp32 Hugging Face directory in the
    cache and reused afterwards;
-2. a directory written by ``ctp compress`` (holds ``ctp_compression.json``):
-   rebuilt from its packed weights;
+2. a directory written by ``ctp compress`` (holds ``ctp_compression.json``), or a
+   compressed-tensors / GPTQ checkpoint of another tool: rebuilt from its packed weights
+   (dense, or kept packed with ``runtime="packed"``);
 3. any local Hugging Face directory (``config.json``);
 4. a local ``.gguf`` file (converted once and cached, like 1);
 5. otherwise a hub id ``org/name`` (needs a network, or the Hugging Face cache: a hub
@@ -33,7 +34,8 @@ import torch
 
 from ctp.errors import CTPError
 from ctp.devices import check_device, default_device  # noqa: F401 - re-exported for callers
-from ctp.models.names import COMPRESSED_MARKER, DEFAULT_MODEL, NAMED_MODELS, NamedModel, is_compressed_artifact
+from ctp.models.names import (COMPRESSED_MARKER, DEFAULT_MODEL, NAMED_MODELS, NamedModel, foreign_quantization,
+                              is_compressed_artifact)
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +368,8 @@ def load_model(
         dtype = parse_dtype(dtype)
     where = _resolve_reachable(spec)
     compression = None
-    if is_compressed_artifact(where):
-        from ctp.compress.artifact import load_compressed  # the compressed-model format lives there
+    if is_compressed_artifact(where) or foreign_quantization(where):
+        from ctp.compress.artifact import load_compressed  # the compressed-model formats live there
 
         model, tokenizer, compression = load_compressed(where, dtype=dtype, runtime=runtime, device=device)
     else:

@@ -18,6 +18,23 @@ def is_compressed_artifact(path: str | Path) -> bool:
     return (Path(path) / COMPRESSED_MARKER).is_file()
 
 
+FOREIGN_QUANTIZATION = ("compressed-tensors", "gptq")  # checkpoints of other tools whose codes ctp reads itself
+
+
+def foreign_quantization(path: str | Path) -> str | None:
+    """The quantization method of a Hugging Face directory ctp reads into its own encoding (compressed-tensors,
+    GPTQ), else None."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    return method if method in FOREIGN_QUANTIZATION else None
+
+
 @dataclass(frozen=True)
 class NamedModel:
     """A real pretrained model that a pip package ships as a GGUF file."""

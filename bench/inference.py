@@ -405,6 +405,30 @@ def _round_dense_parts(model: nn.Module, index: dict, dtype: torch.dtype) -> Non
             t.data.copy_(t.data.to(dtype).to(t.dtype))
 
 
+def random_llama_artifact(spec: str, out_dir: str) -> str:
+    """A random-weight Llama of ``HIDDEN:LAYERS`` (intermediate 2.75x hidden, 32000-token vocab, untied head),
+    RTN 4-bit groups of 64 (data-free, seconds), saved as a ctp artifact with the default model's tokenizer:
+    a model whose linears dominate as in 1B-7B models, for the runtime section."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ctp.compress.artifact import save_compressed
+    from ctp.compress.config import CompressConfig, QuantConfig
+    from ctp.compress.driver import compress_model
+    from ctp.models.load import load_tokenizer
+
+    hidden, layers = (int(v) for v in spec.split(":"))
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                      max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    report = compress_model(model, None, CompressConfig(quant=QuantConfig(method="rtn", bits=4, group_size=64)),
+                            device="cpu", progress=False)
+    path = f"{out_dir}/random-llama-{hidden}x{layers}-rtn4g64"
+    save_compressed(model, load_tokenizer("smollm2-135m"), report, path)
+    return path
+
+
 @torch.no_grad()
 def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int, ppl_windows: int,
                   device: torch.device) -> list[dict[str, Any]]:
@@ -512,6 +536,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--recipes", default=",".join(RECIPES), help="memory-section recipes, of " + ", ".join(RECIPES))
     p.add_argument("--artifacts", default="", help="runtime section: ctp-compressed model directories, comma-separated")
     p.add_argument("--ppl-windows", type=int, default=0, help="runtime section: c4 test windows of 512 for perplexity")
+    p.add_argument("--random-llama", default="", metavar="HIDDEN:LAYERS",
+                   help="runtime section: also a random-weight Llama of this size, RTN 4-bit g64 (e.g. 2048:8)")
     args = p.parse_args(argv)
     device = setup(args)
     t_start = time.perf_counter()
@@ -531,9 +557,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del model
     if "model" in sections and use_model:
         result["model"] = bench_model(args.model, args.prefill, args.decode, args.model_repeats, device)
-    if "runtime" in sections and args.artifacts:
-        result["runtime"] = bench_runtime(args.artifacts.split(","), args.prefill, args.decode, args.model_repeats,
-                                          args.ppl_windows, device)
+    if "runtime" in sections and (args.artifacts or args.random_llama):
+        with tempfile.TemporaryDirectory() as tmp:
+            arts = [a for a in args.artifacts.split(",") if a]
+            rand = [random_llama_artifact(args.random_llama, tmp)] if args.random_llama else []
+            result["runtime"] = bench_runtime(arts, args.prefill, args.decode, args.model_repeats, args.ppl_windows,
+                                              device)
+            if rand:  # no perplexity for random weights
+                result["runtime"] += bench_runtime(rand, args.prefill, args.decode, args.model_repeats, 0, device)
     return finish(result, args, t_start, report)
 
 

@@ -34,6 +34,8 @@ _LAZY = {
     "save_prompt": "ctp.prompt.artifact",
     "load_prompt": "ctp.prompt.artifact",
     "hard_prompt": "ctp.prompt.embed",
+    "prompt_embeds": "ctp.prompt.embed",
+    "export_model": "ctp.compress.formats",
     "generate": "ctp.prompt.generate",
     "perplexity": "ctp.eval.perplexity",
     "evaluate_tasks": "ctp.eval.zeroshot",

@@ -73,3 +73,22 @@ def test_generate_returns_text_and_validates(tokenizer):
         SamplingConfig(top_p=0)
     d = GenerationStats(3, 4, 5, 0.1, True, 0.2, 0.4).to_dict()
     assert d["per_token_seconds"] == pytest.approx(0.1) and d["total_seconds"] == pytest.approx(0.6)
+
+
+def test_prompt_embeds_for_serving_continue_like_ctp(tokenizer):
+    """The (k + T, hidden) tensor a serving engine's prompt_embeds input takes gives ctp's own continuation."""
+    from ctp.prompt.embed import prompt_embeds
+
+    model = make_tiny("llama")
+    prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    text = "Where is Long Beach?"
+    e = prompt_embeds(model, tokenizer, prompt, text)
+    T = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert e.shape == (4 + T, 64) and torch.equal(e[:4], prompt)
+    ours = PrefixCachedGenerator(model, tokenizer, prompt).generate(text, SamplingConfig(max_new_tokens=6,
+                                                                                         stop_at_eos=False)).token_ids
+    theirs = model.generate(inputs_embeds=e[None], attention_mask=torch.ones(1, 4 + T, dtype=torch.long),
+                            max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    assert theirs[-6:] == ours
+    with pytest.raises(CTPError, match="prefix"):
+        prompt_embeds(model, tokenizer, torch.zeros(2, 2, 2, 4, 16), text)

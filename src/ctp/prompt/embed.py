@@ -29,3 +29,22 @@ def hard_prompt(model: nn.Module, tokenizer, text: str = HARD_PROMPT_TEXT) -> to
     emb = model.get_input_embeddings()
     ids = hard_prompt_ids(tokenizer, text).to(emb.weight.device)
     return emb(ids).float()
+
+
+@torch.no_grad()
+def prompt_embeds(model: nn.Module, tokenizer, prompt: torch.Tensor, text: str) -> torch.Tensor:
+    """What a serving engine's ``prompt_embeds`` input takes: a soft ``prompt`` (k, hidden) followed by the
+    embeddings of ``text``, shape (k + T, hidden), in the model's dtype, on the CPU.
+
+    vLLM (``LLM(..., enable_prompt_embeds=True).generate({"prompt_embeds": e})``) and transformers
+    (``model.generate(inputs_embeds=e[None])``) then continue the text as ctp does with the prompt.
+    A prefix prompt enters through the KV cache, not the input: serve it as a PEFT adapter.
+    """
+    from ctp.errors import require
+    from ctp.lm import embed_inputs, prompt_kind
+
+    require(prompt_kind(prompt) == "soft", "a prefix prompt has no input embeddings",
+            "serve a prefix as a PEFT adapter (train-prompt --peft-dir)")
+    device = model.get_input_embeddings().weight.device
+    ids = hard_prompt_ids(tokenizer, text).to(device).unsqueeze(0)  # (1, T), no special tokens as in training
+    return embed_inputs(model, ids, prompt)["inputs_embeds"][0].cpu()  # (k + T, hidden)

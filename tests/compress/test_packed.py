@@ -78,6 +78,15 @@ def test_packed_logits_and_input_gradients_equal_the_dense_rebuild(family, recip
     assert rel(grads[1], grads[0]) < 1e-4
     assert not [p for m in kernels.values() for p in m.parameters()]  # nothing in a kernel linear can learn
 
+    # long inputs take the other path: this layer's weight dequantized for one fp32 matmul, exact up to summation
+    for m in kernels.values():
+        m.dense_from = 1
+    x = emb.clone().requires_grad_(True)
+    out = packed(inputs_embeds=x).logits
+    assert rel(out.detach(), ref) < 1e-5
+    out.log_softmax(-1)[..., 0].sum().backward()
+    assert rel(x.grad, grads[0]) < 1e-4
+
 
 def test_cpu_layout_unpacks_to_the_codes():
     g = torch.Generator().manual_seed(0)

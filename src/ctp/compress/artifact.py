@@ -175,6 +175,20 @@ def decode_weight(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor:
 # --------------------------------------------------------------------------- save
 
 
+@torch.no_grad()
+def default_dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``ctp compress`` stores an fp32 model's uncompressed tensors in: float16, or bfloat16 when a value
+    would overflow float16. Measured on SmolLM2-135M (bench/README.md): storing them in float16 moved the c4 test
+    perplexity of its 4-bit and 50% + 4-bit artifacts by less than 0.002% (20,440 tokens), for half the bytes."""
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        return dtype
+    big = max((float(t.detach().abs().max()) for t in model.state_dict().values()
+               if t.is_floating_point() and t.numel()), default=0.0)
+    return torch.float16 if big < torch.finfo(torch.float16).max else torch.bfloat16
+
+
+
 def _aliases(model: nn.Module) -> dict[str, str]:
     """State-dict keys that share storage with an earlier key: {alias: kept key}."""
     seen: dict[tuple, str] = {}
@@ -470,4 +484,4 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
         setattr(a_owner, a_name, getattr(s_owner, s_name))
 
 
-__all__ = ["MARKER", "decode_codes", "decode_mask", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]
+__all__ = ["MARKER", "decode_codes", "default_dense_dtype", "decode_mask", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]

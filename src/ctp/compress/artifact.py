@@ -371,46 +371,74 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
                     device: str | torch.device = "cpu", act_dtype: torch.dtype | None = None):
     """Rebuild ``(model, tokenizer, compression)`` from an artifact directory.
 
-    The model is built from its config without random initialisation, the dense tensors
-    are loaded, each compressed linear is rebuilt from its packed payload and tied
-    weights are re-tied. ``dtype`` is the returned model's dtype; when it is the dtype the
+    The model is built from its config without weight memory, the dense tensors are
+    loaded, each compressed linear is rebuilt from its packed payload and tied weights
+    are re-tied. ``dtype`` is the returned model's dtype; when it is the dtype the
     artifact was stored in (its ``storage.dense_dtype``), the logits equal the in-memory
     compressed model's bit for bit. ``compression`` is the index minus the tensor list.
+    A compressed-tensors or GPTQ checkpoint of another tool loads the same way
+    (:func:`ctp.compress.formats.read_foreign`).
 
     ``runtime="packed"`` keeps every quantized linear the kernels take as codes in memory
     (:mod:`ctp.compress.packed`; ``act_dtype`` defaults to bf16) and rebuilds the rest dense;
-    the model is then built on ``device`` (the kernels' layouts differ between CPU and GPU).
+    the packed layers are built on ``device`` (the kernels' layouts differ between CPU and GPU).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if runtime not in ("dense", "packed"):
         raise ValueError(f"runtime must be 'dense' or 'packed', not {runtime!r}")
     path = Path(path)
-    if (path / MARKER).is_file():
-        meta = read_index(path)
-        label = CompressConfig.from_dict(meta["config"]).label()  # validates the recorded recipe
-        try:
-            dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
-            comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
-        except CTPError as e:  # the file's own message, with the fix for an artifact directory
-            raise CTPError(e.problem, f"the compressed model in {path} is incomplete or damaged: "
-                                      "recreate it with ctp compress") from e
-    else:  # a checkpoint quantized by another tool, read into ctp's encoding
+    meta, dense, comp, label = _read_payload(path)
+    config, tokenizer = _read_config(path, meta)
+    stored = _NAME_DTYPES.get(meta["storage"].get("dense_dtype", "float32"), torch.float32)
+    model = _empty_model(path, config, stored, meta, dense)
+    if dtype != stored:
+        model.to(dtype)
+    _fill_linears(path, model, meta["tensors"], comp, runtime, act_dtype, device)
+    model.eval()
+    del dense, comp
+    release_memory()
+    skip = ("tensors", "aliases", "tokenizer", "files_sha256", "index_sha256")
+    compression = {k: v for k, v in meta.items() if k not in skip}
+    compression["label"] = label
+    return model, tokenizer, compression
+
+
+def _read_payload(path: Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor], str]:
+    """(index, dense tensors, compressed tensors, label) of a ctp artifact or a foreign quantized checkpoint."""
+    if not (path / MARKER).is_file():  # a checkpoint quantized by another tool, read into ctp's encoding
         from ctp.compress.formats import read_foreign
 
         meta, dense, comp = read_foreign(path)
-        label = meta["label"]
-    stored = _NAME_DTYPES.get(meta["storage"].get("dense_dtype", "float32"), torch.float32)
+        return meta, dense, comp, meta["label"]
+    meta = read_index(path)
+    label = CompressConfig.from_dict(meta["config"]).label()  # validates the recorded recipe
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # no code from the directory runs
+        dense, _ = load_tensors(path / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
+        comp, _ = load_tensors(path / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
+    except CTPError as e:  # the file's own message, with the fix for an artifact directory
+        raise CTPError(e.problem, f"the compressed model in {path} is incomplete or damaged: "
+                                  "recreate it with ctp compress") from e
+    return meta, dense, comp, label
+
+
+def _read_config(path: Path, meta: dict):
+    """(model config, tokenizer or None); no code from the directory runs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         if hasattr(config, "quantization_config"):  # a foreign checkpoint's: ctp runs its codes itself
             del config.quantization_config
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if meta.get("tokenizer", True) else None
     except (OSError, ValueError) as e:
         raise CTPError(f"cannot read the model config or tokenizer in {path}: {str(e).splitlines()[0]}",
                        "the artifact is damaged: recreate it") from e
+    return config, tokenizer
 
+
+def _empty_model(path: Path, config, stored: torch.dtype, meta: dict, dense: dict[str, Tensor]) -> nn.Module:
+    """The model with its dense tensors in place and its compressed linears' weights still on the meta device."""
     from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):  # no memory for weights: each comes from the artifact
         model = AutoModelForCausalLM.from_config(config, dtype=stored, trust_remote_code=False)
@@ -418,8 +446,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     aliases: dict[str, str] = meta.get("aliases", {})
     result = model.load_state_dict(dense, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    expected_missing = {f"{n}.weight" for n in index} | set(aliases) | tied
-    missing = set(result.missing_keys) - expected_missing
+    missing = set(result.missing_keys) - ({f"{n}.weight" for n in index} | set(aliases) | tied)
     if missing or result.unexpected_keys:
         raise CTPError(f"{path} does not fit its model config (missing {sorted(missing)[:3]}, "
                        f"unexpected {sorted(result.unexpected_keys)[:3]})", "the artifact is damaged: recreate it")
@@ -433,22 +460,25 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     _retie(model, aliases)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
-    if dtype != stored:
-        model.to(dtype)
-    packed, dense_why = [], {}
+    return model
+
+
+def _fill_linears(path: Path, model: nn.Module, index: dict[str, dict], comp: dict[str, Tensor], runtime: str,
+                  act_dtype: torch.dtype | None, device: str | torch.device) -> None:
+    """Put each compressed linear in place: a packed kernel module, or its dense rebuild."""
+    packed, dense_why = 0, {}
     if runtime == "packed":
         from ctp.compress.packed import default_act_dtype, pack_linear, packable
 
         act_dtype = act_dtype or default_act_dtype(device)
     for name, entry in index.items():
-        mod = modules[name]
+        mod = model.get_submodule(name)
         why = packable(entry) if runtime == "packed" else "dense runtime"
         if why is None:
             codes, scale, zero, g = decode_codes(name, entry, comp)
-            bias = getattr(mod, "bias", None)
-            model.set_submodule(name, pack_linear(codes, scale, zero, g, entry["bits"], bias,
+            model.set_submodule(name, pack_linear(codes, scale, zero, g, entry["bits"], getattr(mod, "bias", None),
                                                   act_dtype=act_dtype, device=device))
-            packed.append(name)
+            packed += 1
         else:
             set_weight_matrix(mod, decode_weight(name, entry, comp))  # (out, in) fp32, cast to the module's dtype
             dense_why[name] = why
@@ -457,16 +487,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
         raise CTPError(f"{path} holds no weights for {left[0]}" + (f" and {len(left) - 1} more" if len(left) > 1 else ""),
                        "the artifact is damaged: recreate it")
     if runtime == "packed":
-        reasons = sorted(set(dense_why.values()))
-        log.info("packed %d of %d compressed linears%s", len(packed), len(index),
-                 f"; dense: {len(dense_why)} ({'; '.join(reasons)})" if dense_why else "")
-    model.eval()
-    del dense, comp
-    release_memory()
-    skip = ("tensors", "aliases", "tokenizer", "files_sha256", "index_sha256")
-    compression = {k: v for k, v in meta.items() if k not in skip}
-    compression["label"] = label
-    return model, tokenizer, compression
+        log.info("packed %d of %d compressed linears%s", packed, len(index),
+                 f"; dense: {len(dense_why)} ({'; '.join(sorted(set(dense_why.values())))})" if dense_why else "")
 
 
 def _retie(model: nn.Module, aliases: dict[str, str]) -> None:

@@ -18,9 +18,18 @@ class CTPError(Exception):
     """A problem with the user's input, stated with its fix."""
 
     def __init__(self, problem: str, fix: str | None = None):
-        self.problem = problem
-        self.fix = fix
-        super().__init__(problem if not fix else f"{problem} ({fix})")
+        self.problem = _one_line(problem)
+        self.fix = None if fix is None else _one_line(fix)
+        super().__init__(self.problem if not self.fix else f"{self.problem} ({self.fix})")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (a key or path a user typed may hold them),
+    so the message stays one line."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def require(condition: bool, problem: str, fix: str | None = None) -> None:

@@ -418,7 +418,8 @@ def random_llama_artifact(spec: str, out_dir: str) -> str:
 
     hidden, layers = (int(v) for v in spec.split(":"))
     cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                      num_key_value_heads=max(1, hidden // 256),
                       max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

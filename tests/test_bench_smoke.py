@@ -171,3 +171,16 @@ def test_recovery_bench_at_toy_size(tiny_dir, tmp_path):
         assert math.isfinite(c4["share"]) and c4["share_low"] <= c4["share"] <= c4["share_high"]
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
     assert (out.parent / "recovery-c-prefix-kd-k3.safetensors").is_file()
+
+
+def test_inference_runtime_section_smoke():
+    """Loaded artifacts dense vs packed: the same weights, less memory, perplexity within rounding."""
+    r = inference.main(["--sections", "runtime", "--random-llama", "128:2", "--prefill", "8", "--decode", "2",
+                        "--model-repeats", "1"])
+    rows = {row["runtime"]: row for row in r["runtime"]}
+    assert set(rows) == {"dense fp32", "packed, fp32 rest", "packed, bf16 rest"}
+    assert rows["dense fp32"]["packed_linears"] == 0 and rows["packed, fp32 rest"]["packed_linears"] == 14
+    assert rows["packed, fp32 rest"]["weight_bytes"] < rows["dense fp32"]["weight_bytes"]
+    assert rows["packed, bf16 rest"]["weight_bytes"] < rows["packed, fp32 rest"]["weight_bytes"]
+    assert rows["packed, fp32 rest"]["logits_max_rel_err"] < 3e-2
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in rows.values())

@@ -41,9 +41,11 @@ def load_options(args) -> dict:
     """The keyword arguments of :func:`ctp.models.load.load_model` the model flags give (dtype, trust, runtime)."""
     opts = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     if getattr(args, "workload", None) is not None:
-        from ctp.models.names import choose_runtime
+        from ctp.models.names import choose_runtime, foreign_quantization, is_compressed_artifact
 
-        opts["runtime"] = choose_runtime(args.runtime, args.workload)
+        runtime = choose_runtime(args.runtime, args.workload)
+        quantized = Path(args.model).is_dir() and (is_compressed_artifact(args.model) or foreign_quantization(args.model))
+        opts["runtime"] = runtime if args.runtime != "auto" or quantized else "dense"  # auto: no note for dense models
     return opts
 
 

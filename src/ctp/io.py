@@ -186,6 +186,18 @@ def check_output(out: str | Path, *inputs: str | Path | None, flag: str = "--out
     return out
 
 
+def check_free_space(path: str | Path, need: int, what: str, flag: str = "--out") -> None:
+    """Refuse, before the work, an output whose file system has less than ``need`` bytes free."""
+    target = Path(path).expanduser().resolve()
+    parent = next((p for p in [target, *target.parents] if p.exists()), None)
+    if parent is None:
+        return
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise CTPError(f"{flag} {path}: {what} needs about {need / 1e6:,.0f} MB and {parent} has {free / 1e6:,.0f} MB "
+                       "free", f"free disk space or pass a {flag} on another disk")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Build a directory artifact in a temporary sibling, then rename it to ``path``.

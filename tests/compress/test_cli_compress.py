@@ -107,3 +107,16 @@ def test_out_must_not_clobber_an_unrelated_directory(tiny_dir, tmp_path, capsys)
     (tmp_path / "keep.txt").write_text("mine")
     assert main(["-q", "compress", "--model", tiny_dir, "--out", str(tmp_path), "--bits", "4", *FAST]) == 2
     assert Path(tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_too_little_disk_space_is_one_line_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "o"
+    assert main(["-q", "compress", "--model", tiny_dir, "--out", str(out), "--bits", "4", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs about" in err and "MB free" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "o.partial").exists()

@@ -193,10 +193,10 @@ def _mb(n: int) -> str:
 
 
 def run(args) -> int:
-    from ctp.compress.artifact import default_dense_dtype, save_compressed
+    from ctp.compress.artifact import default_dense_dtype, estimate_bytes, save_compressed
     from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
-    from ctp.io import check_output
+    from ctp.io import check_free_space, check_output
     from ctp.models.load import load_model, parse_dtype
     from ctp.models.names import is_compressed_artifact
 
@@ -213,10 +213,12 @@ def run(args) -> int:
         return 0
     model, tok, info = load_model(args.model, **load_options(args), device="cpu")  # blocks move to --device one by one
     _warn_if_long(model, cfg, device_of(args))
+    dense_dtype = default_dense_dtype(model) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
+    # the resumable checkpoint and the artifact both hold the compressed blocks until the artifact is written
+    check_free_space(out, 2 * estimate_bytes(model, cfg, dense_dtype), "the compressed model and its checkpoint")
     partial = checkpoint_dir_for(out)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume)
-    dense_dtype = default_dense_dtype(model) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
     storage = save_compressed(model, tok, report, report.compressed, out, dense_dtype=dense_dtype,
                               source=info.to_dict())
     discard_checkpoint(partial)

@@ -45,8 +45,13 @@ def run(args) -> int:
     out = check_output(args.out, args.model, directory=not gguf)
     if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
         raise CTPError(f"--out {out} already exists", "pass another --out, or --overwrite to replace it")
+    from ctp.compress.artifact import read_index
     from ctp.compress.formats import export_model
+    from ctp.io import check_free_space
 
+    storage = read_index(args.model)["storage"]
+    need = 4 * storage.get("n_params", 0) if args.format == "hf" else 2 * storage.get("weights_file_bytes", 0)
+    check_free_space(out, need, f"the {args.format} export")
     summary = export_model(args.model, out, args.format, parse_dtype(args.dtype) if args.dtype else None)
     rows = [{"field": k, "value": v} for k, v in summary.items()]
     rows.append({"field": "written to", "value": str(out)})

@@ -325,6 +325,23 @@ def save_compressed(
     return storage
 
 
+def estimate_bytes(model: nn.Module, cfg: CompressConfig, dense_dtype: torch.dtype) -> int:
+    """An upper estimate of the artifact's size before compressing: the decoder linears at the recipe's bits per
+    weight (codes, 1-bit mask, fp32 scales per group), everything else at ``dense_dtype``."""
+    from ctp.models.adapter import decoder_layers, linear_layers, weight_matrix
+
+    linear = sum(weight_matrix(m).numel() for layer in decoder_layers(model) for m in linear_layers(layer).values())
+    total = sum(p.numel() for p in model.parameters())
+    bits = 0.0
+    if cfg.quant is not None:
+        group = cfg.quant.group_size if cfg.quant.group_size and cfg.quant.group_size > 0 else 4096
+        bits = cfg.quant.bits + 2 * 32 / group  # codes, plus a scale and a zero point per group
+    if cfg.prune is not None:
+        bits = 1 + (bits or 8 * torch.empty((), dtype=dense_dtype).element_size())  # mask + kept values (at most all)
+    dense_bytes = torch.empty((), dtype=dense_dtype).element_size()
+    return int(linear * bits / 8 + (total - linear) * dense_bytes) + (1 << 20)
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -506,4 +523,4 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
         setattr(a_owner, a_name, getattr(s_owner, s_name))
 
 
-__all__ = ["MARKER", "decode_codes", "default_dense_dtype", "decode_mask", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]
+__all__ = ["MARKER", "decode_codes", "default_dense_dtype", "estimate_bytes", "decode_mask", "decode_weight", "encode_weight", "load_compressed", "read_index", "save_compressed"]

@@ -56,6 +56,30 @@ def _val_nll(model, windows) -> float:
     return total / count
 
 
+def _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir: Path):
+    """Full and unprompted perplexities on the test windows and NLLs on validation: cached by what determines them."""
+    import hashlib
+    import json
+
+    from ctp.compress.artifact import read_index
+    from ctp.experiments.runner import EVAL_VERSION
+    from ctp.io import atomic_write_json, read_json
+
+    key = {"compressed": read_index(args.compressed).get("index_sha256") or str(Path(args.compressed).resolve()),
+           "teacher": tspec, "teacher_embedding": info.base_hash, "datasets": datasets, "seqlen": args.seqlen,
+           "test_windows": args.test_windows, "eval_windows": args.eval_windows, "eval_version": EVAL_VERSION}
+    path = out_dir / f"baselines-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        saved = read_json(path, "cached baselines")
+        if saved.get("key") == key:
+            log.warning("reusing the baselines in %s", path)
+            return saved["base"], saved["val_full"], saved["val_none"]
+    base = {d: {"full": _ppl(teacher, tok, d, args), "none": _ppl(model, tok, d, args)} for d in datasets}
+    val_full, val_none = _val_nll(teacher, val), _val_nll(model, val)
+    atomic_write_json(path, {"key": key, "base": base, "val_full": val_full, "val_none": val_none})
+    return base, val_full, val_none
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--compressed", required=True, help="a ctp compress directory")
@@ -93,11 +117,11 @@ def main(argv=None) -> dict:
     datasets = args.datasets.split(",")
     out_dir = Path(args.json).parent if args.json else Path(".")
 
-    # baselines on the same test windows, and the validation gap the curves are measured against
-    base = {d: {"full": _ppl(teacher, tok, d, args), "none": _ppl(model, tok, d, args)} for d in datasets}
+    # baselines on the same test windows, and the validation gap the curves are measured against; they depend on
+    # the two models and the windows only, so they are kept beside the JSON and reused by later runs
     val_ids, _ = corpus_ids("c4", "validation", tok)
     val = eval_windows(val_ids, args.seqlen, args.eval_windows)
-    val_full, val_none = _val_nll(teacher, val), _val_nll(model, val)
+    base, val_full, val_none = _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir)
 
     rows, curves = [], {}
     for recipe in args.recipes.split(","):

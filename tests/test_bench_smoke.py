@@ -171,6 +171,17 @@ def test_recovery_bench_at_toy_size(tiny_dir, tmp_path):
         assert math.isfinite(c4["share"]) and c4["share_low"] <= c4["share"] <= c4["share_high"]
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 1000
     assert (out.parent / "recovery-c-prefix-kd-k3.safetensors").is_file()
+    cached = list(out.parent.glob("baselines-*.json"))
+    assert len(cached) == 1  # a second run on the same models and windows reuses the baselines
+    import json
+
+    saved = json.loads(cached[0].read_text())
+    saved["base"]["c4"]["full"]["ppl"] = 123.0  # a mark only a reuse can carry over
+    cached[0].write_text(json.dumps(saved))
+    again = recovery.main(["--compressed", str(comp), "--recipes", "soft-nll", "--minutes", "0.02", "--seqlen", "32",
+                           "--eval-every", "2", "--eval-windows", "1", "--test-windows", "3", "--datasets", "c4",
+                           "--json", str(out.parent / "again.json")])
+    assert again["baselines"]["c4"]["full"]["ppl"] == 123.0 and list(out.parent.glob("baselines-*.json")) == cached
 
 
 def test_inference_runtime_section_smoke():

@@ -22,7 +22,8 @@ The kernels are fast only for bf16 activations on CPU (fp32 activations take a s
 fallback 3-28x slower than a dense fp32 matmul; measured in ``bench/README.md``), so
 ``act_dtype`` defaults to bf16: inputs are cast to it inside each linear and outputs cast
 back, the rest of the model keeps its own dtype. With ``act_dtype=float32`` the result
-equals the dense rebuild's to fp32 rounding.
+equals the dense rebuild's to fp32 rounding. From ``DENSE_FROM`` tokens per call (prefill,
+scoring, training) a layer is instead dequantized into one fp32 matmul: faster there, and exact.
 
 Backpropagation reaches the input (a prompt) but never the weights: the backward pass
 dequantizes the weight it needs from the packed codes, one layer at a time.
@@ -34,6 +35,8 @@ import logging
 
 import torch
 from torch import Tensor, nn
+
+from ctp.errors import CTPError
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +172,6 @@ class _PackedLinear(nn.Module):
         for k, (dtype, dev) in before.items():
             b = self._buffers[k]
             if b.device.type != dev:
-                from ctp.errors import CTPError
-
                 raise CTPError(f"a packed model cannot move from {dev} to {b.device.type}",
                                "load it on the device it runs on (--device), or with --runtime dense")
             if b.dtype != dtype:

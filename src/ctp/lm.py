@@ -120,16 +120,22 @@ def embed_inputs(
     require(prompt is None or prompt.dim() == 2, "a prefix prompt has no input embeddings",
             "pass it through prompt_inputs")
     tok = model.get_input_embeddings()(input_ids)  # (B, T, hidden)
+    mask = _prompt_mask(input_ids, attention_mask, prompt_length(prompt))  # (B, k+T)
+    if prompt is None:
+        return {"inputs_embeds": tok, "attention_mask": mask}
+    p = prompt.to(device=tok.device, dtype=tok.dtype).unsqueeze(0).expand(tok.shape[0], -1, -1)  # (B, k, hidden)
+    return {"inputs_embeds": torch.cat([p, tok], dim=1), "attention_mask": mask}  # (B, k+T, hidden), (B, k+T)
+
+
+def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The attention mask of ``k`` prompt positions (ones) followed by the text's (all ones when not given): (B, k+T)."""
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
-    if prompt is None:
-        return {"inputs_embeds": tok, "attention_mask": attention_mask}
-    k = prompt.shape[0]
-    p = prompt.to(device=tok.device, dtype=tok.dtype).unsqueeze(0).expand(B, k, -1)  # (B, k, hidden)
+    if not k:
+        return attention_mask
     ones = torch.ones(B, k, dtype=attention_mask.dtype, device=attention_mask.device)
-    return {"inputs_embeds": torch.cat([p, tok], dim=1),  # (B, k+T, hidden)
-            "attention_mask": torch.cat([ones, attention_mask], dim=1)}  # (B, k+T)
+    return torch.cat([ones, attention_mask], dim=1)
 
 
 def prompt_inputs(
@@ -147,12 +153,8 @@ def prompt_inputs(
     """
     if prompt is None or prompt.dim() == 2:
         return embed_inputs(model, input_ids, prompt, attention_mask), prompt_length(prompt)
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
-    ones = torch.ones(B, prompt_length(prompt), dtype=attention_mask.dtype, device=attention_mask.device)
-    return {"input_ids": input_ids, "attention_mask": torch.cat([ones, attention_mask], dim=1),  # (B, k+T)
-            "past_key_values": prefix_cache(model, prompt, B)}, 0
+    return {"input_ids": input_ids, "attention_mask": _prompt_mask(input_ids, attention_mask, prompt_length(prompt)),
+            "past_key_values": prefix_cache(model, prompt, input_ids.shape[0])}, 0
 
 
 def text_logits(

@@ -45,13 +45,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ctp.compress.config import ALGORITHM_VERSION, CompressConfig
-from ctp.compress.quant import dequantize, max_code, pack_int, pack_mask, unpack_int, unpack_mask
+from ctp.compress.encoding import decode_codes, decode_mask, decode_weight, encode_weight
 from ctp.compress.registry import CompressedWeight
 from ctp.compress.report import CompressionReport
 from ctp.errors import CTPError
@@ -74,102 +73,6 @@ _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 # --------------------------------------------------------------------------- encoding
-
-
-def _kind(cw: CompressedWeight) -> str:
-    if cw.quantized:
-        return "sparse_quant" if cw.mask is not None else "quant"
-    if cw.mask is None:
-        raise ValueError("a compressed weight with neither codes nor mask has nothing to store")
-    return "sparse"
-
-
-def _trivial_g_idx(g_idx: Tensor, n_groups: int) -> bool:
-    """True when ``g_idx`` is the contiguous grouping ``arange(in) // (in / n_groups)``."""
-    cols = g_idx.numel()
-    if cols % n_groups:
-        return False
-    return bool(torch.equal(g_idx.long().cpu(), torch.arange(cols) // (cols // n_groups)))
-
-
-def encode_weight(name: str, cw: CompressedWeight, value_dtype: torch.dtype) -> tuple[dict[str, Tensor], dict]:
-    """The stored tensors of one compressed linear and its index entry."""
-    kind = _kind(cw)
-    rows, cols = cw.weight.shape
-    tensors: dict[str, Tensor] = {}
-    entry: dict[str, Any] = {"kind": kind, "shape": [rows, cols]}
-    mask = None if cw.mask is None else cw.mask.cpu().bool()
-    if mask is not None:
-        tensors[f"{name}.mask"] = pack_mask(mask)
-        entry["n_kept"] = int(mask.sum())
-    if kind == "sparse":
-        tensors[f"{name}.values"] = cw.weight.detach().cpu()[mask].to(value_dtype)  # (n_kept,) row-major
-        return tensors, entry
-
-    assert cw.codes is not None and cw.scale is not None and cw.zero is not None and cw.bits is not None
-    bits = cw.bits
-    codes = cw.codes.cpu()
-    kept_codes = codes[mask] if mask is not None else codes.reshape(-1)  # row-major order
-    tensors[f"{name}.codes"] = pack_int(kept_codes.contiguous(), bits)
-    zero = cw.zero.cpu().float()
-    if not (torch.equal(zero, zero.round()) and float(zero.min()) >= 0 and float(zero.max()) <= max_code(bits)):
-        raise ValueError(f"{name}: zero points are not integers in [0, {max_code(bits)}]")
-    tensors[f"{name}.scale"] = cw.scale.cpu().float().contiguous()  # (rows, n_groups) fp32: exact
-    tensors[f"{name}.zero"] = pack_int(zero.to(torch.uint8).contiguous(), bits)
-    n_groups = cw.scale.shape[1]
-    g_idx = cw.g_idx.cpu() if cw.g_idx is not None else None
-    if g_idx is not None and not _trivial_g_idx(g_idx, n_groups):
-        small = cols <= torch.iinfo(torch.int16).max and n_groups <= torch.iinfo(torch.int16).max
-        tensors[f"{name}.g_idx"] = g_idx.to(torch.int16 if small else torch.int32)
-    entry.update(bits=bits, sym=bool(cw.sym), n_groups=n_groups, g_idx=f"{name}.g_idx" in tensors)
-    return tensors, entry
-
-
-def decode_mask(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor | None:
-    """The (out, in) bool keep-mask of one stored linear, or None for an unpruned one."""
-    if entry["kind"] not in ("sparse", "sparse_quant"):
-        return None
-    rows, cols = entry["shape"]
-    mask = unpack_mask(tensors[f"{name}.mask"], rows * cols).view(rows, cols)
-    if int(mask.sum()) != entry["n_kept"]:
-        raise CTPError(f"{name}: the mask keeps {int(mask.sum())} weights, the index says {entry['n_kept']}",
-                       "the artifact is damaged: recreate it")
-    return mask
-
-
-def decode_codes(name: str, entry: dict, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(codes (out, in) uint8, scale (out, n_groups) fp32, zero (out, n_groups) fp32, g_idx (in,) int64)`` of one
-    stored quantized linear; pruned positions hold their group's zero-point code (so they dequantize to exactly 0)."""
-    rows, cols = entry["shape"]
-    bits, n_groups = entry["bits"], entry["n_groups"]
-    mask = decode_mask(name, entry, tensors)
-    zero = unpack_int(tensors[f"{name}.zero"], bits, rows * n_groups).view(rows, n_groups).float()
-    scale = tensors[f"{name}.scale"].float()  # (rows, n_groups)
-    if entry["g_idx"]:
-        g = tensors[f"{name}.g_idx"].long()
-    else:
-        g = torch.arange(cols) // (cols // n_groups)  # (cols,) contiguous groups
-    if mask is None:
-        codes = unpack_int(tensors[f"{name}.codes"], bits, rows * cols).view(rows, cols)
-    else:
-        codes = zero[:, g].to(torch.uint8)  # (rows, cols)
-        codes[mask] = unpack_int(tensors[f"{name}.codes"], bits, entry["n_kept"])
-    return codes, scale, zero, g
-
-
-def decode_weight(name: str, entry: dict, tensors: dict[str, Tensor]) -> Tensor:
-    """The fp32 (out, in) matrix of one stored linear (inverse of :func:`encode_weight`)."""
-    rows, cols = entry["shape"]
-    if entry["kind"] == "sparse":
-        mask = decode_mask(name, entry, tensors)
-        values = tensors[f"{name}.values"]
-        w = torch.zeros(rows, cols, dtype=values.dtype)
-        w[mask] = values
-        return w.float()
-    codes, scale, zero, g = decode_codes(name, entry, tensors)
-    w = dequantize(codes, scale[:, g], zero[:, g])  # (rows, cols) fp32
-    mask = decode_mask(name, entry, tensors) if entry["kind"] == "sparse_quant" else None
-    return w if mask is None else w * mask
 
 
 # --------------------------------------------------------------------------- save
@@ -403,7 +306,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     if runtime not in ("dense", "packed"):
         raise ValueError(f"runtime must be 'dense' or 'packed', not {runtime!r}")
     path = Path(path)
-    meta, dense, comp, label = _read_payload(path)
+    meta, dense, comp, label = read_payload(path)
     config, tokenizer = _read_config(path, meta)
     stored = _NAME_DTYPES.get(meta["storage"].get("dense_dtype", "float32"), torch.float32)
     model = _empty_model(path, config, stored, meta, dense)
@@ -419,10 +322,10 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     return model, tokenizer, compression
 
 
-def _read_payload(path: Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor], str]:
+def read_payload(path: Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor], str]:
     """(index, dense tensors, compressed tensors, label) of a ctp artifact or a foreign quantized checkpoint."""
     if not (path / MARKER).is_file():  # a checkpoint quantized by another tool, read into ctp's encoding
-        from ctp.compress.formats import read_foreign
+        from ctp.compress.foreign import read_foreign
 
         meta, dense, comp = read_foreign(path)
         return meta, dense, comp, meta["label"]

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ctp.compress.artifact import (COMPRESSED_FILE, COMPRESSED_KIND, DENSE_FILE, DENSE_KIND, decode_codes,
-                                   load_compressed, read_index)
+from ctp.compress.artifact import load_compressed, read_index, read_payload
+from ctp.compress.encoding import decode_codes, pack_cols, pack_rows
+from ctp.compress.foreign import _compressed_tensors
 from ctp.errors import CTPError
-from ctp.io import atomic_dir, load_tensors
+from ctp.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ FORMATS = ("compressed-tensors", "gptq", "gguf", "hf")
 
 
 # --------------------------------------------------------------------------- reading a ctp artifact
-
-
-def _artifact(src: Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
-    meta = read_index(src)
-    dense, _ = load_tensors(src / DENSE_FILE, kind=DENSE_KIND, what="dense weights")
-    comp, _ = load_tensors(src / COMPRESSED_FILE, kind=COMPRESSED_KIND, what="compressed weights")
-    return meta, dense, comp
 
 
 def _grid(index: dict[str, dict], fmt: str, works: str) -> dict:
@@ -97,21 +91,11 @@ def _write_common(tmp: Path, src: Path, quantization_config: dict | None) -> Non
 # --------------------------------------------------------------------------- compressed-tensors
 
 
-def _compressed_tensors():
-    try:
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-    except ImportError as e:
-        raise CTPError(f"the compressed-tensors format needs the compressed-tensors package ({e.name} is missing)",
-                       "pip install compressed-tensors==0.20.1") from None
-    return pack_to_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-
 def export_compressed_tensors(src: Path, tmp: Path, dtype: torch.dtype | None = None) -> dict:
     pack_to_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme = _compressed_tensors()
     from safetensors.torch import save_file
 
-    meta, dense, comp = _artifact(src)
+    meta, dense, comp, _ = read_payload(src)
     index = meta["tensors"]
     works = "export it with --format hf (dense safetensors)"
     grid = _grid(index, "compressed-tensors", works)
@@ -163,28 +147,10 @@ def _ignored_linears(src: Path, index: dict[str, dict]) -> set[str]:
 # --------------------------------------------------------------------------- GPTQ
 
 
-def _pack_rows(q: Tensor, bits: int) -> Tensor:
-    """Pack (n, m) codes along dim 0, 32/bits per int32, low bits first: (n / (32/bits), m) int32."""
-    per = 32 // bits
-    n, m = q.shape
-    q = q.to(torch.int64).view(n // per, per, m)
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-    packed = (q << shifts).sum(dim=1)  # (n/per, m) in [0, 2^32)
-    return (packed - (packed >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
-
-
-def _unpack_rows(p: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`_pack_rows`: (n / (32/bits), m) int32 -> (n, m) int64 codes."""
-    per = 32 // bits
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-    q = (p.to(torch.int64).unsqueeze(1) >> shifts) & (2**bits - 1)  # (n/per, per, m)
-    return q.reshape(-1, p.shape[1])
-
-
 def export_gptq(src: Path, tmp: Path, dtype: torch.dtype | None = None) -> dict:
     from safetensors.torch import save_file
 
-    meta, dense, comp = _artifact(src)
+    meta, dense, comp, _ = read_payload(src)
     index = meta["tensors"]
     works = "export it with --format compressed-tensors, or --format hf (dense safetensors)"
     grid = _grid(index, "gptq", works)
@@ -210,8 +176,8 @@ def export_gptq(src: Path, tmp: Path, dtype: torch.dtype | None = None) -> dict:
             raise CTPError(f"{name} has a zero point of 0, which the GPTQ v1 format (zeros stored minus one) "
                            "cannot hold", works)
         desc_act |= bool(entry["g_idx"])
-        tensors[f"{name}.qweight"] = _pack_rows(codes.T.contiguous(), bits)  # (in/per, out)
-        tensors[f"{name}.qzeros"] = _pack_cols(zero.T.to(torch.int64) - 1, bits)  # (groups, out/per): z - 1
+        tensors[f"{name}.qweight"] = pack_rows(codes.T.contiguous(), bits)  # (in/per, out)
+        tensors[f"{name}.qzeros"] = pack_cols(zero.T.to(torch.int64) - 1, bits)  # (groups, out/per): z - 1
         tensors[f"{name}.scales"] = scale.T.to(dtype).contiguous()  # (groups, out)
         tensors[f"{name}.g_idx"] = g.to(torch.int32).contiguous()  # (in,)
         bias = tensors.pop(f"{name}.bias", None)
@@ -230,15 +196,6 @@ def export_gptq(src: Path, tmp: Path, dtype: torch.dtype | None = None) -> dict:
             "linears": len(index)}
 
 
-def _pack_cols(q: Tensor, bits: int) -> Tensor:
-    """Pack (n, m) codes along dim 1, 32/bits per int32, low bits first: (n, m / (32/bits)) int32."""
-    return _pack_rows(q.T.contiguous(), bits).T.contiguous()
-
-
-def _unpack_cols(p: Tensor, bits: int) -> Tensor:
-    return _unpack_rows(p.T.contiguous(), bits).T.contiguous()
-
-
 # --------------------------------------------------------------------------- hf (dense)
 
 
@@ -250,173 +207,6 @@ def export_hf(src: Path, tmp: Path, dtype: torch.dtype | None = None) -> dict:
     if tok is not None:
         tok.save_pretrained(tmp)
     return {"format": "hf", "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-
-
-# --------------------------------------------------------------------------- import
-
-
-def quantization_config(path: Path) -> dict | None:
-    """The ``quantization_config`` of a Hugging Face directory's config.json (None when it has none)."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return q if isinstance(q, dict) else None
-
-
-def _checkpoint_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CTPError(f"{path} holds no .safetensors weights", "pass a checkpoint saved in safetensors")
-    tensors: dict[str, Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise CTPError(f"cannot read {f}: {str(e).splitlines()[0]}", "the checkpoint is damaged: download it "
-                                                                         "again") from e
-    return tensors
-
-
-def _encode(name: str, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | None, bits: int, sym: bool,
-            bias_dtype=None) -> tuple[dict[str, Tensor], dict]:
-    from ctp.compress.artifact import encode_weight
-    from ctp.compress.registry import CompressedWeight
-
-    rows, cols = codes.shape
-    cw = CompressedWeight(weight=torch.empty(rows, cols, device="meta"), codes=codes.to(torch.uint8),
-                          scale=scale.float(), zero=zero.float(), g_idx=g_idx, bits=bits, sym=sym)
-    tensors, entry = encode_weight(name, cw, torch.float32)
-    entry["layout"] = "linear"
-    return tensors, entry
-
-
-def _foreign_meta(fmt: str, index: dict, dense: dict[str, Tensor], label: str, qcfg: dict) -> dict:
-    dtypes = {t.dtype for t in dense.values() if t.is_floating_point()}
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-    return {"format_version": None, "config": None, "label": label, "imported": {"format": fmt, "config": qcfg},
-            "source": None, "summary": None, "aliases": {}, "tensors": index,
-            "storage": {"dense_dtype": names.get(dtypes.pop() if len(dtypes) == 1 else torch.float32, "float32")}}
-
-
-def read_compressed_tensors(path: Path, qcfg: dict) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
-    """A pack-quantized compressed-tensors checkpoint in ctp's encoding: (meta, dense tensors, compressed tensors)."""
-    _compressed_tensors()
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    fmt = qcfg.get("format")
-    works = "ctp reads pack-quantized integer weights (llm-compressor's W4A16 / W8A16 schemes)"
-    if fmt != "pack-quantized":
-        raise CTPError(f"{path} is a compressed-tensors checkpoint in format {fmt!r}", works)
-    groups = [g for g in (qcfg.get("config_groups") or {}).values() if isinstance(g, dict)]
-    weights = [g.get("weights") or {} for g in groups]
-    if len(weights) != 1 or weights[0].get("type", "int") != "int" or g_input(groups[0]):
-        raise CTPError(f"{path} has {len(weights)} quantization schemes or quantized activations", works)
-    w = weights[0]
-    bits, sym = int(w.get("num_bits", 8)), bool(w.get("symmetric", True))
-    if not 1 <= bits <= 8:
-        raise CTPError(f"{path} has {bits}-bit weights", works)
-    half = 2 ** (bits - 1)
-    raw = _checkpoint_tensors(path)
-    index: dict[str, dict] = {}
-    comp: dict[str, Tensor] = {}
-    names = sorted(k[: -len(".weight_packed")] for k in raw if k.endswith(".weight_packed"))
-    if not names:
-        raise CTPError(f"{path} declares compressed-tensors quantization but holds no weight_packed tensors",
-                       "the checkpoint is incomplete: download it again")
-    used = set()
-    for name in names:
-        shape = tuple(int(v) for v in raw[f"{name}.weight_shape"].tolist())
-        q = unpack_from_int32(raw[f"{name}.weight_packed"], bits, torch.Size(shape))  # (out, in) signed
-        scale = raw[f"{name}.weight_scale"].float()
-        scale = scale.reshape(shape[0], -1)  # (out, groups); per-channel scales come as (out, 1)
-        if sym:
-            zero = torch.full_like(scale, half)
-        else:
-            zp = unpack_from_int32(raw[f"{name}.weight_zero_point"], bits, torch.Size(scale.shape), packed_dim=0)
-            zero = zp.float() + half
-        g = raw.get(f"{name}.weight_g_idx")
-        tensors, entry = _encode(name, (q.to(torch.int16) + half).to(torch.uint8), scale, zero,
-                                 None if g is None else g.long(), bits, sym)
-        comp.update(tensors)
-        index[name] = entry
-        used |= {f"{name}.{k}" for k in ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point",
-                                         "weight_g_idx")}
-    dense = {k: v for k, v in raw.items() if k not in used}
-    group = w.get("group_size") or -1
-    label = f"compressed-tensors:int{bits}" + ("" if group in (-1, None) else f"g{group}") + ("-sym" if sym else "")
-    return _foreign_meta("compressed-tensors", index, dense, label, qcfg), dense, comp
-
-
-def g_input(group: dict) -> bool:
-    """Whether a compressed-tensors scheme also quantizes activations (ctp runs weight-only grids)."""
-    return bool(group.get("input_activations"))
-
-
-def read_gptq(path: Path, qcfg: dict) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
-    """A GPTQ checkpoint (AutoGPTQ / GPTQModel, v1 or v2 zero points) in ctp's encoding."""
-    if (path / "quantize_config.json").is_file():
-        try:
-            qcfg = {**json.loads((path / "quantize_config.json").read_text()), **qcfg}
-        except ValueError:
-            pass
-    bits = int(qcfg.get("bits", 4))
-    if 32 % bits:
-        raise CTPError(f"{path} is a {bits}-bit GPTQ checkpoint: ctp reads 2, 4 and 8 bits",
-                       "quantize the model with 2, 4 or 8 bits")
-    v2 = str(qcfg.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
-    sym = bool(qcfg.get("sym", True))
-    raw = _checkpoint_tensors(path)
-    names = sorted(k[: -len(".qweight")] for k in raw if k.endswith(".qweight"))
-    if not names:
-        raise CTPError(f"{path} declares GPTQ quantization but holds no qweight tensors",
-                       "the checkpoint is incomplete: download it again")
-    index: dict[str, dict] = {}
-    comp: dict[str, Tensor] = {}
-    used = set()
-    for name in names:
-        codes = _unpack_rows(raw[f"{name}.qweight"], bits).T.contiguous()  # (out, in)
-        scale = raw[f"{name}.scales"].float().T.contiguous()  # (out, groups)
-        zero = _unpack_cols(raw[f"{name}.qzeros"], bits).T.float()  # (out, groups)
-        if not v2:
-            zero = zero + 1  # v1 stores zero points minus one
-        if codes.shape[0] != scale.shape[0]:
-            raise CTPError(f"{name}: qweight has {codes.shape[0]} outputs, scales {scale.shape[0]}",
-                           "the checkpoint is damaged: download it again")
-        g = raw.get(f"{name}.g_idx")
-        g = (torch.arange(codes.shape[1]) // (codes.shape[1] // scale.shape[1])) if g is None else g.long()
-        if int(g.max()) >= scale.shape[1]:
-            raise CTPError(f"{name}: g_idx names group {int(g.max())} of {scale.shape[1]}",
-                           "the checkpoint's group size does not match its tensors: download it again")
-        if bool((zero > 2**bits - 1).any()):
-            raise CTPError(f"{name}: a zero point exceeds {2**bits - 1}", "the checkpoint is damaged")
-        tensors, entry = _encode(name, codes, scale, zero, g, bits, sym)
-        comp.update(tensors)
-        index[name] = entry
-        used |= {f"{name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")}
-    dense = {k: v for k, v in raw.items() if k not in used}
-    group = int(qcfg.get("group_size", -1))
-    label = f"gptq:int{bits}" + ("" if group == -1 else f"g{group}") + ("-sym" if sym else "")
-    return _foreign_meta("gptq", index, dense, label, qcfg), dense, comp
-
-
-def read_foreign(path: str | Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
-    """A checkpoint quantized by another tool (compressed-tensors or GPTQ) as (meta, dense, compressed) in
-    ctp's artifact encoding, so that ctp runs it dense or packed like its own."""
-    path = Path(path)
-    qcfg = quantization_config(path)
-    method = (qcfg or {}).get("quant_method")
-    if method == "compressed-tensors":
-        return read_compressed_tensors(path, qcfg)
-    if method == "gptq":
-        return read_gptq(path, qcfg)
-    raise CTPError(f"{path} has quantization method {method!r}, which ctp does not read",
-                   "pass a ctp-compressed model, a compressed-tensors (pack-quantized) or GPTQ checkpoint, "
-                   "or a dense model")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -443,4 +233,4 @@ def export_model(src: str | Path, out: str | Path, fmt: str, dtype: torch.dtype 
     return summary
 
 
-__all__ = ["FORMATS", "export_model", "quantization_config", "read_foreign"]
+__all__ = ["FORMATS", "export_model"]

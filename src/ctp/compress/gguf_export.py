@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ctp.compress.artifact import decode_codes
+from ctp.compress.encoding import decode_codes
 from ctp.errors import CTPError
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,9 @@ def export_gguf(src: Path, out: Path, dtype: torch.dtype | None = None) -> dict:
     """Write the ctp-compressed model ``src`` as the GGUF file ``out`` (atomically)."""
     import gguf
 
-    from ctp.compress.formats import _artifact
+    from ctp.compress.artifact import read_payload
 
-    meta, dense, comp = _artifact(src)
+    meta, dense, comp, _ = read_payload(src)
     cfg = json.loads((src / "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type not in ARCHS:

@@ -405,9 +405,9 @@ def _round_dense_parts(model: nn.Module, index: dict, dtype: torch.dtype) -> Non
             t.data.copy_(t.data.to(dtype).to(t.dtype))
 
 
-def random_llama_artifact(spec: str, out_dir: str) -> str:
+def random_llama_artifact(spec: str, out_dir: str, tokenizer: str = "smollm2-135m") -> str:
     """A random-weight Llama of ``HIDDEN:LAYERS`` (intermediate 2.75x hidden, 32000-token vocab, untied head),
-    RTN 4-bit groups of 64 (data-free, seconds), saved as a ctp artifact with the default model's tokenizer:
+    RTN 4-bit groups of 64 (data-free, seconds), saved as a ctp artifact with ``tokenizer``'s tokenizer (the default model's):
     a model whose linears dominate as in 1B-7B models, for the runtime section."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -426,7 +426,7 @@ def random_llama_artifact(spec: str, out_dir: str) -> str:
     report = compress_model(model, None, CompressConfig(quant=QuantConfig(method="rtn", bits=4, group_size=64)),
                             device="cpu", progress=False)
     path = f"{out_dir}/random-llama-{hidden}x{layers}-rtn4g64"
-    save_compressed(model, load_tokenizer("smollm2-135m"), report, path)
+    save_compressed(model, load_tokenizer(tokenizer), report, path)
     return path
 
 
@@ -561,7 +561,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "runtime" in sections and (args.artifacts or args.random_llama):
         with tempfile.TemporaryDirectory() as tmp:
             arts = [a for a in args.artifacts.split(",") if a]
-            rand = [random_llama_artifact(args.random_llama, tmp)] if args.random_llama else []
+            tok = args.model if use_model else "smollm2-135m"
+            rand = [random_llama_artifact(args.random_llama, tmp, tok)] if args.random_llama else []
             result["runtime"] = bench_runtime(arts, args.prefill, args.decode, args.model_repeats, args.ppl_windows,
                                               device)
             if rand:  # no perplexity for random weights

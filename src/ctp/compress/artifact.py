@@ -134,59 +134,18 @@ def save_compressed(
         compressed, out_dir = None, compressed
     if out_dir is None:
         raise TypeError("save_compressed needs out_dir")
-    if isinstance(report_or_cfg, CompressionReport):
-        report, cfg_dict = report_or_cfg, report_or_cfg.config
-        if compressed is None:
-            compressed = report.compressed
-    elif isinstance(report_or_cfg, CompressConfig):
-        report, cfg_dict = None, report_or_cfg.to_dict()
-    else:
-        raise TypeError("report_or_cfg must be a CompressionReport or a CompressConfig")
-    if not compressed:
-        raise ValueError("nothing was compressed")
-    assert not isinstance(compressed, (str, Path))
+    report, cfg_dict, compressed = _recipe_of(report_or_cfg, compressed)
     model_dtype = next(model.parameters()).dtype
     dense_dtype = dense_dtype or model_dtype
     if dense_dtype not in _DTYPE_NAMES:
         raise CTPError(f"cannot store weights as {dense_dtype}", "use float32, float16 or bfloat16")
 
-    modules = dict(model.named_modules())
-    comp_tensors: dict[str, Tensor] = {}
-    index: dict[str, dict] = {}
-    skip = set()
-    for name, cw in compressed.items():
-        if name not in modules:
-            raise ValueError(f"{name} is not a module of the model")
-        mod = modules[name]
-        live = weight_matrix(mod).detach().cpu()
-        tensors, entry = encode_weight(name, cw, dense_dtype)
-        entry["layout"] = "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
-        # -0.0 and +0.0 compare equal here: pruned weights may carry either sign of zero.
-        if dense_dtype == model_dtype and not torch.equal(decode_weight(name, entry, tensors).to(live.dtype), live):
-            raise RuntimeError(f"{name}: the stored payload does not rebuild the model's weight")
-        comp_tensors.update(tensors)
-        index[name] = entry
-        skip.add(f"{name}.weight")
-
+    comp_tensors, index = _encode_linears(model, compressed, dense_dtype, check=dense_dtype == model_dtype)
     aliases = _aliases(model)
+    skip = {f"{name}.weight" for name in index} | set(aliases)
     dense = {k: v.detach().cpu().to(dense_dtype) if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items() if k not in skip and k not in aliases}
-
-    linear_params = sum(math.prod(e["shape"]) for e in index.values())
-    n_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
-    comp_bytes, dense_bytes = _nbytes(comp_tensors), _nbytes(dense)
-    storage = {
-        "dense_dtype": _DTYPE_NAMES[dense_dtype],
-        "model_dtype": _DTYPE_NAMES.get(model_dtype, str(model_dtype)),
-        "n_params": n_params,
-        "linear_params": linear_params,
-        "compressed_linear_bytes": comp_bytes,  # tensor payload of compressed.safetensors
-        "dense_bytes": dense_bytes,
-        "linear_fp16_bytes": 2 * linear_params,
-        "linear_bits_per_weight": 8 * comp_bytes / linear_params,
-        "fp16_bytes": 2 * n_params,
-        "original_bytes": n_params * torch.empty((), dtype=model_dtype).element_size(),
-    }
+             for k, v in model.state_dict().items() if k not in skip}
+    storage = _storage(model, index, comp_tensors, dense, dense_dtype)
     meta = {
         "format_version": FORMAT_VERSION,
         "algorithm_version": ALGORITHM_VERSION,
@@ -201,15 +160,7 @@ def save_compressed(
     }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except (ValueError, OSError) as e:  # an invalid generation config must not sink the artifact
-                log.warning("generation config not saved: %s", e)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _save_config_files(tmp, model, tokenizer)
         save_tensors(tmp / DENSE_FILE, dense, {"dtype": storage["dense_dtype"]}, kind=DENSE_KIND)
         save_tensors(tmp / COMPRESSED_FILE, comp_tensors, {"format_version": FORMAT_VERSION}, kind=COMPRESSED_KIND)
         if report is not None:
@@ -226,6 +177,77 @@ def save_compressed(
     log.info("wrote %s: %.1f MB of weights (%.2f bits per compressed weight)", out_dir,
              storage["weights_file_bytes"] / 1e6, storage["linear_bits_per_weight"])
     return storage
+
+
+def _recipe_of(report_or_cfg, compressed) -> tuple[CompressionReport | None, dict, dict[str, CompressedWeight]]:
+    """(report or None, recipe dict, compressed weights) from save_compressed's arguments."""
+    if isinstance(report_or_cfg, CompressionReport):
+        report, cfg_dict = report_or_cfg, report_or_cfg.config
+        if compressed is None:
+            compressed = report.compressed
+    elif isinstance(report_or_cfg, CompressConfig):
+        report, cfg_dict = None, report_or_cfg.to_dict()
+    else:
+        raise TypeError("report_or_cfg must be a CompressionReport or a CompressConfig")
+    if not compressed:
+        raise ValueError("nothing was compressed")
+    return report, cfg_dict, compressed
+
+
+def _encode_linears(model: nn.Module, compressed: dict[str, CompressedWeight], dense_dtype: torch.dtype,
+                    check: bool) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """(payload tensors, index entries) of every compressed linear; with ``check``, each payload must rebuild
+    the live weight exactly."""
+    modules = dict(model.named_modules())
+    comp_tensors: dict[str, Tensor] = {}
+    index: dict[str, dict] = {}
+    for name, cw in compressed.items():
+        if name not in modules:
+            raise ValueError(f"{name} is not a module of the model")
+        mod = modules[name]
+        live = weight_matrix(mod).detach().cpu()
+        tensors, entry = encode_weight(name, cw, dense_dtype)
+        entry["layout"] = "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+        # -0.0 and +0.0 compare equal here: pruned weights may carry either sign of zero.
+        if check and not torch.equal(decode_weight(name, entry, tensors).to(live.dtype), live):
+            raise RuntimeError(f"{name}: the stored payload does not rebuild the model's weight")
+        comp_tensors.update(tensors)
+        index[name] = entry
+    return comp_tensors, index
+
+
+def _storage(model: nn.Module, index: dict[str, dict], comp_tensors: dict[str, Tensor], dense: dict[str, Tensor],
+             dense_dtype: torch.dtype) -> dict:
+    """The artifact's size summary (file sizes are added once written)."""
+    model_dtype = next(model.parameters()).dtype
+    linear_params = sum(math.prod(e["shape"]) for e in index.values())
+    n_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
+    comp_bytes = _nbytes(comp_tensors)
+    return {
+        "dense_dtype": _DTYPE_NAMES[dense_dtype],
+        "model_dtype": _DTYPE_NAMES.get(model_dtype, str(model_dtype)),
+        "n_params": n_params,
+        "linear_params": linear_params,
+        "compressed_linear_bytes": comp_bytes,  # tensor payload of compressed.safetensors
+        "dense_bytes": _nbytes(dense),
+        "linear_fp16_bytes": 2 * linear_params,
+        "linear_bits_per_weight": 8 * comp_bytes / linear_params,
+        "fp16_bytes": 2 * n_params,
+        "original_bytes": n_params * torch.empty((), dtype=model_dtype).element_size(),
+    }
+
+
+def _save_config_files(tmp: Path, model: nn.Module, tokenizer) -> None:
+    """config.json, generation_config.json (when valid) and the tokenizer files."""
+    model.config.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(tmp)
+        except (ValueError, OSError) as e:  # an invalid generation config must not sink the artifact
+            log.warning("generation config not saved: %s", e)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
 
 
 def estimate_bytes(model: nn.Module, cfg: CompressConfig, dense_dtype: torch.dtype) -> int:

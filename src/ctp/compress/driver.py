@@ -346,32 +346,14 @@ def compress_model(
     _check_widths(model, cfg)
     t_start = time.perf_counter()
 
-    data = output_error or needs_calibration(cfg)  # magnitude / rtn alone run straight on the weights
-    if data:
-        seqlen = calib_ids.shape[-1] if calib_ids is not None else cfg.seqlen
-        check_positions(model, seqlen, f"a calibration window of {seqlen} tokens", "use a shorter --seqlen")
-        windows, calib = _calibration(tokenizer, cfg, calib_ids)
-    else:
-        windows = torch.zeros(0, 0, dtype=torch.long)
-        calib = {"data": None, "why": f"{cfg.label()} reads the weights alone: no calibration data"}
+    data, windows, calib = _calibration_windows(model, tokenizer, cfg, calib_ids, output_error)
     was_training = model.training
     model.eval()
     report = CompressionReport(config=cfg.to_dict(), label=cfg.label(), model_type=model.config.model_type,
                                calibration=calib, bits=None if cfg.quant is None else cfg.quant.bits)
-
     ckpt, start, t_before = None, 0, 0.0
     if checkpoint_dir is not None:
-        from ctp.compress.checkpoint import BlockCheckpoint, checkpoint_key
-
-        key = checkpoint_key(model, report.config, windows, chunk, device)
-        ckpt = BlockCheckpoint(checkpoint_dir, key, len(layers), resume=resume)
-        start, t_before = ckpt.next_block, ckpt.seconds
-        for i in range(start):  # blocks done before the interruption: restore, do not recompute
-            records, entry = ckpt.restore_block(i, layers[i], f"{arch.layers}.{i}")
-            report.compressed.update(records)
-            report.layers.append(entry)
-        if start:
-            log.info("resuming from %s: blocks 0-%d restored", checkpoint_dir, start - 1)
+        ckpt, start, t_before = _resume(model, report, windows, chunk, device, checkpoint_dir, resume)
     log.info("compressing %d blocks with %s on %s (%s)", len(layers) - start, cfg.label(), device,
              f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
@@ -381,7 +363,6 @@ def compress_model(
         inps = ckpt.load_inputs(device) if start else [h.to(device) for h in inps]
         calls = _calls_to(calls, device)
 
-    true_seq = cfg.quant is not None and cfg.quant.true_sequential
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
@@ -389,35 +370,17 @@ def compress_model(
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
-        results: dict[str, tuple[CompressedWeight, dict]] = {}
         if data:
-            groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
-            for names in groups:
-                results.update(_compress_group(layer, names, calls[i], inps, cfg))
-            inps = _run_block(layer, calls[i], inps)  # compressed outputs feed the next block
+            results, inps = _compress_block(model, layer, calls[i], inps, cfg)
         else:
             results = _compress_data_free(layer, cfg)
         layer.to(home)
-
-        linears, records = {}, {}
-        for n, (cw, stats) in results.items():
-            full = f"{arch.layers}.{i}.{n}"
-            mod = layer.get_submodule(n)
-            cw.weight = weight_matrix(mod).detach()  # the module's own (now compressed) weight, no copy
-            for attr in CompressedWeight.PAYLOAD:
-                t = getattr(cw, attr)
-                if t is not None:
-                    setattr(cw, attr, t.cpu())
-            records[full] = cw
-            linears[full] = stats
-        report.compressed.update(records)
-        seconds = time.perf_counter() - t_layer
-        errs = [s["recon_error"] for s in linears.values() if "recon_error" in s]
-        report.layers.append({"index": i, "seconds": seconds, "recon_error": float(sum(errs)), "linears": linears})
+        records = _record_block(report, f"{arch.layers}.{i}", i, layer, results, time.perf_counter() - t_layer)
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
-        bar.set_postfix(err=f"{sum(errs):.3g}", s=f"{seconds:.1f}", refresh=False)
-        log.debug("block %d: %.1fs, recon error %.4g", i, seconds, sum(errs))
+        err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
+        bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
+        log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
 
     del inps
     model.train(was_training)
@@ -425,6 +388,68 @@ def compress_model(
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
              len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
     return report
+
+
+def _calibration_windows(model: nn.Module, tokenizer, cfg: CompressConfig, calib_ids: Tensor | None,
+                         output_error: bool) -> tuple[bool, Tensor, dict]:
+    """(whether the run needs data, calibration windows (n, seqlen), their record); magnitude / rtn alone run
+    straight on the weights, with no windows."""
+    if not (output_error or needs_calibration(cfg)):
+        return False, torch.zeros(0, 0, dtype=torch.long), {
+            "data": None, "why": f"{cfg.label()} reads the weights alone: no calibration data"}
+    seqlen = calib_ids.shape[-1] if calib_ids is not None else cfg.seqlen
+    check_positions(model, seqlen, f"a calibration window of {seqlen} tokens", "use a shorter --seqlen")
+    windows, calib = _calibration(tokenizer, cfg, calib_ids)
+    return True, windows, calib
+
+
+def _resume(model: nn.Module, report: CompressionReport, windows: Tensor, chunk: int, device: torch.device,
+            checkpoint_dir: str | Path, resume: bool):
+    """(checkpoint, first block to compress, seconds already spent): blocks finished before an interruption are
+    restored into ``model`` and ``report``, not recomputed."""
+    from ctp.compress.checkpoint import BlockCheckpoint, checkpoint_key
+
+    arch, layers = get_arch(model), decoder_layers(model)
+    key = checkpoint_key(model, report.config, windows, chunk, device)
+    ckpt = BlockCheckpoint(checkpoint_dir, key, len(layers), resume=resume)
+    start = ckpt.next_block
+    for i in range(start):
+        records, entry = ckpt.restore_block(i, layers[i], f"{arch.layers}.{i}")
+        report.compressed.update(records)
+        report.layers.append(entry)
+    if start:
+        log.info("resuming from %s: blocks 0-%d restored", checkpoint_dir, start - 1)
+    return ckpt, start, ckpt.seconds
+
+
+def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps: list[Tensor], cfg: CompressConfig):
+    """Compress one block from its calibration inputs (one group of linears at a time with true-sequential
+    GPTQ); returns its results and the block's compressed outputs, the next block's inputs."""
+    true_seq = cfg.quant is not None and cfg.quant.true_sequential
+    groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
+    results: dict[str, tuple[CompressedWeight, dict]] = {}
+    for names in groups:
+        results.update(_compress_group(layer, names, call, inps, cfg))
+    return results, _run_block(layer, call, inps)
+
+
+def _record_block(report: CompressionReport, prefix: str, index: int, layer: nn.Module,
+                  results: dict[str, tuple[CompressedWeight, dict]], seconds: float) -> dict[str, CompressedWeight]:
+    """Add one finished block to ``report``: each linear's payload (on the CPU, sharing the module's compressed
+    weight) and statistics; returns the block's payloads."""
+    linears, records = {}, {}
+    for n, (cw, stats) in results.items():
+        cw.weight = weight_matrix(layer.get_submodule(n)).detach()  # the module's own compressed weight, no copy
+        for attr in CompressedWeight.PAYLOAD:
+            t = getattr(cw, attr)
+            if t is not None:
+                setattr(cw, attr, t.cpu())
+        records[f"{prefix}.{n}"] = cw
+        linears[f"{prefix}.{n}"] = stats
+    report.compressed.update(records)
+    errs = [s["recon_error"] for s in linears.values() if "recon_error" in s]
+    report.layers.append({"index": index, "seconds": seconds, "recon_error": float(sum(errs)), "linears": linears})
+    return records
 
 
 def _finish(report: CompressionReport, seconds: float) -> None:

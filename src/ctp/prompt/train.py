@@ -406,6 +406,59 @@ def _evaluate(model, windows, prompt, batch_size, amp) -> tuple[float, float]:
     return nll, (math.exp(nll) if nll < 700 else math.inf)
 
 
+@dataclass
+class _Run:
+    """What one training run carries from step to step (the loop in :func:`train_prompt` drives it)."""
+
+    model: nn.Module
+    prompt: nn.Parameter
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    prompt_cfg: PromptConfig
+    amp: contextlib.AbstractContextManager
+    val_windows: torch.Tensor
+    identity: dict
+    ckpt: Path | None
+    main: bool
+    history: TrainHistory = field(default_factory=TrainHistory)
+    best: torch.Tensor | None = None
+    start: int = 0
+    seconds_before: float = 0.0  # time spent by earlier (interrupted) runs
+    t_loop: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self.t_loop)
+
+    def validate(self, at_step: int) -> float:
+        """Validation PPL of the current prompt; keeps it as the best if it is."""
+        h = self.history
+        nll, ppl = _evaluate(self.model, self.val_windows, self.prompt.detach(), self.cfg.batch_size, self.amp)
+        h.evals.append({"step": at_step, "val_ppl": ppl, "val_nll": nll, "seconds": self.seconds()})
+        if ppl < h.best_val_ppl or not h.evals[:-1]:
+            h.best_val_ppl, h.best_step = ppl, at_step
+            self.best = self.prompt.detach().clone()
+        return ppl
+
+    def checkpoint(self, done: int) -> None:
+        cfg = self.cfg
+        if self.main and self.ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
+                and done < cfg.steps:
+            _save_checkpoint(self.ckpt, self.prompt, self.best, self.opt, self.scaler, done, self.history,
+                             self.identity, self.prompt_cfg, cfg)
+
+    def out_of_time(self, done: int, device: torch.device) -> bool:
+        """Whether the time limit stops the run after step ``done`` (decided alike on every process)."""
+        cfg = self.cfg
+        if cfg.max_minutes is None or done >= cfg.steps or \
+                not distributed.any_across(self.history.seconds > cfg.max_minutes * 60, device):
+            return False
+        self.history.stopped = f"time limit of {cfg.max_minutes} minutes reached at step {done}"
+        if self.history.evals[-1]["step"] != done:
+            self.validate(done)
+        return True
+
+
 def train_prompt(
     model: nn.Module,
     tokenizer,
@@ -432,145 +485,134 @@ def train_prompt(
     fp32 prompt parameter (read it, do not modify it). The objectives ``kd`` and ``mix`` need ``teacher``,
     the uncompressed model (frozen, no-grad, on any device; it sees the windows without a prompt).
 
-    In a ``torch.distributed`` process group of N > 1 (``accelerate launch``,
-    ``torchrun``; see :mod:`ctp.distributed`) every process calls this with the
-    same model and settings. ``batch_size`` is the global batch: each step's
-    windows are drawn as with one process and split into N contiguous shares
-    (uneven if N does not divide it); each process's loss is its share's NLL
-    sum over the global token count, and the prompt gradient is summed across
-    processes before clipping and the update, so every process holds the same
-    prompt, and the same one a single process reaches up to float summation
-    order. Validation batches are split across processes too. Stopping decisions
-    (non-finite values, the time limit, taken from the slowest process) are
-    the same everywhere. Only the main process reads and writes the checkpoint
-    and the artifact and shows progress; every process returns the artifact and
-    the history (the callback runs on every process).
+    In a ``torch.distributed`` process group of N > 1 every process calls this with the same model and
+    settings; ``batch_size`` is the global batch, split into N contiguous shares whose prompt gradients are
+    summed, so every process holds the prompt one process reaches (up to float summation order). Stopping
+    decisions are the same everywhere; only the main process reads and writes the checkpoint and the
+    artifact and shows progress; every process returns the artifact and the history.
     """
     prompt_cfg = prompt_cfg or PromptConfig()
     cfg = train_cfg or TrainConfig()
     t_start = time.perf_counter()
     device = model.get_input_embeddings().weight.device
-    rank, world_size = distributed.world()
-    main = rank == 0
     require(cfg.objective == "nll" or teacher is not None, f"the objective '{cfg.objective}' needs a teacher model",
             "pass --teacher MODEL (the uncompressed model), or use --objective nll")
-    mode = resolve_precision(cfg.precision, device)
-    amp = autocast_context(mode, device)
     check_positions(model, prompt_cfg.num_tokens + cfg.seqlen,
                     f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen})", "use a shorter --seqlen or fewer --tokens")
+    train_ids, train_ref, val_ref, val_windows = _training_data(tokenizer, cfg)
+    run = _start_run(model, tokenizer, model_info, prompt_cfg, cfg, val_windows, device,
+                     Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None),
+                     resume)
+    history = run.history
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="train prompt", disable=not progress or not run.main,
+               unit="step", leave=False)
+    with _frozen(model, teacher), checkpointed_layers(model, cfg.gradient_checkpointing):
+        try:
+            for step in range(run.start, cfg.steps):
+                lr = lr_at(step, cfg)
+                batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step))
+                loss, history.stopped = _step(model, run.prompt, run.opt, run.scaler, teacher, batch, cfg, lr, step,
+                                              run.amp)
+                if history.stopped:
+                    break
+                history.train_loss.append(loss)
+                history.lr.append(lr)
+                history.steps_done = done = step + 1
+                bar.update(1)
+                if (done % cfg.eval_every == 0 or done == cfg.steps) and not math.isfinite(run.validate(done)):
+                    history.stopped = f"non-finite validation perplexity at step {done}"
+                history.seconds = run.seconds()
+                bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{history.evals[-1]['val_ppl']:.2f}",
+                                best=f"{history.best_val_ppl:.2f}", refresh=False)
+                run.checkpoint(done)
+                if callback is not None:
+                    callback(done, history, run.prompt)
+                if history.stopped or run.out_of_time(done, device):
+                    break
+        finally:
+            bar.close()
+    return _finish_run(run, model, model_info, train_ref, val_ref, out_path, t_start), history
 
-    # The base model is frozen and stays in eval mode (no dropout): only the prompt learns.
+
+def _training_data(tokenizer, cfg: TrainConfig):
+    """(training token ids, their record, the validation record, validation windows (n_val, seqlen))."""
+    train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
+    val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
+    require(train_ids.numel() > cfg.seqlen, f"the training text has {train_ids.numel()} tokens, "
+            f"not more than one window of {cfg.seqlen}", "use a shorter --seqlen")
+    return train_ids, train_ref, val_ref, eval_windows(val_ids, cfg.seqlen, cfg.eval_windows)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, teacher: nn.Module | None):
+    """The base model frozen and in eval mode (no dropout) while only the prompt learns; restored after."""
     was_training = model.training
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     model.requires_grad_(False)
     if teacher is not None:
         teacher.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
 
-    train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
-    val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
-    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows)  # (n_val, seqlen)
-    require(train_ids.numel() > cfg.seqlen, f"the training text has {train_ids.numel()} tokens, "
-            f"not more than one window of {cfg.seqlen}", "use a shorter --seqlen")
 
+def _start_run(model: nn.Module, tokenizer, model_info, prompt_cfg: PromptConfig, cfg: TrainConfig,
+               val_windows: torch.Tensor, device: torch.device, ckpt: Path | None, resume: bool) -> _Run:
+    """A fresh run (initial prompt, optimizer, baseline validation) or one restored from its checkpoint."""
+    mode = resolve_precision(cfg.precision, device)
+    world_size = distributed.world()[1]
     prompt = nn.Parameter(init_prompt(model, tokenizer, prompt_cfg).to(device=device, dtype=torch.float32))
     opt = make_optimizer(prompt, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
-    history = TrainHistory()
-    best = prompt.detach().clone()
-    start = 0
-
     identity = _model_identity(model, model_info)
     if world_size > 1:  # the initial prompt is a function of the embedding, the tokenizer and the seed
         hashes = distributed.gather(identity["embedding_hash"])
         require(len(set(hashes)) == 1, f"the {world_size} processes hold different models "
                 f"(embedding fingerprints {hashes})", "load the same model in every process")
-    ckpt = Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None)
+    run = _Run(model, prompt, opt, torch.amp.GradScaler(device.type, enabled=(mode == "fp16")), cfg, prompt_cfg,
+               autocast_context(mode, device), val_windows, identity, ckpt, distributed.world()[0] == 0,
+               best=prompt.detach().clone())
     loaded = _shared_checkpoint(ckpt, resume, identity, prompt_cfg, cfg)
     if loaded is not None:
-        best, history, start = _restore(loaded, prompt, opt, scaler, device)
-        log.info("resuming prompt training from %s at step %d/%d", ckpt, start, cfg.steps)
+        run.best, run.history, run.start = _restore(loaded, prompt, opt, run.scaler, device)
+        log.info("resuming prompt training from %s at step %d/%d", ckpt, run.start, cfg.steps)
+    run.seconds_before, run.t_loop = run.history.seconds, time.perf_counter()
+    if run.start == 0 and not run.history.evals:
+        with _frozen(model, None):
+            run.history.val_ppl_no_prompt = _evaluate(model, val_windows, None, cfg.batch_size, run.amp)[1]
+            ppl = run.validate(0)
+        log.info("validation PPL: no prompt %.3f, initial prompt %.3f", run.history.val_ppl_no_prompt, ppl)
+    return run
 
-    def validate(at_step: int) -> float:
-        """Validation PPL of the current prompt; keeps it as the best if it is."""
-        nonlocal best
-        nll, ppl = _evaluate(model, val_windows, prompt.detach(), cfg.batch_size, amp)
-        history.evals.append({"step": at_step, "val_ppl": ppl, "val_nll": nll,
-                              "seconds": seconds_before + (time.perf_counter() - t_loop)})
-        if ppl < history.best_val_ppl or not history.evals[:-1]:
-            history.best_val_ppl, history.best_step = ppl, at_step
-            best = prompt.detach().clone()
-        return ppl
 
-    seconds_before = history.seconds  # time spent by earlier (interrupted) runs
-    t_loop = time.perf_counter()
-    if start == 0 and not history.evals:
-        history.val_ppl_no_prompt = _evaluate(model, val_windows, None, cfg.batch_size, amp)[1]
-        ppl = validate(0)
-        log.info("validation PPL: no prompt %.3f, initial prompt %.3f", history.val_ppl_no_prompt, ppl)
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="train prompt", disable=not progress or not main, unit="step",
-               leave=False)
-    step = start
-    try:
-        with checkpointed_layers(model, cfg.gradient_checkpointing):
-            for step in range(start, cfg.steps):
-                lr = lr_at(step, cfg)
-                batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step))
-                loss_value, history.stopped = _step(model, prompt, opt, scaler, teacher, batch, cfg, lr, step, amp)
-                if history.stopped:
-                    break
-                history.train_loss.append(loss_value)
-                history.lr.append(lr)
-                done = step + 1
-                history.steps_done = done
-                bar.update(1)
-
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    if not math.isfinite(validate(done)):
-                        history.stopped = f"non-finite validation perplexity at step {done}"
-                history.seconds = seconds_before + (time.perf_counter() - t_loop)
-                bar.set_postfix(loss=f"{loss_value:.3f}", val_ppl=f"{history.evals[-1]['val_ppl']:.2f}",
-                                best=f"{history.best_val_ppl:.2f}", refresh=False)
-                if (main and ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-                        and done < cfg.steps):
-                    _save_checkpoint(ckpt, prompt, best, opt, scaler, done, history, identity, prompt_cfg, cfg)
-                if callback is not None:
-                    callback(done, history, prompt)
-                if history.stopped:
-                    break
-                if (cfg.max_minutes is not None and done < cfg.steps
-                        and distributed.any_across(history.seconds > cfg.max_minutes * 60, device)):
-                    history.stopped = f"time limit of {cfg.max_minutes} minutes reached at step {done}"
-                    if history.evals[-1]["step"] != done:
-                        validate(done)
-                    break
-    finally:
-        bar.close()
-        model.train(was_training)
-        for p, flag in zip(model.parameters(), grad_flags):
-            p.requires_grad_(flag)
-
-    history.seconds = seconds_before + (time.perf_counter() - t_loop)
+def _finish_run(run: _Run, model: nn.Module, model_info, train_ref, val_ref, out_path: str | Path | None,
+                t_start: float) -> PromptArtifact:
+    """The artifact of the best prompt, saved (main process) with the checkpoint removed."""
+    history, cfg = run.history, run.cfg
+    history.seconds = run.seconds()
     if history.stopped:
         log.warning("prompt training stopped early: %s; keeping the best prompt (step %d, validation PPL %.3f)",
                     history.stopped, history.best_step, history.best_val_ppl)
     art = artifact_for(
-        model, model_info, best,
+        model, model_info, run.best,
         data=train_ref.to_dict(), validation={**val_ref.to_dict(), "seqlen": cfg.seqlen,
-                                              "windows": int(val_windows.shape[0])},
+                                              "windows": int(run.val_windows.shape[0])},
         steps=history.steps_done, best_step=history.best_step, best_val_ppl=history.best_val_ppl,
-        val_ppl_no_prompt=history.val_ppl_no_prompt, train_config=cfg.to_dict(), prompt_config=prompt_cfg.to_dict(),
+        val_ppl_no_prompt=history.val_ppl_no_prompt, train_config=cfg.to_dict(),
+        prompt_config=run.prompt_cfg.to_dict(),
     )
-    if out_path is not None and main:
+    if out_path is not None and run.main:
         save_prompt(out_path, art)
-        if ckpt is not None and ckpt.exists():
-            ckpt.unlink()
+        if run.ckpt is not None and run.ckpt.exists():
+            run.ckpt.unlink()
     distributed.barrier()  # every process returns once the artifact is written
     log.info("prompt training: %d steps in %.0fs (this run %.0fs), best validation PPL %.3f at step %d",
              history.steps_done, history.seconds, time.perf_counter() - t_start, history.best_val_ppl,
              history.best_step)
-    return art, history
+    return art
 
 
 def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: nn.Module | None,

@@ -8,6 +8,7 @@ and never runs a model, so a report can be rebuilt at any time with
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections import defaultdict
 from pathlib import Path
 
@@ -86,19 +87,39 @@ def _plt():
     return plt
 
 
+@dataclass
+class _View:
+    """The records indexed the ways the report's sections read them."""
+
+    idx: dict
+    recs: dict
+    models: list[dict]
+    comp_label: dict[str, str]
+    prompted: list[str]
+
+
 def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -> Path:
     """Write ``report.md`` and its plots into ``root``; returns the report path."""
     root = Path(root)
-    idx = _ppl_index(records)
-    recs = _ppl_records(records)
     models = [r for r in records if r.get("kind") == "model"]
-    comp_label = {r["model"]: (r.get("compression") or "uncompressed") for r in models}
+    view = _View(idx=_ppl_index(records), recs=_ppl_records(records), models=models,
+                 comp_label={r["model"]: (r.get("compression") or "uncompressed") for r in models},
+                 prompted=cfg.prompted())
     parts: list[str] = [f"# Experiment `{cfg.name}`", ""]
     parts.append(f"Model: `{cfg.model}`. Every number below was measured by `ctp run` from the experiment "
                  f"file stored beside this report (`experiment.json`); raw records are in `results.json`.")
     parts.append("")
+    for section in _SECTIONS:
+        parts += section(cfg, records, view, root)
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path
 
-    # ---------------------------------------------------------------- compression summary
+
+def _compression_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's compression summary section (empty when the experiment has none)."""
+    models, comp_label = v.models, v.comp_label
+    parts: list[str] = []
     if models:
         rows = []
         for r in models:
@@ -108,8 +129,13 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
                          s.get("sparsity"), s.get("seconds")])
         parts += ["## Compressed models", "",
                   _table(["label", "compression", "size on disk (MiB)", "sparsity", "compress time (s)"], rows), ""]
+    return parts
 
-    # ---------------------------------------------------------------- main perplexity table
+
+def _perplexity_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's main perplexity table section (empty when the experiment has none)."""
+    idx, recs, comp_label = v.idx, v.recs, v.comp_label
+    parts: list[str] = []
     if cfg.perplexity:
         p = cfg.perplexity
         ds = p.datasets
@@ -144,9 +170,13 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
         fig_path = _plot_ppl(cfg, idx, root)
         if fig_path:
             parts += [f"![perplexity versus compression]({fig_path.name})", ""]
+    return parts
 
-    # ---------------------------------------------------------------- cross-compression transfer
-    prompted = cfg.prompted()
+
+def _compression_transfer_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's cross-compression transfer section (empty when the experiment has none)."""
+    idx, prompted = v.idx, v.prompted
+    parts: list[str] = []
     if cfg.perplexity and cfg.transfer and cfg.transfer.compression and len(prompted) > 1:
         parts += ["## Cross-compression transfer", "",
                   "Perplexity of each target model (columns) with the prompt learned on each source model (rows); "
@@ -158,8 +188,13 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
             parts += [f"**{d}**", "", _table(["prompt \\ target"] + prompted, rows), ""]
         fig_path = _plot_transfer(cfg, idx, prompted, root)
         parts += [f"![transfer heat map]({fig_path.name})", ""]
+    return parts
 
-    # ---------------------------------------------------------------- cross-dataset transfer (Table 4)
+
+def _dataset_transfer_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's cross-dataset transfer (Table 4) section (empty when the experiment has none)."""
+    idx, prompted = v.idx, v.prompted
+    parts: list[str] = []
     if cfg.transfer and cfg.transfer.datasets and cfg.prompt:
         spec = cfg.transfer.datasets
         label = spec.model or (prompted or [FULL])[0]
@@ -168,8 +203,13 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
                            ("transferred", f"prompt learned on {cfg.prompt.data}, transferred")):
             rows.append([name] + [_get(idx, label, role, d) for d in spec.train_on])
         parts += [f"## Cross-dataset transfer ({label})", "", _table(["", *spec.train_on], rows), ""]
+    return parts
 
-    # ---------------------------------------------------------------- prompt length ablation (Table 1)
+
+def _length_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's prompt length ablation (Table 1) section (empty when the experiment has none)."""
+    idx, prompted = v.idx, v.prompted
+    parts: list[str] = []
     if cfg.length_ablation and cfg.prompt:
         la = cfg.length_ablation
         label = la.model or (prompted or [FULL])[0]
@@ -179,8 +219,12 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
         parts += [f"## Prompt length ablation ({label})", "", _table(["# tokens", *datasets], rows), ""]
         fig_path = _plot_length(cfg, idx, label, datasets, root)
         parts += [f"![perplexity versus prompt length]({fig_path.name})", ""]
+    return parts
 
-    # ---------------------------------------------------------------- zero-shot (Table 5)
+
+def _zeroshot_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's zero-shot (Table 5) section (empty when the experiment has none)."""
+    parts: list[str] = []
     zs = [r for r in records if r.get("kind") == "zeroshot"]
     if zs:
         tasks = cfg.zeroshot.tasks
@@ -197,8 +241,12 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
                   f"{n} items per task" + (f" (limit {cfg.zeroshot.limit})" if cfg.zeroshot.limit else "") + "; "
                   "the learned prompt was trained for language modelling only (cross-task transfer).", "",
                   _table(["model", "prompt", *tasks], rows), ""]
+    return parts
 
-    # ---------------------------------------------------------------- latency (A.4)
+
+def _latency_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's latency (A.4) section (empty when the experiment has none)."""
+    parts: list[str] = []
     lat = [r for r in records if r.get("kind") == "latency"]
     if lat:
         rows = [[r["model"], r["prompt_tokens"], r["context_len"], r["prefill_s"] * 1e3, r["prefill_cached_s"] * 1e3,
@@ -211,8 +259,12 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
                           "per token (ms)"], rows), ""]
         fig_path = _plot_latency(lat, root)
         parts += [f"![latency versus prompt length]({fig_path.name})", ""]
+    return parts
 
-    # ---------------------------------------------------------------- case study (Figures 1, 7, 8)
+
+def _case_study_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
+    """The report's case study (Figures 1, 7, 8) section (empty when the experiment has none)."""
+    parts: list[str] = []
     gens = [r for r in records if r.get("kind") == "generate"]
     if gens and cfg.case_study:
         parts += ["## Case study: greedy answers", "",
@@ -221,10 +273,10 @@ def write_report(cfg: ExperimentConfig, records: list[dict], root: str | Path) -
         for i, q in enumerate(cfg.case_study.questions):
             rows = [[r["model"], r["prompt"], _oneline(r["answers"][i])] for r in gens if i < len(r["answers"])]
             parts += [f"**{q}**", "", _table(["model", "prompt", "answer"], rows), ""]
+    return parts
 
-    path = root / "report.md"
-    atomic_write_text(path, "\n".join(parts))
-    return path
+
+_SECTIONS = (_compression_section, _perplexity_section, _compression_transfer_section, _dataset_transfer_section, _length_section, _zeroshot_section, _latency_section, _case_study_section)
 
 
 def _oneline(text: str) -> str:

@@ -10,7 +10,6 @@ import torch
 pytest.importorskip("lm_eval")
 datasets = pytest.importorskip("datasets")
 
-from conftest import make_tiny  # noqa: E402
 from ctp.eval.tasks import TASKS, data_root, load_items  # noqa: E402
 from ctp.eval.zeroshot import evaluate_tasks  # noqa: E402
 

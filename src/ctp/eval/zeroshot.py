@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -148,9 +147,34 @@ def score_token_requests(
     window = max_length or model_max_length(model)
     budget = window - k
     require(budget >= 1, f"a prompt of {k} tokens leaves no room in a {window}-token window")
-    device = model.get_input_embeddings().weight.device
 
-    # Deduplicate identical inputs: one forward scores every continuation that ends it.
+    rows, targets = _dedupe(requests, budget)
+    order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: padding stays small, OOM shows early
+    cache = build_prefix_cache(model, prompt) if prefix_cache else None
+    keep_positions = _accepts(model, "logits_to_keep")
+    out: list = [0.0] * len(requests)
+    desc = progress if isinstance(progress, str) else "loglikelihood"
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,
+                      unit="batch"):
+        batch = order[start:start + batch_size]
+        # Text positions whose logits predict a continuation token, over the whole batch.
+        needed = sorted({p for row in batch for i in rows[row] for p in range(len(row) - len(targets[i]), len(row))})
+        column = {p: j for j, p in enumerate(needed)}
+        logits = _batch_logits(model, batch, pad_id, prompt, cache, needed, keep_positions)  # (b, len(needed), V)
+        for r, row in enumerate(batch):
+            for i in rows[row]:
+                cont = targets[i]
+                cols = [column[p] for p in range(len(row) - len(cont), len(row))]
+                logp = torch.log_softmax(logits[r, cols].float(), dim=-1)  # (c, V)
+                tgt = torch.tensor(cont, device=logp.device).unsqueeze(1)  # (c, 1)
+                ll = float(logp.gather(1, tgt).sum())
+                out[i] = (ll, bool((logp.argmax(-1) == tgt.squeeze(1)).all())) if return_greedy else ll
+    return out
+
+
+def _dedupe(requests: Sequence[tuple[Sequence[int], Sequence[int]]], budget: int):
+    """({input row: indices of the requests it scores}, continuation of each request): identical inputs share
+    one forward, each left-truncated to ``budget + 1`` tokens with the continuation."""
     rows: dict[tuple[int, ...], list[int]] = {}
     targets: list[list[int]] = []
     for i, (ctx, cont) in enumerate(requests):
@@ -161,49 +185,35 @@ def score_token_requests(
         whole = (list(ctx) + cont)[-(budget + 1):]
         rows.setdefault(tuple(whole[:-1]), []).append(i)
         targets.append(cont)
-    order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: padding stays small, OOM shows early
+    return rows, targets
 
-    cache = build_prefix_cache(model, prompt) if prefix_cache else None
-    keep_positions = _accepts(model, "logits_to_keep")
-    out: list = [0.0] * len(requests)
-    desc = progress if isinstance(progress, str) else "loglikelihood"
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,
-                      unit="batch"):
-        batch = order[start:start + batch_size]
-        b, T = len(batch), len(batch[0])
-        ids = torch.full((b, T), pad_id, dtype=torch.long)  # (b, T), right-padded
-        mask = torch.zeros((b, T), dtype=torch.long)
-        for r, row in enumerate(batch):
-            ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[r, :len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        # Text positions whose logits predict a continuation token, over the whole batch.
-        needed = sorted({p for row in batch for i in rows[row] for p in range(len(row) - len(targets[i]), len(row))})
-        column = {p: j for j, p in enumerate(needed)}
-        if cache is not None:
-            past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(b)
-            kwargs = dict(input_ids=ids, past_key_values=past, use_cache=True,
-                          attention_mask=torch.cat([torch.ones(b, k, dtype=mask.dtype, device=device), mask], 1))
-            offset = 0  # logits cover the text positions only
-        else:
-            kwargs, offset = prompt_inputs(model, ids, prompt, mask)  # offset: logits cover prompt + text positions
-            kwargs["use_cache"] = "past_key_values" in kwargs
-        if keep_positions:
-            kwargs["logits_to_keep"] = torch.tensor(needed, device=device) + offset
-            logits = model(**kwargs).logits  # (b, len(needed), V)
-        else:
-            logits = model(**kwargs).logits[:, offset:, :][:, needed, :]  # (b, len(needed), V)
-        for r, row in enumerate(batch):
-            L = len(row)
-            for i in rows[row]:
-                cont = targets[i]
-                cols = [column[p] for p in range(L - len(cont), L)]
-                logp = torch.log_softmax(logits[r, cols].float(), dim=-1)  # (c, V)
-                tgt = torch.tensor(cont, device=logp.device).unsqueeze(1)  # (c, 1)
-                ll = float(logp.gather(1, tgt).sum())
-                out[i] = (ll, bool((logp.argmax(-1) == tgt.squeeze(1)).all())) if return_greedy else ll
-    return out
+
+def _batch_logits(model: nn.Module, batch: list[tuple[int, ...]], pad_id: int, prompt: torch.Tensor | None,
+                  cache, needed: list[int], keep_positions: bool) -> torch.Tensor:
+    """Logits (b, len(needed), V) at the text positions ``needed`` of the right-padded ``batch``, the prompt in
+    front from its cache (``cache``) or prepended."""
+    device = model.get_input_embeddings().weight.device
+    b, T = len(batch), len(batch[0])
+    ids = torch.full((b, T), pad_id, dtype=torch.long)  # (b, T), right-padded
+    mask = torch.zeros((b, T), dtype=torch.long)
+    for r, row in enumerate(batch):
+        ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, :len(row)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    if cache is not None:
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(b)
+        k = prompt_length(prompt)
+        kwargs = dict(input_ids=ids, past_key_values=past, use_cache=True,
+                      attention_mask=torch.cat([torch.ones(b, k, dtype=mask.dtype, device=device), mask], 1))
+        offset = 0  # logits cover the text positions only
+    else:
+        kwargs, offset = prompt_inputs(model, ids, prompt, mask)  # offset: logits cover prompt + text positions
+        kwargs["use_cache"] = "past_key_values" in kwargs
+    if keep_positions:
+        kwargs["logits_to_keep"] = torch.tensor(needed, device=device) + offset
+        return model(**kwargs).logits
+    return model(**kwargs).logits[:, offset:, :][:, needed, :]
 
 
 def loglikelihoods(

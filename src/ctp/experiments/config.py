@@ -30,7 +30,6 @@ error that names the key. Each section can be left out to skip it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from ctp.errors import CTPError
-from ctp.devices import check_device, default_device  # noqa: F401 - re-exported for callers
 from ctp.models.names import (COMPRESSED_MARKER, DEFAULT_MODEL, NAMED_MODELS, NamedModel, foreign_quantization,
                               is_compressed_artifact)
 

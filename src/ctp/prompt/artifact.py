@@ -22,7 +22,6 @@ learned here loads with ``PeftModel.from_pretrained`` and vice versa.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math

@@ -141,67 +141,29 @@ def export_gguf(src: Path, out: Path, dtype: torch.dtype | None = None) -> dict:
                        "export it with --format compressed-tensors or --format hf")
     index = meta["tensors"]
     qtypes = {name: _qtype(e, name) for name, e in index.items()}  # every refusal before anything is written
-    arch = getattr(gguf.MODEL_ARCH, ARCHS[model_type])
-    n_layers = int(cfg["num_hidden_layers"])
-    n_head = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // n_head)
-    vocab = int(cfg["vocab_size"])
-    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    tmap = gguf.get_tensor_name_map(arch, n_layers)
-    dense_type = gguf.GGMLQuantizationType.F16 if dtype == torch.float16 else gguf.GGMLQuantizationType.F32
-
-    def gguf_name(hf: str) -> str:
-        name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise CTPError(f"no GGUF name for tensor {hf} of a {model_type} model",
-                           "export it with --format compressed-tensors or --format hf")
-        return name
-
-    def maybe_permute(hf: str, t: Tensor) -> Tensor:
-        if arch != gguf.MODEL_ARCH.LLAMA:
-            return t
-        if hf.endswith("q_proj.weight") or hf.endswith("q_proj"):
-            return _permute(t, n_head, n_head)
-        if hf.endswith("k_proj.weight") or hf.endswith("k_proj"):
-            return _permute(t, n_head, n_kv)
-        return t
-
+    kinds = set(qtypes.values())
+    layout = _Layout(gguf, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_name(str(meta.get("label") or src.name))
-        writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(int(cfg["intermediate_size"]))
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_freq_base(float(rope))
-        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_vocab_size(vocab)
-        kinds = set(qtypes.values())
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[layout.arch])
+        _add_hparams(writer, cfg, layout, str(meta.get("label") or src.name))
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if "Q4_1" in kinds else gguf.LlamaFileType.MOSTLY_Q8_0)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, src, vocab, meta)
+        _add_tokenizer(writer, src, layout.vocab, meta)
         for hf, t in sorted(dense.items()):
             if hf in (meta.get("aliases") or {}) or hf == "lm_head.weight" and cfg.get("tie_word_embeddings"):
                 continue  # llama.cpp reads a tied output from token_embd
             if hf.endswith("rotary_emb.inv_freq"):
                 continue
-            arr = maybe_permute(hf, t.float())
-            is_matrix = arr.dim() == 2
-            writer.add_tensor(gguf_name(hf), arr.to(torch.float16 if is_matrix and dense_type ==
-                                                     gguf.GGMLQuantizationType.F16 else torch.float32).numpy())
+            arr = layout.permute(hf, t.float())
+            half = arr.dim() == 2 and dtype == torch.float16  # matrices in fp16 when asked; vectors stay fp32
+            writer.add_tensor(layout.name(hf), arr.to(torch.float16 if half else torch.float32).numpy())
         for name, entry in index.items():
             codes, scale, zero, g = decode_codes(name, entry, comp)
-            codes, scale, zero = (maybe_permute(name, x) for x in (codes, scale, zero))
-            qtype = getattr(gguf.GGMLQuantizationType, qtypes[name])
-            writer.add_tensor(gguf_name(f"{name}.weight"), _blocks(codes, scale, zero, g, qtypes[name]),
-                              raw_dtype=qtype)
+            codes, scale, zero = (layout.permute(name, x) for x in (codes, scale, zero))
+            writer.add_tensor(layout.name(f"{name}.weight"), _blocks(codes, scale, zero, g, qtypes[name]),
+                              raw_dtype=getattr(gguf.GGMLQuantizationType, qtypes[name]))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -212,6 +174,52 @@ def export_gguf(src: Path, out: Path, dtype: torch.dtype | None = None) -> dict:
             tmp.unlink()
     return {"format": "gguf", "block_types": sorted(kinds), "tensors": len(dense) + len(index),
             "bytes": out.stat().st_size}
+
+
+class _Layout:
+    """A model's shape as GGUF names it: tensor names from gguf's map, llama.cpp's q/k row order."""
+
+    def __init__(self, gguf, cfg: dict):
+        self.model_type = cfg["model_type"]
+        self.arch = getattr(gguf.MODEL_ARCH, ARCHS[self.model_type])
+        self.is_llama = self.arch == gguf.MODEL_ARCH.LLAMA
+        self.n_layers = int(cfg["num_hidden_layers"])
+        self.n_head = int(cfg["num_attention_heads"])
+        self.n_kv = int(cfg.get("num_key_value_heads") or self.n_head)
+        self.hidden = int(cfg["hidden_size"])
+        self.head_dim = int(cfg.get("head_dim") or self.hidden // self.n_head)
+        self.vocab = int(cfg["vocab_size"])
+        self.rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        self.tmap = gguf.get_tensor_name_map(self.arch, self.n_layers)
+
+    def name(self, hf: str) -> str:
+        name = self.tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise CTPError(f"no GGUF name for tensor {hf} of a {self.model_type} model",
+                           "export it with --format compressed-tensors or --format hf")
+        return name
+
+    def permute(self, hf: str, t: Tensor) -> Tensor:
+        """llama.cpp's rotary layout for Llama q/k rows (other architectures keep Hugging Face's)."""
+        if self.is_llama and (hf.endswith("q_proj.weight") or hf.endswith("q_proj")):
+            return _permute(t, self.n_head, self.n_head)
+        if self.is_llama and (hf.endswith("k_proj.weight") or hf.endswith("k_proj")):
+            return _permute(t, self.n_head, self.n_kv)
+        return t
+
+
+def _add_hparams(writer, cfg: dict, layout: _Layout, name: str) -> None:
+    writer.add_name(name)
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(layout.hidden)
+    writer.add_block_count(layout.n_layers)
+    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+    writer.add_head_count(layout.n_head)
+    writer.add_head_count_kv(layout.n_kv)
+    writer.add_rope_freq_base(float(layout.rope))
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_vocab_size(layout.vocab)
 
 
 __all__ = ["export_gguf"]

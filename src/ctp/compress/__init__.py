@@ -13,7 +13,8 @@ from ctp.compress.checkpoint import discard_checkpoint
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
 from ctp.compress.driver import compress_model
 from ctp.compress.report import CompressionReport
-from ctp.compress.registry import CompressedWeight, compress_weight
+from ctp.compress.registry import compress_weight
+from ctp.compress.weight import CompressedWeight
 
 __all__ = [
     "CompressConfig",

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ctp.compress.config import ALGORITHM_VERSION, CompressConfig
 from ctp.compress.encoding import decode_codes, decode_mask, decode_weight, encode_weight
-from ctp.compress.registry import CompressedWeight
+from ctp.compress.weight import CompressedWeight
 from ctp.compress.report import CompressionReport
 from ctp.errors import CTPError
 from ctp.io import atomic_dir, atomic_write_json, load_tensors, read_json, release_memory, save_tensors

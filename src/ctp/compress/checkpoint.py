@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ctp.compress.config import ALGORITHM_VERSION
-from ctp.compress.registry import CompressedWeight
+from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
 from ctp.io import atomic_write_json, load_tensors, read_json, save_tensors, tensors_digest
 

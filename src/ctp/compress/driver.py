@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from ctp.compress.config import CompressConfig
 from ctp.compress.report import CompressionReport
 from ctp.compress.kernels import accumulate_hessian
-from ctp.compress.registry import CompressedWeight, compress_weight, needs_calibration
+from ctp.compress.registry import compress_weight, needs_calibration
+from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
 from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
                                 set_weight_matrix, weight_matrix)
@@ -325,12 +326,9 @@ def compress_model(
     (train split). ``chunk`` windows go through a block at a time. Returns a
     :class:`CompressionReport` whose ``compressed`` holds what the artifact stores.
 
-    ``checkpoint_dir`` makes the run resumable: after each block its result is saved
-    there, and a call with the same model, config, calibration data, ``chunk`` and
-    device type continues after the last saved block (``resume=False`` starts over);
-    a checkpoint made with anything else is discarded. The checkpoint is left in place
-    (a rerun then only restores it); remove it with
-    :func:`ctp.compress.checkpoint.discard_checkpoint` once the artifact is saved.
+    ``checkpoint_dir`` makes the run resumable: each finished block is saved there, and a call with the
+    same model, config, calibration data, ``chunk`` and device type continues after the last one
+    (``resume=False`` starts over; :func:`ctp.compress.checkpoint.discard_checkpoint` removes it).
 
     Methods that read the weights alone (magnitude pruning, round-to-nearest) run without
     calibration data and report each linear's relative weight error; ``output_error=True``

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ctp.compress.quant import dequantize, max_code, pack_int, pack_mask, unpack_int, unpack_mask
-from ctp.compress.registry import CompressedWeight
+from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ctp.compress.encoding import encode_weight, unpack_cols, unpack_rows
-from ctp.compress.registry import CompressedWeight
+from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
 
 

@@ -1,7 +1,7 @@
 """Pure compression kernels for one linear layer: tensors in, tensors out.
 
 Every kernel takes a weight ``W`` of shape (out_features, in_features), computes in
-fp32 on W's device and returns a :class:`KernelResult` whose ``weight`` has W's dtype.
+fp32 on W's device and returns a :class:`~ctp.compress.weight.CompressedWeight` whose ``weight`` has W's dtype.
 ``H`` is the layer-input Hessian proxy ``2/n * sum x x^T`` of shape (in, in) built by
 :func:`accumulate_hessian`. Nothing here loads models, hooks modules or does I/O.
 
@@ -31,27 +31,11 @@ import torch
 from torch import Tensor
 
 from ctp.compress.quant import dequantize, max_code, quant_params, quantize_int
+from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
 
 # Cholesky attempts before giving up; dampening grows 10x per retry.
 _CHOLESKY_TRIES = 5
-
-
-class KernelResult(NamedTuple):
-    """What a kernel returns. Quant fields are None for pure pruning, ``mask`` for dense.
-
-    Rebuild contract (fp32, bitwise): ``dequantize(codes, scale[:, g_idx],
-    zero[:, g_idx]) * mask == weight`` (drop ``* mask`` when it is None).
-    """
-
-    weight: Tensor  # (out, in) compressed dense weight, W's dtype
-    mask: Tensor | None = None  # (out, in) bool, True = kept
-    codes: Tensor | None = None  # (out, in) uint8 integer codes, original column order
-    scale: Tensor | None = None  # (out, n_groups) fp32
-    zero: Tensor | None = None  # (out, n_groups) fp32, integer valued
-    g_idx: Tensor | None = None  # (in,) int32: group of each input column
-    perm: Tensor | None = None  # (in,) int64 act-order processing order, or None
-    stats: dict | None = None  # floats: obs_loss, sparsity, damp, dead_inputs...
 
 
 class PreparedHessian(NamedTuple):
@@ -213,16 +197,16 @@ def _prune_stats(keep: Tensor) -> dict:
     return {"sparsity": 1.0 - float(keep.float().mean())}
 
 
-def magnitude_prune(W: Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0) -> KernelResult:
+def magnitude_prune(W: Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0) -> CompressedWeight:
     """Zero the smallest ``|w|`` of every output row (or of every N:M group)."""
     _check_w(W)
     keep = _keep_mask(W.float().abs(), sparsity, prune_n, prune_m)
-    return KernelResult(weight=_apply_mask(W, keep), mask=keep, stats=_prune_stats(keep))
+    return CompressedWeight(weight=_apply_mask(W, keep), mask=keep, stats=_prune_stats(keep))
 
 
 def wanda_prune(
     W: Tensor, act_norm_sq: Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0
-) -> KernelResult:
+) -> CompressedWeight:
     """Wanda: zero the smallest ``|w_ij| * sqrt(sum_t x_tj^2)`` per output row / N:M group.
 
     ``act_norm_sq`` (in,) is the per-input sum of squares, e.g.
@@ -231,7 +215,7 @@ def wanda_prune(
     _check_w(W)
     score = W.float().abs() * act_norm_sq.float().clamp_min(0).sqrt()[None, :]  # (out, in)
     keep = _keep_mask(score, sparsity, prune_n, prune_m)
-    return KernelResult(weight=_apply_mask(W, keep), mask=keep, stats=_prune_stats(keep))
+    return CompressedWeight(weight=_apply_mask(W, keep), mask=keep, stats=_prune_stats(keep))
 
 
 # --------------------------------------------------------------------------- RTN
@@ -253,7 +237,7 @@ def _check_group(cols: int, group_size: int) -> None:
 
 def rtn_quantize(
     W: Tensor, bits: int, group_size: int = -1, sym: bool = False, mask: Tensor | None = None
-) -> KernelResult:
+) -> CompressedWeight:
     """Round-to-nearest onto a per-row (or per-group) min/max grid.
 
     With ``mask`` the pruned weights are zeroed first (they then sit exactly on the
@@ -270,13 +254,15 @@ def rtn_quantize(
     deq = dequantize(codes, scale, zero).reshape(rows, cols)  # (rows, cols)
     if mask is not None:
         deq = deq * mask
-    return KernelResult(
+    return CompressedWeight(
         weight=deq.to(W.dtype),
         mask=mask,
         codes=codes.reshape(rows, cols),
         scale=scale.squeeze(-1),  # (rows, groups)
         zero=zero.squeeze(-1),
         g_idx=_group_index(cols, group_size, W.device),
+        bits=bits,
+        sym=sym,
         stats={} if mask is None else _prune_stats(mask),
     )
 
@@ -418,7 +404,7 @@ def _obs_kernel(
     prune_m: int = 0,
     fixed_mask: Tensor | None = None,
     grid: _Grid | None = None,
-) -> KernelResult:
+) -> CompressedWeight:
     """Prepare H, permute, run the OBS loop, un-permute and package the result."""
     _check_w(W, H)
     if blocksize <= 0:
@@ -449,13 +435,15 @@ def _obs_kernel(
     stats = {"obs_loss": loss, "damp": prep.percdamp, "dead_inputs": int(prep.dead.sum())}
     if pruning:
         stats.update(_prune_stats(keep))
-    return KernelResult(
+    return CompressedWeight(
         weight=Q.to(W.dtype),
         mask=keep if pruning else None,
         codes=codes,
         scale=scale,
         zero=zero,
         g_idx=g_idx,
+        bits=None if grid is None else grid.bits,
+        sym=None if grid is None else grid.sym,
         perm=prep.perm,
         stats=stats,
     )
@@ -471,7 +459,7 @@ def sparsegpt(
     percdamp: float = 0.01,
     quant: tuple[int, int, bool] | None = None,
     act_order: bool = False,
-) -> KernelResult:
+) -> CompressedWeight:
     """SparseGPT: prune (unstructured or N:M) with blocked OBS weight reconstruction.
 
     Unstructured masks are chosen per block of ``blocksize`` columns, N:M masks every
@@ -512,7 +500,7 @@ def gptq(
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask: Tensor | None = None,
-) -> KernelResult:
+) -> CompressedWeight:
     """GPTQ: quantize column by column with lazy-batch OBS error compensation.
 
     With ``act_order`` columns are processed by descending ``diag(H)`` (``perm``) and

@@ -15,61 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import ClassVar
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from ctp.compress import kernels as K
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
-from ctp.compress.quant import dequantize
+from ctp.compress.weight import CompressedWeight
 
-# (W fp32, H or None, n_samples, config) -> KernelResult
-Pruner = Callable[[Tensor, Tensor | None, int, PruneConfig], K.KernelResult]
-# (W fp32, H or None, n_samples, config, keep-mask or None) -> KernelResult
-Quantizer = Callable[[Tensor, Tensor | None, int, QuantConfig, Tensor | None], K.KernelResult]
+# (W fp32, H or None, n_samples, config) -> CompressedWeight
+Pruner = Callable[[Tensor, Tensor | None, int, PruneConfig], CompressedWeight]
+# (W fp32, H or None, n_samples, config, keep-mask or None) -> CompressedWeight
+Quantizer = Callable[[Tensor, Tensor | None, int, QuantConfig, Tensor | None], CompressedWeight]
 
 _PRUNERS: dict[str, Pruner] = {}
 _QUANTIZERS: dict[str, Quantizer] = {}
 _DATA_FREE: set[str] = set()  # methods that read the weights alone: no calibration data, no Hessian
-
-
-@dataclass
-class CompressedWeight:
-    """A compressed weight and everything needed to store and rebuild it.
-
-    ``weight`` is what the model uses (W's dtype). For quantized results,
-    ``rebuild()`` recomputes it from the integer payload; in fp32 the two are
-    bitwise identical: ``dequantize(codes, scale[:, g_idx], zero[:, g_idx]) * mask
-    == weight`` (``* mask`` only when ``mask`` is not None).
-    """
-
-    weight: Tensor  # (out, in) dense compressed weight, W's dtype
-    mask: Tensor | None = None  # (out, in) bool, True = kept; None when dense
-    codes: Tensor | None = None  # (out, in) uint8 codes < 2**bits; None when not quantized
-    scale: Tensor | None = None  # (out, n_groups) fp32
-    zero: Tensor | None = None  # (out, n_groups) fp32 holding integers in [0, 2**bits - 1]
-    g_idx: Tensor | None = None  # (in,) int32 group of each input column
-    bits: int | None = None
-    sym: bool | None = None
-    stats: dict = field(default_factory=dict)  # recon_error, sparsity, zero_fraction, ...
-
-    PAYLOAD: ClassVar[tuple[str, ...]] = ("mask", "codes", "scale", "zero", "g_idx")  # the stored tensors but weight
-
-    @property
-    def quantized(self) -> bool:
-        return self.codes is not None
-
-    def rebuild(self) -> Tensor:
-        """The fp32 weight recomputed from the stored payload (codes/mask, or weight)."""
-        if self.codes is None:
-            w = self.weight.float()
-            return w if self.mask is None else w * self.mask
-        assert self.scale is not None and self.zero is not None and self.g_idx is not None
-        g = self.g_idx.long()
-        w = dequantize(self.codes, self.scale[:, g], self.zero[:, g])  # (out, in)
-        return w if self.mask is None else w * self.mask
 
 
 def register_pruner(name: str, data_free: bool = False) -> Callable[[Pruner], Pruner]:
@@ -112,30 +74,30 @@ def _need_h(H: Tensor | None, method: str) -> Tensor:
 
 
 @register_pruner("magnitude", data_free=True)
-def _magnitude(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
+def _magnitude(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
     return K.magnitude_prune(W, cfg.sparsity, cfg.prune_n, cfg.prune_m)
 
 
 @register_pruner("wanda")
-def _wanda(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
+def _wanda(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
     norms = K.input_norms_from_hessian(_need_h(H, "wanda"), n)
     return K.wanda_prune(W, norms, cfg.sparsity, cfg.prune_n, cfg.prune_m)
 
 
 @register_pruner("sparsegpt")
-def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> K.KernelResult:
+def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
     return K.sparsegpt(
         W, _need_h(H, "sparsegpt"), cfg.sparsity, cfg.prune_n, cfg.prune_m, cfg.blocksize, cfg.percdamp
     )
 
 
 @register_quantizer("rtn", data_free=True)
-def _rtn(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> K.KernelResult:
+def _rtn(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> CompressedWeight:
     return K.rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, mask=mask)
 
 
 @register_quantizer("gptq")
-def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> K.KernelResult:
+def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> CompressedWeight:
     return K.gptq(
         W, _need_h(H, "gptq"), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.blocksize, cfg.percdamp,
         mask=mask,
@@ -196,7 +158,7 @@ def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressC
         if q is not None:
             prune_stats = {} if res is None else res.stats or {}
             res = _QUANTIZERS[q.method](Wf, H, n_samples, q, mask)
-            res = res._replace(stats={**{f"prune_{k}": v for k, v in prune_stats.items()}, **(res.stats or {})})
+            res.stats = {**{f"prune_{k}": v for k, v in prune_stats.items()}, **(res.stats or {})}
     assert res is not None
 
     weight = res.weight.to(W.dtype)
@@ -208,21 +170,10 @@ def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressC
     else:  # data-free: the weight's own relative error ||W - W'||^2 / ||W||^2
         ref = W.float()
         stats["weight_rel_error"] = float(((ref - weight.float()) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
-    return CompressedWeight(
-        weight=weight,
-        mask=res.mask,
-        codes=res.codes,
-        scale=res.scale,
-        zero=res.zero,
-        g_idx=res.g_idx,
-        bits=None if q is None else q.bits,
-        sym=None if q is None else q.sym,
-        stats=stats,
-    )
+    return dataclasses.replace(res, weight=weight, perm=None, stats=stats)
 
 
 __all__ = [
-    "CompressedWeight",
     "Pruner",
     "Quantizer",
     "compress_weight",

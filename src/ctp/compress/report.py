@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ctp.compress.registry import CompressedWeight
+from ctp.compress.weight import CompressedWeight
 
 
 @dataclass
@@ -12,7 +12,7 @@ class CompressionReport:
     """What a compression run did: config, per-layer / per-linear statistics and totals.
 
     ``compressed`` maps each compressed module's full name to its
-    :class:`~ctp.compress.registry.CompressedWeight` (codes, masks, scales: what the
+    :class:`~ctp.compress.weight.CompressedWeight` (codes, masks, scales: what the
     artifact stores); it is not part of :meth:`to_dict`.
     """
 

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ctp.compress import methods
 from ctp.errors import CTPError
 
 # The version of the compression arithmetic: bumped whenever a change alters the weights a recipe produces
@@ -39,9 +40,7 @@ from ctp.errors import CTPError
 # `ctp run` and `ctp compress` resume never mix results of two versions.
 ALGORITHM_VERSION = 2
 
-PRUNE_METHODS = ("sparsegpt", "magnitude", "wanda")
 MIN_SPARSITY = 1 / 32  # below it, fp32 values of the kept weights + a 1-bit mask take more than dense fp32
-QUANT_METHODS = ("gptq", "rtn")
 QUANT_BITS = (2, 3, 4, 8)
 
 
@@ -101,8 +100,8 @@ class PruneConfig:
     percdamp: float = 0.01  # Hessian dampening, fraction of mean(diag H)
 
     def __post_init__(self) -> None:
-        if self.method not in PRUNE_METHODS:
-            raise CTPError(f"unknown prune method {self.method!r}", f"use one of: {', '.join(PRUNE_METHODS)}")
+        if self.method not in methods.PRUNERS:
+            raise CTPError(f"unknown prune method {self.method!r}", f"use one of: {', '.join(methods.PRUNERS)}")
         if not _is_number(self.sparsity) or not 0 < self.sparsity < 1:
             raise CTPError(f"sparsity {self.sparsity!r} is outside (0, 1)", "pass a fraction such as 0.5")
 
@@ -177,8 +176,8 @@ class QuantConfig:
     percdamp: float = 0.01  # Hessian dampening, fraction of mean(diag H)
 
     def __post_init__(self) -> None:
-        if self.method not in QUANT_METHODS:
-            raise CTPError(f"unknown quant method {self.method!r}", f"use one of: {', '.join(QUANT_METHODS)}")
+        if self.method not in methods.QUANTIZERS:
+            raise CTPError(f"unknown quant method {self.method!r}", f"use one of: {', '.join(methods.QUANTIZERS)}")
         if not _is_int(self.bits) or self.bits not in QUANT_BITS:
             raise CTPError(f"bits {self.bits!r} is not supported", f"use one of: {', '.join(map(str, QUANT_BITS))}")
         if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
@@ -275,13 +274,9 @@ class CompressConfig:
 
     @property
     def joint(self) -> bool:
-        """Prune and quantize in one SparseGPT pass (sparsegpt + gptq)."""
-        return (
-            self.prune is not None
-            and self.quant is not None
-            and self.prune.method == "sparsegpt"
-            and self.quant.method == "gptq"
-        )
+        """Prune and quantize in one pass: the pair has a registered joint recipe (sparsegpt + gptq)."""
+        return (self.prune is not None and self.quant is not None
+                and (self.prune.method, self.quant.method) in methods.JOINT)
 
     def check_width(self, in_features: int) -> None:
         """Raise CTPError if this recipe cannot be applied to a layer ``in_features`` wide."""

@@ -1,76 +1,58 @@
 """One entry point for the layer-by-layer driver: ``compress_weight(W, H, n, cfg)``.
 
 Method names (``PruneConfig.method`` / ``QuantConfig.method``) map to small
-adapters over the pure kernels in :mod:`ctp.compress.kernels`. A new method is one
-decorated function here plus its name in :mod:`ctp.compress.config`.
+adapters over the pure kernels in :mod:`ctp.compress.kernels`, registered in the
+table of :mod:`ctp.compress.methods`. A new method is one decorated function (here or
+in user code); the configs accept every registered name.
 
 Recipe semantics (see :mod:`ctp.compress.config`):
 
 * prune only / quantize only: the one kernel;
-* sparsegpt + gptq: one joint SparseGPT pass (mask, quantize, compensate per column);
+* a registered joint recipe (sparsegpt + gptq): one pass (mask, quantize, compensate per column);
 * any other pair: prune, then quantize the pruned weights with the mask held fixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import dataclasses
 
 import torch
 from torch import Tensor
 
 from ctp.compress import kernels as K
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
+from ctp.compress import methods
+from ctp.compress.methods import register_joint, register_pruner, register_quantizer, registered_methods
 from ctp.compress.weight import CompressedWeight
 
+# registered_methods and register_* are re-exported from ctp.compress.methods for callers
 # (W fp32, H or None, n_samples, config) -> CompressedWeight
 Pruner = Callable[[Tensor, Tensor | None, int, PruneConfig], CompressedWeight]
 # (W fp32, H or None, n_samples, config, keep-mask or None) -> CompressedWeight
 Quantizer = Callable[[Tensor, Tensor | None, int, QuantConfig, Tensor | None], CompressedWeight]
-
-_PRUNERS: dict[str, Pruner] = {}
-_QUANTIZERS: dict[str, Quantizer] = {}
-_DATA_FREE: set[str] = set()  # methods that read the weights alone: no calibration data, no Hessian
-
-
-def register_pruner(name: str, data_free: bool = False) -> Callable[[Pruner], Pruner]:
-    def deco(fn: Pruner) -> Pruner:
-        _PRUNERS[name] = fn
-        if data_free:
-            _DATA_FREE.add(f"prune:{name}")
-        return fn
-
-    return deco
-
-
-def register_quantizer(name: str, data_free: bool = False) -> Callable[[Quantizer], Quantizer]:
-    def deco(fn: Quantizer) -> Quantizer:
-        _QUANTIZERS[name] = fn
-        if data_free:
-            _DATA_FREE.add(f"quant:{name}")
-        return fn
-
-    return deco
-
-
-def registered_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(pruner names, quantizer names) currently registered."""
-    return tuple(_PRUNERS), tuple(_QUANTIZERS)
 
 
 def needs_calibration(cfg: CompressConfig) -> bool:
     """Whether the recipe reads calibration data (a Hessian or input norms); magnitude and rtn alone do not."""
     if cfg.joint:
         return True
-    return ((cfg.prune is not None and f"prune:{cfg.prune.method}" not in _DATA_FREE)
-            or (cfg.quant is not None and f"quant:{cfg.quant.method}" not in _DATA_FREE))
+    return ((cfg.prune is not None and f"prune:{cfg.prune.method}" not in methods.DATA_FREE)
+            or (cfg.quant is not None and f"quant:{cfg.quant.method}" not in methods.DATA_FREE))
 
 
 def _need_h(H: Tensor | None, method: str) -> Tensor:
     if H is None:
         raise ValueError(f"{method} needs the layer-input Hessian H")
     return H
+
+
+@register_pruner("sparsegpt")
+def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
+    return K.sparsegpt(
+        W, _need_h(H, "sparsegpt"), cfg.sparsity, cfg.prune_n, cfg.prune_m, cfg.blocksize, cfg.percdamp
+    )
 
 
 @register_pruner("magnitude", data_free=True)
@@ -84,11 +66,12 @@ def _wanda(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedW
     return K.wanda_prune(W, norms, cfg.sparsity, cfg.prune_n, cfg.prune_m)
 
 
-@register_pruner("sparsegpt")
-def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
-    return K.sparsegpt(
-        W, _need_h(H, "sparsegpt"), cfg.sparsity, cfg.prune_n, cfg.prune_m, cfg.blocksize, cfg.percdamp
-    )
+@register_quantizer("gptq")
+def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> CompressedWeight:
+    return K.gptq(
+        W, _need_h(H, "gptq"), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.blocksize, cfg.percdamp,
+        mask=mask,
+    )  # fmt: skip
 
 
 @register_quantizer("rtn", data_free=True)
@@ -96,11 +79,13 @@ def _rtn(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | N
     return K.rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, mask=mask)
 
 
-@register_quantizer("gptq")
-def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> CompressedWeight:
-    return K.gptq(
-        W, _need_h(H, "gptq"), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.blocksize, cfg.percdamp,
-        mask=mask,
+@register_joint("sparsegpt", "gptq")
+def _sparsegpt_gptq(W: Tensor, H: Tensor | None, n: int, cfg: CompressConfig) -> CompressedWeight:
+    """SparseGPT's joint mode: each column is masked, then quantized, and the error of both is propagated."""
+    p, q = cfg.prune, cfg.quant
+    return K.sparsegpt(
+        W, _need_h(H, "sparsegpt"), p.sparsity, p.prune_n, p.prune_m, p.blocksize, p.percdamp,
+        quant=(q.bits, q.group_size, q.sym), act_order=q.act_order,
     )  # fmt: skip
 
 
@@ -144,20 +129,16 @@ def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressC
     Wf = W.float()
     p, q = cfg.prune, cfg.quant
     if cfg.joint:
-        assert p is not None and q is not None
-        res = K.sparsegpt(
-            Wf, _need_h(H, "sparsegpt"), p.sparsity, p.prune_n, p.prune_m, p.blocksize, p.percdamp,
-            quant=(q.bits, q.group_size, q.sym), act_order=q.act_order,
-        )  # fmt: skip
+        res = methods.JOINT[(p.method, q.method)](Wf, H, n_samples, cfg)
     else:
         res = None
         mask = None
         if p is not None:
-            res = _PRUNERS[p.method](Wf, H, n_samples, p)
+            res = methods.PRUNERS[p.method](Wf, H, n_samples, p)
             Wf, mask = res.weight, res.mask  # quantize what the pruner left (fp32)
         if q is not None:
             prune_stats = {} if res is None else res.stats or {}
-            res = _QUANTIZERS[q.method](Wf, H, n_samples, q, mask)
+            res = methods.QUANTIZERS[q.method](Wf, H, n_samples, q, mask)
             res.stats = {**{f"prune_{k}": v for k, v in prune_stats.items()}, **(res.stats or {})}
     assert res is not None
 
@@ -178,6 +159,7 @@ __all__ = [
     "Quantizer",
     "compress_weight",
     "needs_calibration",
+    "register_joint",
     "register_pruner",
     "register_quantizer",
     "registered_methods",

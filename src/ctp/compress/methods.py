@@ -1,0 +1,57 @@
+"""The table of compression methods: names -> implementations, filled by :mod:`ctp.compress.registry`.
+
+Configs (:mod:`ctp.compress.config`) validate method names against this table, so a method
+registered with :func:`register_pruner` / :func:`register_quantizer` is accepted everywhere
+(CLI, YAML, artifacts) without touching the config code. ``register_joint`` adds a recipe
+that prunes and quantizes in one pass (SparseGPT + GPTQ); every other pair runs in sequence.
+Importing :mod:`ctp.compress` registers the built-in methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PRUNERS: dict[str, Callable] = {}
+QUANTIZERS: dict[str, Callable] = {}
+JOINT: dict[tuple[str, str], Callable] = {}  # (prune method, quant method) -> one-pass implementation
+DATA_FREE: set[str] = set()  # "prune:NAME" / "quant:NAME": methods that read the weights alone
+
+
+def register_pruner(name: str, data_free: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn(W, H, n_samples, prune_cfg) -> CompressedWeight`` as the pruner ``name``."""
+    def deco(fn: Callable) -> Callable:
+        PRUNERS[name] = fn
+        if data_free:
+            DATA_FREE.add(f"prune:{name}")
+        return fn
+
+    return deco
+
+
+def register_quantizer(name: str, data_free: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn(W, H, n_samples, quant_cfg, keep_mask) -> CompressedWeight`` as the quantizer ``name``."""
+    def deco(fn: Callable) -> Callable:
+        QUANTIZERS[name] = fn
+        if data_free:
+            DATA_FREE.add(f"quant:{name}")
+        return fn
+
+    return deco
+
+
+def register_joint(prune: str, quant: str) -> Callable[[Callable], Callable]:
+    """Register ``fn(W, H, n_samples, compress_cfg) -> CompressedWeight`` as the one-pass recipe for the pair."""
+    def deco(fn: Callable) -> Callable:
+        JOINT[(prune, quant)] = fn
+        return fn
+
+    return deco
+
+
+def registered_methods() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(pruner names, quantizer names) currently registered."""
+    return tuple(PRUNERS), tuple(QUANTIZERS)
+
+
+__all__ = ["DATA_FREE", "JOINT", "PRUNERS", "QUANTIZERS", "register_joint", "register_pruner", "register_quantizer",
+           "registered_methods"]

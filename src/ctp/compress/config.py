@@ -20,9 +20,10 @@ Conventions decided here (the kernels and the driver rely on them):
   must agree on them. Every other combination runs *sequentially*: prune first,
   then quantize with the mask held fixed (GPTQ keeps pruned weights at zero and
   compensates for them; RTN quantizes the pruned matrix).
-* ``QuantConfig.true_sequential`` is a driver setting (quantize a block's
-  sub-layers in execution order, re-collecting inputs in between); the kernels
-  ignore it.
+* ``QuantConfig.true_sequential`` is carried out by the driver (quantize a block's
+  sub-layers in execution order, re-collecting inputs in between; the kernels ignore
+  it) but lives in the recipe: it changes the weights a recipe produces, so every
+  artifact and cache key must record it, as GPTQ's reference records it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch import Tensor
 from ctp.compress.encoding import encode_weight, unpack_cols, unpack_rows
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
+from ctp.models.names import quantization_config
 
 
 def _compressed_tensors():
@@ -26,16 +27,6 @@ def _compressed_tensors():
         raise CTPError(f"the compressed-tensors format needs the compressed-tensors package ({e.name} is missing)",
                        "pip install compressed-tensors==0.20.1") from None
     return pack_to_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-
-def quantization_config(path: Path) -> dict | None:
-    """The ``quantization_config`` of a Hugging Face directory's config.json (None when it has none)."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return q if isinstance(q, dict) else None
 
 
 def _checkpoint_tensors(path: Path) -> dict[str, Tensor]:

@@ -21,9 +21,8 @@ def is_compressed_artifact(path: str | Path) -> bool:
 FOREIGN_QUANTIZATION = ("compressed-tensors", "gptq")  # checkpoints of other tools whose codes ctp reads itself
 
 
-def foreign_quantization(path: str | Path) -> str | None:
-    """The quantization method of a Hugging Face directory ctp reads into its own encoding (compressed-tensors,
-    GPTQ), else None."""
+def quantization_config(path: str | Path) -> dict | None:
+    """The ``quantization_config`` of a Hugging Face directory's config.json (None when it has none)."""
     import json
 
     try:
@@ -31,7 +30,13 @@ def foreign_quantization(path: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    method = q.get("quant_method") if isinstance(q, dict) else None
+    return q if isinstance(q, dict) else None
+
+
+def foreign_quantization(path: str | Path) -> str | None:
+    """The quantization method of a Hugging Face directory ctp reads into its own encoding (compressed-tensors,
+    GPTQ), else None."""
+    method = (quantization_config(path) or {}).get("quant_method")
     return method if method in FOREIGN_QUANTIZATION else None
 
 

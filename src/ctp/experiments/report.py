@@ -72,10 +72,13 @@ def _share_cell(recs: dict, label: str, role: str, dataset: str) -> str:
     return f"{100 * s:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]{verdict}"
 
 
-def _savefig(fig, path: Path) -> None:
+def _savefig(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically and close it."""
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(path)
+    _plt().close(fig)
+    return path
 
 
 def _plt():
@@ -336,9 +339,7 @@ def _plot_ppl(cfg: ExperimentConfig, idx: dict, root: Path) -> Path | None:
         ax.set_ylabel("perplexity")
         ax.legend(fontsize=8)
     path = root / "ppl_vs_compression.png"
-    _savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)
 
 
 def _plot_transfer(cfg: ExperimentConfig, idx: dict, prompted: list[str], root: Path) -> Path:
@@ -359,9 +360,7 @@ def _plot_transfer(cfg: ExperimentConfig, idx: dict, prompted: list[str], root: 
         ax.set_title(f"{d} perplexity")
         fig.colorbar(im, ax=ax, label="log perplexity", fraction=0.046)
     path = root / "transfer_heatmap.png"
-    _savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)
 
 
 def _plot_length(cfg: ExperimentConfig, idx: dict, label: str, datasets: list[str], root: Path) -> Path:
@@ -376,9 +375,7 @@ def _plot_length(cfg: ExperimentConfig, idx: dict, label: str, datasets: list[st
     ax.set_title(f"prompt length ablation ({label})")
     ax.legend()
     path = root / "length_ablation.png"
-    _savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)
 
 
 def _plot_latency(lat: list[dict], root: Path) -> Path:
@@ -400,6 +397,4 @@ def _plot_latency(lat: list[dict], root: Path) -> Path:
         ax.set_ylabel("milliseconds")
         ax.legend(fontsize=8)
     path = root / "latency.png"
-    _savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _savefig(fig, path)

@@ -18,9 +18,11 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -73,6 +75,11 @@ def write_error(path: Path, e: OSError) -> CTPError:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write_stream(path, lambda f: f.write(data))
+
+
+def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Create ``path`` atomically from what ``write(file)`` writes (a temporary file renamed into place)."""
     path = Path(path)
     tmp = None
     try:
@@ -81,7 +88,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         _normal_mode(tmp)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -254,14 +261,22 @@ def clean_stale(path: str | Path) -> list[Path]:
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes of the tensors (order independent)."""
+    return digest_of(list(tensors), tensors.__getitem__)
+
+
+def digest_of(names: list[str], read: Callable[[str], torch.Tensor]) -> str:
+    """:func:`tensors_digest` of tensors read one at a time by ``read(name)``."""
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # 0-d too; no copy
+    for name in sorted(names):
+        _digest_update(h, name, read(name).detach().contiguous().cpu())
     return h.hexdigest()
+
+
+def _digest_update(h, name: str, t: torch.Tensor) -> None:
+    h.update(name.encode())
+    h.update(str(t.dtype).encode())
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # 0-d too; no copy
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
@@ -284,6 +299,40 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 def _meta_digest(kind: str, extra: str) -> str:
     """SHA-256 of the kind and the JSON metadata: edits to the description are caught like edits to the tensors."""
     return hashlib.sha256(f"{kind}\0{extra}".encode()).hexdigest()
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_tensors_streaming(path: str | Path, names: list[str], read: Callable[[str], torch.Tensor],
+                           metadata: dict | None = None, kind: str = "ctp") -> Path:
+    """What :func:`save_tensors` writes, with one tensor in memory at a time: ``read(name)`` is called twice per
+    tensor (once for the checksum and the layout, once to write it), so the tensors can stay on disk."""
+    layout, offset, h = {}, 0, hashlib.sha256()
+    order = sorted(names)
+    for name in order:
+        t = read(name).detach().contiguous().cpu()
+        _digest_update(h, name, t)
+        n = t.numel() * t.element_size()
+        layout[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    extra = json.dumps(metadata or {}, default=str)
+    meta = {"format_version": FORMAT_VERSION, "kind": kind, "sha256": h.hexdigest(), "ctp": extra,
+            "meta_sha256": _meta_digest(kind, extra)}
+    header = json.dumps({"__metadata__": meta, **layout}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for name in order:
+            t = read(name).detach().contiguous().cpu()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    return atomic_write_stream(path, write)
 
 
 def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifact") -> tuple[dict[str, torch.Tensor], dict]:

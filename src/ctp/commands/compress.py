@@ -193,10 +193,11 @@ def _mb(n: int) -> str:
 
 def run(args) -> int:
     from ctp.compress.artifact import default_dense_dtype, estimate_bytes, save_compressed
-    from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
+    from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
     from ctp.io import check_free_space, check_output
-    from ctp.models.load import load_model, parse_dtype
+    from ctp.compress.spill import EncodedBlocks
+    from ctp.models.load import load_by_blocks, parse_dtype
     from ctp.models.names import is_compressed_artifact
 
     require(args.save_dtype in _SAVE_DTYPES, f"unknown --save-dtype {args.save_dtype!r}",
@@ -210,16 +211,20 @@ def run(args) -> int:
 
     if args.resume and _already_done(out, cfg, args.model):
         return 0
-    model, tok, info = load_model(args.model, **load_options(args), device="cpu")  # blocks move to --device one by one
+    # a local safetensors model is read one block at a time (memory grows with a block, not the model); blocks
+    # move to --device one by one
+    model, tok, info, source = load_by_blocks(args.model, **load_options(args))
     _warn_if_long(model, cfg, device_of(args))
-    dense_dtype = default_dense_dtype(model) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
+    dense_dtype = default_dense_dtype(model, source) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
     # the resumable checkpoint and the artifact both hold the compressed blocks until the artifact is written
     check_free_space(out, 2 * estimate_bytes(model, cfg, dense_dtype), "the compressed model and its checkpoint")
     partial = checkpoint_dir_for(out)
+    spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, dense_dtype)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
-                            chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume)
+                            chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume, source=source,
+                            spill=spill)
     storage = save_compressed(model, tok, report, report.compressed, out, dense_dtype=dense_dtype,
-                              source=info.to_dict())
+                              source=info.to_dict(), encoded=spill)
     discard_checkpoint(partial)
     weights = storage["weights_file_bytes"]
     rows = [

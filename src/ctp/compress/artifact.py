@@ -53,8 +53,9 @@ from ctp.compress.config import ALGORITHM_VERSION, CompressConfig
 from ctp.compress.encoding import decode_codes, decode_mask, decode_weight, encode_weight
 from ctp.compress.weight import CompressedWeight
 from ctp.compress.report import CompressionReport
-from ctp.errors import CTPError
-from ctp.io import atomic_dir, atomic_write_json, load_tensors, read_json, release_memory, save_tensors
+from ctp.errors import CTPError, require
+from ctp.io import (atomic_dir, atomic_write_json, load_tensors, read_json, release_memory, save_tensors,
+                    save_tensors_streaming)
 from ctp.models.adapter import set_weight_matrix, weight_matrix
 from ctp.models.names import COMPRESSED_MARKER
 
@@ -79,15 +80,20 @@ _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 @torch.no_grad()
-def default_dense_dtype(model: nn.Module) -> torch.dtype:
+def default_dense_dtype(model: nn.Module, source=None) -> torch.dtype:
     """The dtype ``ctp compress`` stores an fp32 model's uncompressed tensors in: float16, or bfloat16 when a value
     would overflow float16. Measured on SmolLM2-135M (bench/README.md): storing them in float16 moved the c4 test
-    perplexity of its 4-bit and 50% + 4-bit artifacts by less than 0.002% (20,440 tokens), for half the bytes."""
+    perplexity of its 4-bit and 50% + 4-bit artifacts by less than 0.002% (20,440 tokens), for half the bytes.
+    Tensors still on the meta device are read from ``source`` (:class:`ctp.models.shards.BlockSource`)."""
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         return dtype
-    big = max((float(t.detach().abs().max()) for t in model.state_dict().values()
-               if t.is_floating_point() and t.numel()), default=0.0)
+    big = 0.0
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            t = source.read(name, t.dtype)
+        if t.is_floating_point() and t.numel():
+            big = max(big, float(t.detach().abs().max()))
     return torch.float16 if big < torch.finfo(torch.float16).max else torch.bfloat16
 
 
@@ -97,6 +103,8 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta:  # released weights (a larger-than-memory run) share no storage
+            continue
         sig = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
         if t.numel() and sig in seen:
             aliases[key] = seen[sig]
@@ -118,6 +126,7 @@ def save_compressed(
     *,
     dense_dtype: torch.dtype | None = None,
     source: dict | None = None,
+    encoded=None,
 ) -> dict:
     """Write the compressed ``model`` as an artifact directory; returns its storage summary.
 
@@ -128,7 +137,9 @@ def save_compressed(
     works too); the live module weights must equal their rebuild (checked). ``dense_dtype``
     (default: the model's dtype) stores the uncompressed tensors and pruned-only values
     in another precision; then the loaded model matches the in-memory one cast to it.
-    ``source`` (e.g. ``ModelInfo.to_dict()``) records where the model came from.
+    ``source`` (e.g. ``ModelInfo.to_dict()``) records where the model came from. ``encoded``
+    (:class:`ctp.compress.spill.EncodedBlocks`, the payloads a larger-than-memory run wrote to disk, in
+    ``dense_dtype``) is streamed into the artifact one tensor at a time instead of encoding ``compressed``.
     """
     if out_dir is None and isinstance(compressed, (str, Path)):
         compressed, out_dir = None, compressed
@@ -140,12 +151,18 @@ def save_compressed(
     if dense_dtype not in _DTYPE_NAMES:
         raise CTPError(f"cannot store weights as {dense_dtype}", "use float32, float16 or bfloat16")
 
-    comp_tensors, index = _encode_linears(model, compressed, dense_dtype, check=dense_dtype == model_dtype)
+    if encoded is not None:
+        require(encoded.value_dtype == dense_dtype, f"the spilled payloads are {encoded.value_dtype}, not {dense_dtype}",
+                "save with the dtype the run encoded")
+        comp_tensors, index = {}, dict(encoded.entries)
+    else:
+        comp_tensors, index = _encode_linears(model, compressed, dense_dtype, check=dense_dtype == model_dtype)
     aliases = _aliases(model)
     skip = {f"{name}.weight" for name in index} | set(aliases)
     dense = {k: v.detach().cpu().to(dense_dtype) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items() if k not in skip}
-    storage = _storage(model, index, comp_tensors, dense, dense_dtype)
+    storage = _storage(model, index, encoded.nbytes if encoded is not None else _nbytes(comp_tensors), dense,
+                       dense_dtype)
     meta = {
         "format_version": FORMAT_VERSION,
         "algorithm_version": ALGORITHM_VERSION,
@@ -162,7 +179,11 @@ def save_compressed(
     with atomic_dir(out_dir) as tmp:
         _save_config_files(tmp, model, tokenizer)
         save_tensors(tmp / DENSE_FILE, dense, {"dtype": storage["dense_dtype"]}, kind=DENSE_KIND)
-        save_tensors(tmp / COMPRESSED_FILE, comp_tensors, {"format_version": FORMAT_VERSION}, kind=COMPRESSED_KIND)
+        if encoded is not None:
+            save_tensors_streaming(tmp / COMPRESSED_FILE, encoded.names(), encoded.read,
+                                   {"format_version": FORMAT_VERSION}, kind=COMPRESSED_KIND)
+        else:
+            save_tensors(tmp / COMPRESSED_FILE, comp_tensors, {"format_version": FORMAT_VERSION}, kind=COMPRESSED_KIND)
         if report is not None:
             atomic_write_json(tmp / REPORT_FILE, report.to_dict())
         sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
@@ -216,13 +237,12 @@ def _encode_linears(model: nn.Module, compressed: dict[str, CompressedWeight], d
     return comp_tensors, index
 
 
-def _storage(model: nn.Module, index: dict[str, dict], comp_tensors: dict[str, Tensor], dense: dict[str, Tensor],
+def _storage(model: nn.Module, index: dict[str, dict], comp_bytes: int, dense: dict[str, Tensor],
              dense_dtype: torch.dtype) -> dict:
     """The artifact's size summary (file sizes are added once written)."""
     model_dtype = next(model.parameters()).dtype
     linear_params = sum(math.prod(e["shape"]) for e in index.values())
     n_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
-    comp_bytes = _nbytes(comp_tensors)
     return {
         "dense_dtype": _DTYPE_NAMES[dense_dtype],
         "model_dtype": _DTYPE_NAMES.get(model_dtype, str(model_dtype)),

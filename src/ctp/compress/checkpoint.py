@@ -19,6 +19,8 @@ so the directory grows by one block of compressed weights per block.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from ctp.compress.config import ALGORITHM_VERSION
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
-from ctp.io import atomic_write_json, load_tensors, read_json, save_tensors, tensors_digest
+from ctp.io import atomic_write_json, digest_of, load_tensors, read_json, save_tensors, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +43,18 @@ INPUTS_KIND = "ctp-compress-inputs"
 _TENSOR_ATTRS = ("weight", *CompressedWeight.PAYLOAD)
 
 
-def checkpoint_key(model: nn.Module, cfg_dict: dict, windows: Tensor, chunk: int, device: torch.device) -> str:
-    """A hash of everything that determines a compression run's result."""
+def checkpoint_key(model: nn.Module, cfg_dict: dict, windows: Tensor, chunk: int, device: torch.device,
+                   source=None) -> str:
+    """A hash of everything that determines a compression run's result; weights still on the meta device are
+    read from ``source`` (:class:`ctp.models.shards.BlockSource`), so the key is the whole-model run's."""
+    state = dict(model.state_dict())
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version"):
         config.pop(volatile, None)
     blob = {
         "format_version": FORMAT_VERSION,
         "algorithm_version": ALGORITHM_VERSION,
-        "weights": tensors_digest(dict(model.state_dict())),
+        "weights": digest_of(list(state), lambda n: source.read(n, state[n].dtype) if state[n].is_meta else state[n]),
         "model_config": config,
         "compress_config": cfg_dict,
         "windows": tensors_digest({"windows": windows}),
@@ -73,11 +78,20 @@ def _inputs_file(root: Path, i: int) -> Path:
     return root / f"inputs-{i:04d}.safetensors"
 
 
+ENCODED_DIR = "encoded"
+
+
 def discard_checkpoint(root: str | Path) -> None:
     """Remove a checkpoint's files (only ours: the directory may hold other things) and the directory if empty."""
     root = Path(root)
     if not root.is_dir():
         return
+    encoded = root / ENCODED_DIR  # the encoded payloads of a larger-than-memory run (ctp.compress.spill)
+    if encoded.is_dir():
+        for f in encoded.glob("block-*.safetensors"):
+            f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            encoded.rmdir()
     for f in root.iterdir():
         name = f.name.lstrip(".")
         if f.is_file() and (name.startswith(("block-", "inputs-", STATE_FILE))):

@@ -317,6 +317,8 @@ def compress_model(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     output_error: bool = False,
+    source=None,
+    spill=None,
 ) -> CompressionReport:
     """Compress every linear layer of every decoder block of ``model`` in place.
 
@@ -334,6 +336,12 @@ def compress_model(
     calibration data and report each linear's relative weight error; ``output_error=True``
     runs the calibration pass anyway to report their output error ``trace((W-W')H(W-W')^T)``
     (the weights are the same either way).
+
+    Larger than memory: with ``source`` (:class:`ctp.models.shards.BlockSource`, from
+    :func:`ctp.models.load.load_by_blocks`) the decoder blocks start on the meta device and each
+    is read from the checkpoint just before it is compressed; with ``spill``
+    (:class:`ctp.compress.spill.EncodedBlocks`) each finished block's linears are encoded to disk
+    and their weights released. The weights are bit-identical to a whole-model run.
     """
     from ctp.devices import default_device
 
@@ -344,6 +352,7 @@ def compress_model(
     _check_widths(model, cfg)
     t_start = time.perf_counter()
 
+    dtype = model.get_input_embeddings().weight.dtype
     data, windows, calib = _calibration_windows(model, tokenizer, cfg, calib_ids, output_error)
     was_training = model.training
     model.eval()
@@ -351,7 +360,7 @@ def compress_model(
                                calibration=calib, bits=None if cfg.quant is None else cfg.quant.bits)
     ckpt, start, t_before = None, 0, 0.0
     if checkpoint_dir is not None:
-        ckpt, start, t_before = _resume(model, report, windows, chunk, device, checkpoint_dir, resume)
+        ckpt, start, t_before = _resume(model, report, windows, chunk, device, checkpoint_dir, resume, source, spill)
     log.info("compressing %d blocks with %s on %s (%s)", len(layers) - start, cfg.label(), device,
              f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
@@ -366,7 +375,9 @@ def compress_model(
     for i in bar:
         t_layer = time.perf_counter()
         layer = layers[i]
-        home = next(layer.parameters()).device
+        home = torch.device("cpu") if source is not None else next(layer.parameters()).device
+        if source is not None:
+            source.load_module(layer, f"{arch.layers}.{i}", device, dtype)
         layer.to(device)
         if data:
             results, inps = _compress_block(model, layer, calls[i], inps, cfg)
@@ -376,6 +387,8 @@ def compress_model(
         records = _record_block(report, f"{arch.layers}.{i}", i, layer, results, time.perf_counter() - t_layer)
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
+        if spill is not None:
+            spill.add(i, records, layer, f"{arch.layers}.{i}")
         err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
         bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
         log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
@@ -402,19 +415,25 @@ def _calibration_windows(model: nn.Module, tokenizer, cfg: CompressConfig, calib
 
 
 def _resume(model: nn.Module, report: CompressionReport, windows: Tensor, chunk: int, device: torch.device,
-            checkpoint_dir: str | Path, resume: bool):
+            checkpoint_dir: str | Path, resume: bool, source=None, spill=None):
     """(checkpoint, first block to compress, seconds already spent): blocks finished before an interruption are
     restored into ``model`` and ``report``, not recomputed."""
     from ctp.compress.checkpoint import BlockCheckpoint, checkpoint_key
 
     arch, layers = get_arch(model), decoder_layers(model)
-    key = checkpoint_key(model, report.config, windows, chunk, device)
+    key = checkpoint_key(model, report.config, windows, chunk, device, source)
     ckpt = BlockCheckpoint(checkpoint_dir, key, len(layers), resume=resume)
     start = ckpt.next_block
+    dtype = model.get_input_embeddings().weight.dtype
     for i in range(start):
-        records, entry = ckpt.restore_block(i, layers[i], f"{arch.layers}.{i}")
+        prefix = f"{arch.layers}.{i}"
+        if source is not None:  # the block's other tensors (norms) from the checkpoint, its linears from ours
+            source.load_module(layers[i], prefix, "cpu", dtype)
+        records, entry = ckpt.restore_block(i, layers[i], prefix)
         report.compressed.update(records)
         report.layers.append(entry)
+        if spill is not None:
+            spill.add(i, records, layers[i], prefix)
     if start:
         log.info("resuming from %s: blocks 0-%d restored", checkpoint_dir, start - 1)
     return ckpt, start, ckpt.seconds

@@ -113,16 +113,18 @@ class Runner:
         if label == FULL or is_compressed_artifact(path):
             return path
         from ctp.compress import compress_model, save_compressed
-        from ctp.compress.checkpoint import checkpoint_dir_for, discard_checkpoint
-        from ctp.models.load import load_model
+        from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
+        from ctp.compress.spill import EncodedBlocks
+        from ctp.models.load import load_by_blocks
 
         cfg = self.compress_config(label)
         log.info("compressing %s (%s)", label, cfg.label())
-        model, tok, info = load_model(self.cfg.model)
+        model, tok, info, source = load_by_blocks(self.cfg.model)  # one block in memory at a time where it can
         partial = checkpoint_dir_for(path)  # an interrupted compression resumes from its last finished block
+        spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, model.get_input_embeddings().weight.dtype)
         report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress,
-                                checkpoint_dir=partial)
-        save_compressed(model, tok, report, out_dir=path, source=info.to_dict())
+                                checkpoint_dir=partial, source=source, spill=spill)
+        save_compressed(model, tok, report, out_dir=path, source=info.to_dict(), encoded=spill)
         discard_checkpoint(partial)
         self._loaded = None
         return path

@@ -387,10 +387,14 @@ def load_model(
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    return model, tokenizer, _model_info(spec, where, model, tokenizer, compression)
+
+
+def _model_info(spec: str, where: str, model, tokenizer, compression: dict | None) -> ModelInfo:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     cfg = model.config
-    info = ModelInfo(
+    return ModelInfo(
         spec=spec,
         path=where,
         model_type=cfg.model_type,
@@ -402,7 +406,33 @@ def load_model(
         embedding_hash=embedding_fingerprint(model),
         runtime="packed" if any(hasattr(m, "dequantized") for m in model.modules()) else "dense",
     )
-    return model, tokenizer, info
+
+
+def load_by_blocks(spec: str, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+                   allow_pickle: bool = False):
+    """``(model, tokenizer, info, source)`` for compression: from a local safetensors directory, the model with its
+    decoder blocks on the meta device and ``source`` (:class:`ctp.models.shards.BlockSource`) to read each block
+    when it is compressed, so memory holds one block at a time; any other model loads whole (``source`` None)."""
+    from ctp.models.shards import block_source, load_skeleton
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    where = _resolve_reachable(spec)
+    source = None
+    if not (is_compressed_artifact(where) or foreign_quantization(where)):
+        source = block_source(where)
+    model = None
+    if source is not None:
+        try:
+            model = load_skeleton(where, source, dtype, trust_remote_code)
+        except _load_errors() as e:
+            raise _remote_code_error(spec, e) or _load_error(spec, where, "model", e) from e
+    if model is None:
+        model, tokenizer, info = load_model(spec, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
+                                            allow_pickle=allow_pickle)
+        return model, tokenizer, info, None
+    tokenizer = _tokenizer_at(spec, where, trust_remote_code)
+    return model, tokenizer, _model_info(spec, where, model, tokenizer, None), source
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -1,0 +1,178 @@
+"""A Hugging Face checkpoint read one decoder block at a time: compress models larger than memory.
+
+:func:`load_skeleton` builds the model without weight memory (meta tensors), loads every tensor
+outside the decoder blocks (embeddings, final norm, LM head: small next to the blocks) and returns
+a :class:`BlockSource` from which the compression driver materialises each block just before
+compressing it. Tensors are read through safetensors' memory map, one at a time, in the model's
+dtype, so a block holds the same values as a whole-model load (the results are bit-identical, tested).
+
+Only local directories of ``*.safetensors`` (one file or an index of shards) whose tensor names are
+the model's own parameter names qualify; GGUF files, hub ids and pickles load whole as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ctp.errors import CTPError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class BlockSource:
+    """Tensor name -> shard file of a safetensors checkpoint; reads tensors on demand."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index = self.root / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CTPError(f"{index} is not a safetensors shard index ({e})",
+                               "the checkpoint is damaged: download or save it again") from e
+        else:
+            files = sorted(self.root.glob("*.safetensors"))
+            if len(files) != 1:
+                raise CTPError(f"{self.root} holds {len(files)} safetensors files and no {INDEX_FILE}",
+                               "pass a directory written by save_pretrained")
+            weight_map = {name: files[0].name for name in _names(files[0])}
+        self.files = {name: self.root / f for name, f in weight_map.items()}
+        missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise CTPError(f"checkpoint shard {missing[0]} is missing", "download the whole checkpoint again")
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One tensor, cast to ``dtype`` on ``device``."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.files.get(name)
+        if path is None:
+            raise CTPError(f"tensor {name} is not in the checkpoint {self.root}",
+                           "the checkpoint does not match its config: download it again")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                t = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CTPError(f"cannot read {name} from {path}: {str(e).splitlines()[0]}",
+                           "the shard is truncated or damaged: download it again") from e
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    def load_module(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Fill every parameter and persistent buffer of ``module`` (named ``prefix`` in the model) from the
+        checkpoint, on ``device``; buffers the checkpoint does not hold (rotary tables) are left as they are."""
+        for name, p in list(module.named_parameters(recurse=True)):
+            _assign(module, name, nn.Parameter(self.read(f"{prefix}.{name}", dtype, device),
+                                               requires_grad=p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=True)):
+            full = f"{prefix}.{name}"
+            if full in self.files:
+                _assign(module, name, self.read(full, dtype, device))
+            elif b is not None and not b.is_meta:
+                _assign(module, name, b.to(device))
+
+    def release_linears(self, module: nn.Module, names: list[str]) -> None:
+        """Give back the weight memory of the named linears of ``module`` (their values live elsewhere now)."""
+        for name in names:
+            lin = module.get_submodule(name)
+            lin.weight = nn.Parameter(torch.empty(lin.weight.shape, dtype=lin.weight.dtype, device="meta"),
+                                      requires_grad=False)
+
+
+def _names(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CTPError(f"cannot read {path}: {str(e).splitlines()[0]}",
+                       "the checkpoint is truncated or damaged: download it again") from e
+
+
+def _assign(module: nn.Module, dotted: str, value) -> None:
+    owner, _, leaf = dotted.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    if isinstance(value, nn.Parameter):
+        target._parameters[leaf] = value
+    else:
+        target._buffers[leaf] = value
+
+
+def block_source(where: str | Path, model_type_ok: bool = True) -> BlockSource | None:
+    """The block source of a local safetensors directory, or None when the directory does not qualify."""
+    d = Path(where)
+    if not model_type_ok or not d.is_dir() or not (d / "config.json").is_file():
+        return None
+    if not ((d / INDEX_FILE).is_file() or len(list(d.glob("*.safetensors"))) == 1):
+        return None
+    return BlockSource(d)
+
+
+def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module | None:
+    """The model with its decoder blocks left on the meta device and everything else loaded; None when the
+    checkpoint's names are not the model's (the caller then loads the whole model)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    from ctp.models.adapter import get_arch
+
+    block_prefix = get_arch(model).layers
+    wanted = set(model.state_dict())
+    tied = {n for n in wanted if n not in source.names()}
+    in_blocks = {n for n in wanted if n.startswith(block_prefix + ".")}
+    if not (wanted - tied) or tied - _tied_names(model) or not in_blocks <= source.names():
+        log.info("%s: tensor names differ from the model's; loading it whole", where)
+        return None
+    _load_outside(model, source, block_prefix, dtype)  # the blocks come one at a time, later
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names that share storage with another name (a tied LM head) or are not persisted."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)
+        if key in seen:
+            tied.add(name)
+        seen.setdefault(key, name)
+    tied_keys = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(tied_keys, dict):
+        tied_keys = list(tied_keys)
+    return tied | {n for n in model.state_dict() if any(n == k or n.endswith(k) for k in tied_keys)}
+
+
+def _load_outside(model: nn.Module, source: BlockSource, block_prefix: str, dtype: torch.dtype) -> None:
+    """Load every parameter and buffer whose name is outside ``block_prefix`` (leaving tied copies)."""
+    names = source.names()
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if name.startswith(block_prefix + ".") or name not in names:
+            continue
+        _assign(model, name, nn.Parameter(source.read(name, dtype), requires_grad=False))
+    for name, b in list(model.named_buffers()):
+        if name.startswith(block_prefix + "."):
+            continue
+        if name in names:
+            _assign(model, name, source.read(name, dtype))
+        elif b is not None and b.is_meta:
+            raise CTPError(f"buffer {name} is neither in the checkpoint nor computable", "load the model whole")
+
+
+__all__ = ["BlockSource", "INDEX_FILE", "block_source", "load_skeleton"]

@@ -108,3 +108,21 @@ def test_cli_compress_of_a_sharded_model_matches_the_api(sharded, tmp_path):
     ref = {k: v for k, v in whole.state_dict().items()}
     got = model.state_dict()
     assert report.label == comp["label"] and all(torch.equal(ref[k], got[k]) for k in got)
+
+
+def test_a_calibration_larger_than_memory_is_refused_before_any_work(monkeypatch):
+    import ctp.compress.driver as driver
+    import ctp.devices
+
+    model = make_tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(ctp.devices, "available_memory", lambda device: 1 << 20)  # 1 MiB left
+    monkeypatch.setattr(driver, "_capture_inputs", lambda *a, **k: pytest.fail("the calibration pass ran"))
+    with pytest.raises(CTPError, match=r"calibration needs about .* GiB .* free.*--nsamples") as e:
+        compress_model(model, None, RECIPES["sparsegpt50"], device="cpu", calib_ids=torch.zeros(64, 512).long(),
+                       progress=False)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # memory for it: the same call runs
+    monkeypatch.undo()
+    compress_model(model, None, RECIPES["rtn4g32"], device="cpu", progress=False)

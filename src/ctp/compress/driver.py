@@ -366,6 +366,7 @@ def compress_model(
 
     inps: list[Tensor] = []
     if start < len(layers) and data:
+        _check_memory(model, windows, device)
         inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks
         inps = ckpt.load_inputs(device) if start else [h.to(device) for h in inps]
         calls = _calls_to(calls, device)
@@ -399,6 +400,25 @@ def compress_model(
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
              len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
     return report
+
+
+def _check_memory(model: nn.Module, windows: Tensor, device: torch.device) -> None:
+    """Refuse a calibration that cannot fit before any work: its block inputs and outputs (fp32), one block's
+    weights and its largest Hessians must fit in the memory ``device`` has left."""
+    from ctp.devices import available_memory
+
+    free = available_memory(device)
+    if free is None:
+        return
+    layer = decoder_layers(model)[0]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    acts = 2 * windows.numel() * hidden * 4  # inputs and outputs of a block, all windows
+    block = sum(p.numel() for p in layer.parameters()) * 4
+    hessians = sum(weight_matrix(m).shape[1] ** 2 for m in linear_layers(layer).values()) * 4
+    need = acts + block + hessians
+    require(need < free, f"calibration needs about {need / 2**30:.1f} GiB on {device} ({windows.shape[0]} windows "
+            f"of {windows.shape[1]} tokens: {acts / 2**30:.1f} GiB of activations), but {free / 2**30:.1f} GiB are "
+            "free", "use fewer --nsamples or a shorter --seqlen, or free memory")
 
 
 def _calibration_windows(model: nn.Module, tokenizer, cfg: CompressConfig, calib_ids: Tensor | None,

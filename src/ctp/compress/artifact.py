@@ -163,18 +163,10 @@ def save_compressed(
              for k, v in model.state_dict().items() if k not in skip}
     storage = _storage(model, index, encoded.nbytes if encoded is not None else _nbytes(comp_tensors), dense,
                        dense_dtype)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "algorithm_version": ALGORITHM_VERSION,
-        "config": cfg_dict,
-        "label": CompressConfig.from_dict(cfg_dict).label(),
-        "summary": report.summary() if report is not None else None,
-        "source": source,
-        "storage": storage,
-        "tokenizer": tokenizer is not None,
-        "aliases": aliases,
-        "tensors": index,
-    }
+    meta = {"format_version": FORMAT_VERSION, "algorithm_version": ALGORITHM_VERSION, "config": cfg_dict,
+            "label": CompressConfig.from_dict(cfg_dict).label(),
+            "summary": report.summary() if report is not None else None, "source": source, "storage": storage,
+            "tokenizer": tokenizer is not None, "aliases": aliases, "tensors": index}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         _save_config_files(tmp, model, tokenizer)

@@ -322,26 +322,16 @@ def compress_model(
 ) -> CompressionReport:
     """Compress every linear layer of every decoder block of ``model`` in place.
 
-    ``device`` is where each block is compressed (default: cuda if available, else
-    cpu); blocks are moved there one at a time and back afterwards. ``calib_ids``
-    (n, seqlen) replaces the calibration windows drawn from ``cfg.calib_dataset``
-    (train split). ``chunk`` windows go through a block at a time. Returns a
-    :class:`CompressionReport` whose ``compressed`` holds what the artifact stores.
-
-    ``checkpoint_dir`` makes the run resumable: each finished block is saved there, and a call with the
-    same model, config, calibration data, ``chunk`` and device type continues after the last one
-    (``resume=False`` starts over; :func:`ctp.compress.checkpoint.discard_checkpoint` removes it).
-
-    Methods that read the weights alone (magnitude pruning, round-to-nearest) run without
-    calibration data and report each linear's relative weight error; ``output_error=True``
-    runs the calibration pass anyway to report their output error ``trace((W-W')H(W-W')^T)``
-    (the weights are the same either way).
-
-    Larger than memory: with ``source`` (:class:`ctp.models.shards.BlockSource`, from
-    :func:`ctp.models.load.load_by_blocks`) the decoder blocks start on the meta device and each
-    is read from the checkpoint just before it is compressed; with ``spill``
-    (:class:`ctp.compress.spill.EncodedBlocks`) each finished block's linears are encoded to disk
-    and their weights released. The weights are bit-identical to a whole-model run.
+    ``device`` is where each block is compressed (default: cuda if available), one block at a time.
+    ``calib_ids`` (n, seqlen) replaces the windows drawn from ``cfg.calib_dataset`` (train split);
+    ``chunk`` windows go through a block at a time. ``checkpoint_dir`` makes the run resumable
+    (a call with the same model, config, data, ``chunk`` and device type continues after the last
+    saved block; ``resume=False`` starts over). Magnitude pruning and round-to-nearest run without
+    calibration (their weight error is reported; ``output_error=True`` runs it for the output error).
+    Larger than memory: with ``source`` (:func:`ctp.models.load.load_by_blocks`) each block is read
+    from the checkpoint just before it is compressed, and with ``spill``
+    (:class:`ctp.compress.spill.EncodedBlocks`) each finished block is encoded to disk and released;
+    the weights are bit-identical to a whole-model run.
     """
     from ctp.devices import default_device
 
@@ -376,15 +366,11 @@ def compress_model(
     for i in bar:
         t_layer = time.perf_counter()
         layer = layers[i]
-        home = torch.device("cpu") if source is not None else next(layer.parameters()).device
-        if source is not None:
-            source.load_module(layer, f"{arch.layers}.{i}", device, dtype)
-        layer.to(device)
-        if data:
-            results, inps = _compress_block(model, layer, calls[i], inps, cfg)
-        else:
-            results = _compress_data_free(layer, cfg)
-        layer.to(home)
+        with _on_device(layer, device, source, f"{arch.layers}.{i}", dtype):
+            if data:
+                results, inps = _compress_block(model, layer, calls[i], inps, cfg)
+            else:
+                results = _compress_data_free(layer, cfg)
         records = _record_block(report, f"{arch.layers}.{i}", i, layer, results, time.perf_counter() - t_layer)
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
@@ -400,6 +386,18 @@ def compress_model(
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
              len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
     return report
+
+
+@contextmanager
+def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtype: torch.dtype) -> Iterator[None]:
+    """The block on the compute device for the duration (read from ``source`` first when it is still on the meta
+    device), then back where it lives (the CPU for a block read from ``source``)."""
+    home = torch.device("cpu") if source is not None else next(layer.parameters()).device
+    if source is not None:
+        source.load_module(layer, prefix, device, dtype)
+    layer.to(device)
+    yield
+    layer.to(home)
 
 
 def _check_memory(model: nn.Module, windows: Tensor, device: torch.device) -> None:

@@ -274,3 +274,19 @@ def test_nothing_is_left_in_the_working_directory(tmp_path, capsys, monkeypatch)
 def test_report_only_without_a_run_directory(tmp_path, capsys):
     out = tmp_path / "never-ran"
     fails(["run", "demo", "--out", str(out), "--report-only"], capsys, "no run directory .* to make a report", out)
+
+
+def test_every_subcommand_prints_its_help(capsys):
+    """--help of each subcommand prints (argparse formats help strings with %: a stray one breaks it)."""
+    from ctp.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(getattr(a, "choices", None), dict))
+    assert len(sub.choices) >= 7
+    for name in sub.choices:
+        try:
+            code = main([name, "--help"])
+        except SystemExit as e:
+            code = e.code
+        assert code == 0, name
+        assert "usage: ctp " + name in capsys.readouterr().out

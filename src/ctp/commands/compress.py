@@ -9,6 +9,11 @@ Each finished block is checkpointed in ``OUT.partial/`` next to the output: a ki
 started again with the same arguments, continues after the last finished block (unless
 ``--no-resume``) and gives the same artifact. The checkpoint is removed once the artifact
 is written.
+
+A local model saved in safetensors (one file or shards with an index) is never loaded whole:
+each decoder block is read when it is compressed, encoded into ``OUT.partial/encoded/`` when
+done and released, so memory grows with one block and the calibration activations, not with
+the model (bench/README.md, "Models larger than memory"). GGUF files and hub ids load whole.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def register(sub) -> None:
         help="compress a model (SparseGPT, GPTQ, both, or a baseline) and save it packed",
         description="Layer-by-layer compression on calibration text: prune (--sparsity / --nm), quantize "
                     "(--bits), or both (sparsegpt + gptq run jointly in one pass). The output directory is "
-                    "loadable by every ctp command (--model DIR) and stores codes and masks, not dense weights.",
+                    "loadable by every ctp command (--model DIR) and stores codes and masks, not dense weights. "
+                    "A local safetensors model is read one decoder block at a time, so it need not fit in memory.",
     )
     add_model_args(p, runtime=None)
     p.add_argument("--out", required=True, help="output directory for the compressed model")
@@ -66,7 +72,7 @@ def register(sub) -> None:
     p.add_argument("--save-dtype", default="auto",
                    help="dtype of the uncompressed tensors (embeddings, norms, head) on disk: auto (default) = "
                         "float16 for an fp32 model (bfloat16 if a value overflows float16), measured to move "
-                        "perplexity by < 0.002%; float32 keeps them exact; float16, bfloat16")
+                        "perplexity by < 0.002%%; float32 keeps them exact; float16, bfloat16")
     p.set_defaults(func=run)
 
 

@@ -79,7 +79,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
         assert source is not None
     dense_dtype = default_dense_dtype(model, source)
     if mode == "blocks":
-        spill = EncodedBlocks(Path(out).with_name(Path(out).name + ".spill"), dense_dtype)
+        spill = EncodedBlocks(Path(out).with_name(Path(out).name + ".spill"), dense_dtype, source)
     report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill)
     storage = save_compressed(model, tok, report, out, dense_dtype=dense_dtype, encoded=spill)
     return {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0,

@@ -53,7 +53,7 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
         real_load(module, prefix, device, dtype)
 
     source.load_module = load_module
-    spill = EncodedBlocks(tmp_path / "spill", torch.float32)
+    spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
     report2 = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
                              spill=spill)
     assert seen == [0] * len(layers)
@@ -84,7 +84,7 @@ def test_missing_and_truncated_shards_are_one_line_errors(sharded, tmp_path):
     model, _, _, source = load_by_blocks(str(d))  # loads: the blocks are read later
     with pytest.raises(CTPError, match="truncated or damaged|cannot read") as e:
         compress_model(model, None, RECIPES["rtn4g32"], device="cpu", progress=False, source=source,
-                       spill=EncodedBlocks(tmp_path / "spill", torch.float32))
+                       spill=EncodedBlocks(tmp_path / "spill", torch.float32, source))
     assert "\n" not in str(e.value)
     shards[0].unlink()
     with pytest.raises(CTPError, match="shard .* is missing"):

@@ -225,7 +225,7 @@ def run(args) -> int:
     # the resumable checkpoint and the artifact both hold the compressed blocks until the artifact is written
     check_free_space(out, 2 * estimate_bytes(model, cfg, dense_dtype), "the compressed model and its checkpoint")
     partial = checkpoint_dir_for(out)
-    spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, dense_dtype)
+    spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume, source=source,
                             spill=spill)

@@ -94,6 +94,7 @@ def default_dense_dtype(model: nn.Module, source=None) -> torch.dtype:
             t = source.read(name, t.dtype)
         if t.is_floating_point() and t.numel():
             big = max(big, float(t.detach().abs().max()))
+    release_memory()
     return torch.float16 if big < torch.finfo(torch.float16).max else torch.bfloat16
 
 
@@ -159,9 +160,17 @@ def save_compressed(
         comp_tensors, index = _encode_linears(model, compressed, dense_dtype, check=dense_dtype == model_dtype)
     aliases = _aliases(model)
     skip = {f"{name}.weight" for name in index} | set(aliases)
-    dense = {k: v.detach().cpu().to(dense_dtype) if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items() if k not in skip}
-    storage = _storage(model, index, encoded.nbytes if encoded is not None else _nbytes(comp_tensors), dense,
+    state = {k: v for k, v in model.state_dict().items() if k not in skip}
+    if encoded is not None:  # one tensor at a time, some read back from the checkpoint (an untied head)
+        dense_names = list(state)
+        dense_read = lambda k: encoded.dense(k, state[k], dense_dtype)  # noqa: E731
+        dense_bytes = sum(math.prod(state[k].shape) * (torch.empty((), dtype=dense_dtype).element_size()
+                          if state[k].is_floating_point() else state[k].element_size()) for k in dense_names)
+    else:
+        dense = {k: v.detach().cpu().to(dense_dtype) if v.is_floating_point() else v.detach().cpu()
+                 for k, v in state.items()}
+        dense_names, dense_read, dense_bytes = list(dense), dense.__getitem__, _nbytes(dense)
+    storage = _storage(model, index, encoded.nbytes if encoded is not None else _nbytes(comp_tensors), dense_bytes,
                        dense_dtype)
     meta = {"format_version": FORMAT_VERSION, "algorithm_version": ALGORITHM_VERSION, "config": cfg_dict,
             "label": CompressConfig.from_dict(cfg_dict).label(),
@@ -170,7 +179,8 @@ def save_compressed(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         _save_config_files(tmp, model, tokenizer)
-        save_tensors(tmp / DENSE_FILE, dense, {"dtype": storage["dense_dtype"]}, kind=DENSE_KIND)
+        save_tensors_streaming(tmp / DENSE_FILE, dense_names, dense_read, {"dtype": storage["dense_dtype"]},
+                               kind=DENSE_KIND)
         if encoded is not None:
             save_tensors_streaming(tmp / COMPRESSED_FILE, encoded.names(), encoded.read,
                                    {"format_version": FORMAT_VERSION}, kind=COMPRESSED_KIND)
@@ -229,7 +239,7 @@ def _encode_linears(model: nn.Module, compressed: dict[str, CompressedWeight], d
     return comp_tensors, index
 
 
-def _storage(model: nn.Module, index: dict[str, dict], comp_bytes: int, dense: dict[str, Tensor],
+def _storage(model: nn.Module, index: dict[str, dict], comp_bytes: int, dense_bytes: int,
              dense_dtype: torch.dtype) -> dict:
     """The artifact's size summary (file sizes are added once written)."""
     model_dtype = next(model.parameters()).dtype
@@ -241,7 +251,7 @@ def _storage(model: nn.Module, index: dict[str, dict], comp_bytes: int, dense: d
         "n_params": n_params,
         "linear_params": linear_params,
         "compressed_linear_bytes": comp_bytes,  # tensor payload of compressed.safetensors
-        "dense_bytes": _nbytes(dense),
+        "dense_bytes": dense_bytes,
         "linear_fp16_bytes": 2 * linear_params,
         "linear_bits_per_weight": 8 * comp_bytes / linear_params,
         "fp16_bytes": 2 * n_params,

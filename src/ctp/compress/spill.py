@@ -14,15 +14,17 @@ from torch import Tensor, nn
 
 from ctp.compress.encoding import decode_weight, encode_weight
 from ctp.compress.weight import CompressedWeight
+from ctp.io import release_memory
 from ctp.models.adapter import weight_matrix
 
 
 class EncodedBlocks:
     """The encoded payloads of the compressed linears so far, on disk under ``root`` (created when needed)."""
 
-    def __init__(self, root: str | Path, value_dtype: torch.dtype):
+    def __init__(self, root: str | Path, value_dtype: torch.dtype, source=None):
         self.root = Path(root)
         self.value_dtype = value_dtype
+        self.source = source  # where tensors still on the meta device come from (ctp.models.shards.BlockSource)
         self.entries: dict[str, dict] = {}  # linear name -> artifact index entry
         self._files: dict[str, Path] = {}  # tensor name -> block file
         self.nbytes = 0
@@ -55,9 +57,18 @@ class EncodedBlocks:
             cw.weight = mod.weight
             for attr in CompressedWeight.PAYLOAD:
                 setattr(cw, attr, None)
+        release_memory()  # the block's freed buffers back to the system, or the heap grows block by block
 
     def names(self) -> list[str]:
         return list(self._files)
+
+    def dense(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """An uncompressed tensor of the model for the artifact, in ``dtype``: read from the source if released."""
+        if t.is_meta:
+            if self.source is None:
+                raise ValueError(f"{name} was released and no source can give it back")
+            return self.source.read(name, dtype)
+        return t.detach().cpu().to(dtype) if t.is_floating_point() else t.detach().cpu()
 
     def read(self, name: str) -> Tensor:
         from safetensors import safe_open

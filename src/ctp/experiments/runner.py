@@ -121,7 +121,8 @@ class Runner:
         log.info("compressing %s (%s)", label, cfg.label())
         model, tok, info, source = load_by_blocks(self.cfg.model)  # one block in memory at a time where it can
         partial = checkpoint_dir_for(path)  # an interrupted compression resumes from its last finished block
-        spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, model.get_input_embeddings().weight.dtype)
+        spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, model.get_input_embeddings().weight.dtype,
+                                                   source)
         report = compress_model(model, tok, cfg, device=self._device(), progress=self.progress,
                                 checkpoint_dir=partial, source=source, spill=spill)
         save_compressed(model, tok, report, out_dir=path, source=info.to_dict(), encoded=spill)

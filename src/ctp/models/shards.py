@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ctp.errors import CTPError
+from ctp.io import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,11 @@ def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, tr
     if not (wanted - tied) or tied - _tied_names(model) or not in_blocks <= source.names():
         log.info("%s: tensor names differ from the model's; loading it whole", where)
         return None
-    _load_outside(model, source, block_prefix, dtype)  # the blocks come one at a time, later
+    _load_outside(model, source, block_prefix, dtype)  # the blocks come one at a time, later; an untied head never
     model.tie_weights()
     model.eval()
     model.requires_grad_(False)
+    release_memory()  # the fp16 -> fp32 temporaries of the loaded tensors
     return model
 
 
@@ -160,10 +162,14 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 
 def _load_outside(model: nn.Module, source: BlockSource, block_prefix: str, dtype: torch.dtype) -> None:
-    """Load every parameter and buffer whose name is outside ``block_prefix`` (leaving tied copies)."""
+    """Load every parameter and buffer whose name is outside ``block_prefix`` (leaving tied copies), except an
+    untied LM head: compression never runs it (the calibration pass stops after the last block), so it stays
+    on the meta device and is read from ``source`` when the artifact is written."""
     names = source.names()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    head = out.weight if out is not None and out.weight is not inp.weight else None
     for name, p in list(model.named_parameters(remove_duplicate=False)):
-        if name.startswith(block_prefix + ".") or name not in names:
+        if name.startswith(block_prefix + ".") or name not in names or p is head:
             continue
         _assign(model, name, nn.Parameter(source.read(name, dtype), requires_grad=False))
     for name, b in list(model.named_buffers()):

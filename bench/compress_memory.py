@@ -2,7 +2,7 @@
 
 Builds a random-weight Llama-shaped model (``--hidden`` x ``--layers``, intermediate 2.75x, 32k vocabulary,
 untied head), saves it in fp16 safetensors shards, then compresses it in a fresh child process per run and
-records the child's peak resident set size (``ru_maxrss``) against the model's fp16 size:
+records the child's peak resident set size (``VmHWM``) against the model's fp16 size:
 
 * ``whole``: today's path for models that fit, ``load_model`` + ``compress_model`` + ``save_compressed``;
 * ``blocks``: what ``ctp compress`` does for a local safetensors model, ``load_by_blocks`` (blocks read from
@@ -58,6 +58,15 @@ def build_model(hidden: int, layers: int, out: Path) -> int:
     return 2 * n
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size since its ``exec`` (``VmHWM``). Not ``ru_maxrss``: on Linux that
+    keeps the high-water mark of the parent's pages shared at ``fork``, so a child of a big process reads big."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int, threads: int) -> dict[str, Any]:
     """One compression in this (fresh) process; returns its peak RSS and time."""
     torch.set_num_threads(threads)
@@ -70,7 +79,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     cfg = CompressConfig.from_dict({**RECIPES[recipe], "nsamples": nsamples, "seqlen": seqlen})
     ids = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_start = peak_rss()
     if mode == "whole":
         model, tok, _ = load_model(src)
         source = spill = None
@@ -83,7 +92,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill)
     storage = save_compressed(model, tok, report, out, dense_dtype=dense_dtype, encoded=spill)
     return {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss(),
             "rss_after_imports_bytes": rss_start, "artifact_bytes": storage["weights_file_bytes"]}
 
 
@@ -150,7 +159,7 @@ def report(r: dict[str, Any]) -> str:
              f"(GPTQ/SparseGPT only)",
              table(r["runs"], ["mode", "recipe", "seconds", "peak_rss_bytes", "peak_rss_vs_fp16",
                                "peak_minus_activations_vs_fp16", "rss_after_imports_bytes", "artifact_bytes"],
-                   "peak resident memory of one compression (child process, ru_maxrss)")]
+                   "peak resident memory of one compression (child process, VmHWM)")]
     if "bit_identical" in r:
         parts.append("artifacts bit-identical (whole vs blocks): " + ", ".join(f"{k} {v}" for k, v in
                                                                             r["bit_identical"].items()))

@@ -40,6 +40,13 @@ def root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("packed"))
 
 
+def _input_grad(model, emb: torch.Tensor) -> torch.Tensor:
+    """The gradient of a log-probability with respect to the input embeddings (what prompt training needs)."""
+    x = emb.clone().requires_grad_(True)
+    model(inputs_embeds=x).logits.log_softmax(-1)[..., 0].sum().backward()
+    return x.grad
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -69,11 +76,7 @@ def test_packed_logits_and_input_gradients_equal_the_dense_rebuild(family, recip
 
     # backpropagation reaches the input (a prompt) through the packed kernels, as through the dense weights
     emb = dense.get_input_embeddings()(ids).detach()
-    grads = []
-    for m in (dense, packed):
-        x = emb.clone().requires_grad_(True)
-        m(inputs_embeds=x).logits.log_softmax(-1)[..., 0].sum().backward()
-        grads.append(x.grad)
+    grads = [_input_grad(m, emb) for m in (dense, packed)]
     assert rel(grads[1], grads[0]) < 1e-4
     assert not [p for m in kernels.values() for p in m.parameters()]  # nothing in a kernel linear can learn
 
@@ -199,11 +202,7 @@ def test_packed_on_cuda_equals_the_dense_rebuild(recipe, root):
         fast = packed(input_ids=ids).logits
     assert rel(fast, ref) < 3e-2
     emb = dense.get_input_embeddings()(ids).detach()
-    grads = []
-    for m in (dense, packed):
-        x = emb.clone().requires_grad_(True)
-        m(inputs_embeds=x).logits.log_softmax(-1)[..., 0].sum().backward()
-        grads.append(x.grad)
+    grads = [_input_grad(m, emb) for m in (dense, packed)]
     assert rel(grads[1], grads[0]) < 1e-2  # the forward pass ran the bf16 kernels
     for m in kernels.values():  # the dequantized fp32 path: the same weights, summation order only
         m.dense_from = 1

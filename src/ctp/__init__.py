@@ -21,11 +21,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "ctp.models.load",
+    "load_by_blocks": "ctp.models.load",
     "CompressConfig": "ctp.compress.config",
     "PruneConfig": "ctp.compress.config",
     "QuantConfig": "ctp.compress.config",
     "compress_model": "ctp.compress.driver",
     "save_compressed": "ctp.compress.artifact",
+    "EncodedBlocks": "ctp.compress.spill",
     "discard_checkpoint": "ctp.compress.checkpoint",
     "load_compressed": "ctp.compress.artifact",
     "PromptConfig": "ctp.prompt.soft",

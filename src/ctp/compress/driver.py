@@ -280,6 +280,7 @@ def _compress_group(
         t0 = time.perf_counter()
         cw = compress_weight(W, H, count, cfg)
         set_weight_matrix(mod, cw.weight)
+        cw.weight = weight_matrix(mod).detach()  # the module's own tensor: no second copy of the block
         stats = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                  for k, v in cw.stats.items()}
         stats.update(seconds=time.perf_counter() - t0, bits=cw.bits, shape=list(cw.weight.shape), n_samples=count)
@@ -299,6 +300,7 @@ def _compress_data_free(layer: nn.Module, cfg: CompressConfig) -> dict[str, tupl
         t0 = time.perf_counter()
         cw = compress_weight(W, None, 0, cfg)
         set_weight_matrix(mod, cw.weight)
+        cw.weight = weight_matrix(mod).detach()  # the module's own tensor: no second copy of the block
         stats = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                  for k, v in cw.stats.items()}
         stats.update(seconds=time.perf_counter() - t0, bits=cw.bits, shape=list(cw.weight.shape), n_samples=0)

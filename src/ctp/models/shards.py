@@ -110,10 +110,10 @@ def _assign(module: nn.Module, dotted: str, value) -> None:
         target._buffers[leaf] = value
 
 
-def block_source(where: str | Path, model_type_ok: bool = True) -> BlockSource | None:
+def block_source(where: str | Path) -> BlockSource | None:
     """The block source of a local safetensors directory, or None when the directory does not qualify."""
     d = Path(where)
-    if not model_type_ok or not d.is_dir() or not (d / "config.json").is_file():
+    if not d.is_dir() or not (d / "config.json").is_file():
         return None
     if not ((d / INDEX_FILE).is_file() or len(list(d.glob("*.safetensors"))) == 1):
         return None

@@ -420,7 +420,10 @@ def load_by_blocks(spec: str, dtype: torch.dtype | str = torch.float32, trust_re
     where = _resolve_reachable(spec)
     source = None
     if not (is_compressed_artifact(where) or foreign_quantization(where)):
-        source = block_source(where)
+        try:
+            source = block_source(where)
+        except CTPError:  # unreadable shards: the whole-model load below names the problem as for any command
+            source = None
     model = None
     if source is not None:
         try:

@@ -538,9 +538,10 @@ def _training_data(tokenizer, cfg: TrainConfig):
     """(training token ids, their record, the validation record, validation windows (n_val, seqlen))."""
     train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
     val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
+    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows)  # (n_val, seqlen)
     require(train_ids.numel() > cfg.seqlen, f"the training text has {train_ids.numel()} tokens, "
             f"not more than one window of {cfg.seqlen}", "use a shorter --seqlen")
-    return train_ids, train_ref, val_ref, eval_windows(val_ids, cfg.seqlen, cfg.eval_windows)
+    return train_ids, train_ref, val_ref, val_windows
 
 
 @contextlib.contextmanager

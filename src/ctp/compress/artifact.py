@@ -161,15 +161,18 @@ def save_compressed(
     aliases = _aliases(model)
     skip = {f"{name}.weight" for name in index} | set(aliases)
     state = {k: v for k, v in model.state_dict().items() if k not in skip}
-    if encoded is not None:  # one tensor at a time, some read back from the checkpoint (an untied head)
-        dense_names = list(state)
-        dense_read = lambda k: encoded.dense(k, state[k], dense_dtype)  # noqa: E731
-        dense_bytes = sum(math.prod(state[k].shape) * (torch.empty((), dtype=dense_dtype).element_size()
-                          if state[k].is_floating_point() else state[k].element_size()) for k in dense_names)
-    else:
-        dense = {k: v.detach().cpu().to(dense_dtype) if v.is_floating_point() else v.detach().cpu()
-                 for k, v in state.items()}
-        dense_names, dense_read, dense_bytes = list(dense), dense.__getitem__, _nbytes(dense)
+    checkpoint = encoded.source if encoded is not None else None  # where a released tensor (an untied head) is read
+
+    def dense_read(k: str) -> Tensor:  # one tensor at a time, in the stored dtype
+        t = state[k]
+        if t.is_meta:
+            require(checkpoint is not None, f"{k} was released and no checkpoint can give it back",
+                    "save a model whose weights are all in memory")
+            t = checkpoint.read(k, dense_dtype)
+        return t.detach().cpu().to(dense_dtype) if t.is_floating_point() else t.detach().cpu()
+
+    dense_size = torch.empty((), dtype=dense_dtype).element_size()
+    dense_bytes = sum(t.numel() * (dense_size if t.is_floating_point() else t.element_size()) for t in state.values())
     storage = _storage(model, index, encoded.nbytes if encoded is not None else _nbytes(comp_tensors), dense_bytes,
                        dense_dtype)
     meta = {"format_version": FORMAT_VERSION, "algorithm_version": ALGORITHM_VERSION, "config": cfg_dict,
@@ -179,7 +182,7 @@ def save_compressed(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         _save_config_files(tmp, model, tokenizer)
-        save_tensors_streaming(tmp / DENSE_FILE, dense_names, dense_read, {"dtype": storage["dense_dtype"]},
+        save_tensors_streaming(tmp / DENSE_FILE, list(state), dense_read, {"dtype": storage["dense_dtype"]},
                                kind=DENSE_KIND)
         if encoded is not None:
             save_tensors_streaming(tmp / COMPRESSED_FILE, encoded.names(), encoded.read,

@@ -373,7 +373,7 @@ def compress_model(
                 results, inps = _compress_block(model, layer, calls[i], inps, cfg)
             else:
                 results = _compress_data_free(layer, cfg)
-        records = _record_block(report, f"{arch.layers}.{i}", i, layer, results, time.perf_counter() - t_layer)
+        records = _record_block(report, f"{arch.layers}.{i}", i, results, time.perf_counter() - t_layer)
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
         if spill is not None:
@@ -470,13 +470,12 @@ def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps: 
     return results, _run_block(layer, call, inps)
 
 
-def _record_block(report: CompressionReport, prefix: str, index: int, layer: nn.Module,
+def _record_block(report: CompressionReport, prefix: str, index: int,
                   results: dict[str, tuple[CompressedWeight, dict]], seconds: float) -> dict[str, CompressedWeight]:
     """Add one finished block to ``report``: each linear's payload (on the CPU, sharing the module's compressed
     weight) and statistics; returns the block's payloads."""
     linears, records = {}, {}
-    for n, (cw, stats) in results.items():
-        cw.weight = weight_matrix(layer.get_submodule(n)).detach()  # the module's own compressed weight, no copy
+    for n, (cw, stats) in results.items():  # cw.weight is already the module's own compressed weight
         for attr in CompressedWeight.PAYLOAD:
             t = getattr(cw, attr)
             if t is not None:

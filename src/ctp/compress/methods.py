@@ -19,21 +19,19 @@ DATA_FREE: set[str] = set()  # "prune:NAME" / "quant:NAME": methods that read th
 
 def register_pruner(name: str, data_free: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn(W, H, n_samples, prune_cfg) -> CompressedWeight`` as the pruner ``name``."""
-    def deco(fn: Callable) -> Callable:
-        PRUNERS[name] = fn
-        if data_free:
-            DATA_FREE.add(f"prune:{name}")
-        return fn
-
-    return deco
+    return _registrar(PRUNERS, "prune", name, data_free)
 
 
 def register_quantizer(name: str, data_free: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn(W, H, n_samples, quant_cfg, keep_mask) -> CompressedWeight`` as the quantizer ``name``."""
+    return _registrar(QUANTIZERS, "quant", name, data_free)
+
+
+def _registrar(table: dict[str, Callable], kind: str, name: str, data_free: bool) -> Callable[[Callable], Callable]:
     def deco(fn: Callable) -> Callable:
-        QUANTIZERS[name] = fn
+        table[name] = fn
         if data_free:
-            DATA_FREE.add(f"quant:{name}")
+            DATA_FREE.add(f"{kind}:{name}")
         return fn
 
     return deco

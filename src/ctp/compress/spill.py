@@ -62,14 +62,6 @@ class EncodedBlocks:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def dense(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """An uncompressed tensor of the model for the artifact, in ``dtype``: read from the source if released."""
-        if t.is_meta:
-            if self.source is None:
-                raise ValueError(f"{name} was released and no source can give it back")
-            return self.source.read(name, dtype)
-        return t.detach().cpu().to(dtype) if t.is_floating_point() else t.detach().cpu()
-
     def read(self, name: str) -> Tensor:
         from safetensors import safe_open
 

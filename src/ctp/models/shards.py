@@ -71,23 +71,14 @@ class BlockSource:
 
     def load_module(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
         """Fill every parameter and persistent buffer of ``module`` (named ``prefix`` in the model) from the
-        checkpoint, on ``device``; buffers the checkpoint does not hold (rotary tables) are left as they are."""
+        checkpoint, on ``device``; buffers the checkpoint does not hold (rotary tables) are left as they are (the
+        driver moves the block to its device)."""
         for name, p in list(module.named_parameters(recurse=True)):
             _assign(module, name, nn.Parameter(self.read(f"{prefix}.{name}", dtype, device),
                                                requires_grad=p.requires_grad))
-        for name, b in list(module.named_buffers(recurse=True)):
-            full = f"{prefix}.{name}"
-            if full in self.files:
-                _assign(module, name, self.read(full, dtype, device))
-            elif b is not None and not b.is_meta:
-                _assign(module, name, b.to(device))
-
-    def release_linears(self, module: nn.Module, names: list[str]) -> None:
-        """Give back the weight memory of the named linears of ``module`` (their values live elsewhere now)."""
-        for name in names:
-            lin = module.get_submodule(name)
-            lin.weight = nn.Parameter(torch.empty(lin.weight.shape, dtype=lin.weight.dtype, device="meta"),
-                                      requires_grad=False)
+        for name, _ in list(module.named_buffers(recurse=True)):
+            if f"{prefix}.{name}" in self.files:
+                _assign(module, name, self.read(f"{prefix}.{name}", dtype, device))
 
 
 def _names(path: Path) -> list[str]:
@@ -132,10 +123,10 @@ def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, tr
     from ctp.models.adapter import get_arch
 
     block_prefix = get_arch(model).layers
-    wanted = set(model.state_dict())
-    tied = {n for n in wanted if n not in source.names()}
+    wanted, have = set(model.state_dict()), source.names()
+    tied = wanted - have
     in_blocks = {n for n in wanted if n.startswith(block_prefix + ".")}
-    if not (wanted - tied) or tied - _tied_names(model) or not in_blocks <= source.names():
+    if not (wanted - tied) or tied - _tied_names(model) or not in_blocks <= have:
         log.info("%s: tensor names differ from the model's; loading it whole", where)
         return None
     _load_outside(model, source, block_prefix, dtype)  # the blocks come one at a time, later; an untied head never

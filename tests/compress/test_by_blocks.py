@@ -127,3 +127,17 @@ def test_a_calibration_larger_than_memory_is_refused_before_any_work(monkeypatch
     # memory for it: the same call runs
     monkeypatch.undo()
     compress_model(model, None, RECIPES["rtn4g32"], device="cpu", progress=False)
+
+
+def test_the_checkpoint_beside_the_output_never_lands_on_the_input(sharded, tmp_path):
+    """``--out X`` checkpoints into ``X.partial``: a model directory of that name is refused before any work."""
+    import shutil
+
+    from ctp.cli import main
+
+    model = tmp_path / "m.partial"
+    shutil.copytree(sharded, model)
+    before = sorted(p.name for p in model.iterdir())
+    assert main(["-q", "compress", "--model", str(model), "--bits", "4", "--group-size", "32", "--nsamples", "2",
+                 "--seqlen", "32", "--out", str(tmp_path / "m")]) == 2
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "m").exists()

@@ -224,7 +224,7 @@ def run(args) -> int:
     dense_dtype = default_dense_dtype(model, source) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
     # the resumable checkpoint and the artifact both hold the compressed blocks until the artifact is written
     check_free_space(out, 2 * estimate_bytes(model, cfg, dense_dtype), "the compressed model and its checkpoint")
-    partial = checkpoint_dir_for(out)
+    partial = check_output(checkpoint_dir_for(out), args.model, flag="--out's checkpoint", directory=True)
     spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume, source=source,

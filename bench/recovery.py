@@ -91,6 +91,11 @@ def main(argv=None) -> dict:
                    help="wall-clock training budget per recipe (validation included); the process CPU time is "
                         "recorded beside it (on a shared machine it is the smaller, the time one free core takes)")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine", "linear"),
+                   help="learning-rate schedule after 10 warmup steps; cosine/linear decay over --steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per recipe (needed by a decaying schedule; size it to fit --minutes); "
+                        "default: as many as --minutes allows")
     p.add_argument("--seqlen", type=int, default=256, help="training and test window length")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=25)
@@ -98,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--test-windows", type=int, default=120, help="test windows per dataset (at most the split)")
     p.add_argument("--datasets", default="c4,wikitext2,ptb")
     args = p.parse_args(argv)
+    if args.schedule != "constant" and not args.steps:
+        p.error(f"--schedule {args.schedule} decays over --steps: pass --steps N (about the steps --minutes allows)")
     device = setup(args)
     t_start = time.perf_counter()
     logging.basicConfig(level=logging.WARNING)
@@ -129,8 +136,8 @@ def main(argv=None) -> dict:
         kind, objective = parts[0], parts[1]
         k = int(parts[2][1:]) if len(parts) > 2 else args.tokens
         pcfg = PromptConfig(num_tokens=k, kind=kind)
-        tcfg = TrainConfig(lr=args.lr, seqlen=args.seqlen, batch_size=args.batch_size, steps=100_000,
-                           warmup_steps=10, schedule="constant", eval_every=args.eval_every,
+        tcfg = TrainConfig(lr=args.lr, seqlen=args.seqlen, batch_size=args.batch_size, steps=args.steps or 100_000,
+                           warmup_steps=10, schedule=args.schedule, min_lr_ratio=0.0, eval_every=args.eval_every,
                            eval_windows=args.eval_windows, max_minutes=args.minutes, checkpoint_every=0,
                            objective=objective)
         path = out_dir / f"recovery-{Path(args.compressed).name}-{recipe}.safetensors"

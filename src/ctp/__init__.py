@@ -33,6 +33,7 @@ _LAZY = {
     "PromptConfig": "ctp.prompt.soft",
     "TrainConfig": "ctp.prompt.train",
     "train_prompt": "ctp.prompt.train",
+    "Teacher": "ctp.prompt.teacher",
     "save_prompt": "ctp.prompt.artifact",
     "load_prompt": "ctp.prompt.artifact",
     "hard_prompt": "ctp.prompt.embed",

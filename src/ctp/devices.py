@@ -7,7 +7,7 @@ import torch
 from ctp.errors import CTPError
 
 
-def check_device(name: str) -> str:
+def check_device(name: str, flag: str = "--device") -> str:
     """``name`` if it is a torch device this machine has; a one-line error otherwise."""
     try:
         device = torch.device(name)
@@ -15,9 +15,9 @@ def check_device(name: str) -> str:
         raise CTPError(f"unknown device '{name}'", "use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CTPError(f"--device {name}: no CUDA GPU is available here", "use --device cpu")
+            raise CTPError(f"{flag} {name}: no CUDA GPU is available here", f"use {flag} cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CTPError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)",
+            raise CTPError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s)",
                            "use cuda:0 or another existing index")
     elif device.type not in ("cpu", "mps", "xpu"):
         raise CTPError(f"device type '{device.type}' is not supported", "use cpu or cuda")

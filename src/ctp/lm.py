@@ -195,17 +195,27 @@ def token_kl(
     input_ids: torch.Tensor,
     teacher_logp: torch.Tensor,
     prompt: torch.Tensor | None = None,
+    teacher_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(teacher || student) and NLL at the scored positions, each (B, T-1), fp32.
 
     ``teacher_logp`` (B, T-1, V) are the teacher's next-token log-probabilities
-    of the same text without a prompt. One student forward gives both terms.
+    of the same text without a prompt. With ``teacher_idx`` (B, T-1, K) they are
+    (B, T-1, K), the log-probabilities of those K tokens only, and the KL is the
+    one of the distributions coarsened to K+1 outcomes: those tokens, and the
+    rest of the vocabulary as one. One student forward gives both terms.
     """
     logits = text_logits(model, input_ids, prompt)[:, :-1, :].float()  # (B, T-1, V)
     logp = torch.log_softmax(logits, dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)  # (B, T-1)
     nll = -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return kl, nll
+    if teacher_idx is None:
+        return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1), nll
+    student = logp.gather(-1, teacher_idx)  # (B, T-1, K)
+    p = teacher_logp.exp()
+    kl = (p * (teacher_logp - student)).sum(-1)
+    rest_t = (1 - p.sum(-1)).clamp_min(0)  # the teacher's mass outside its top k
+    rest_s = (1 - student.exp().sum(-1)).clamp_min(1e-12)
+    return kl + torch.xlogy(rest_t, rest_t) - rest_t * rest_s.log(), nll
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ _TRAIN_FLAGS = {
     "eval_every": "eval_every", "eval_windows": "eval_windows", "data": "data", "data_source": "data_source",
     "seed": "seed", "precision": "precision", "grad_checkpointing": "gradient_checkpointing",
     "checkpoint_every": "checkpoint_every", "max_minutes": "max_minutes", "objective": "objective",
-    "kd_weight": "kd_weight",
+    "kd_weight": "kd_weight", "teacher_topk": "teacher_topk",
 }
 
 
@@ -66,6 +66,15 @@ def register(sub) -> None:
     g.add_argument("--kd-weight", type=float, default=None, help="w of --objective mix (default 0.5)")
     g.add_argument("--teacher", default=None, metavar="MODEL",
                    help="the teacher for kd/mix (default: the uncompressed model the compressed one was made from)")
+    g.add_argument("--teacher-topk", type=int, default=None, metavar="K",
+                   help="kd/mix: 0 runs the teacher on every window and matches its whole distribution (default); "
+                        "K keeps its top K tokens per position in a cache on disk that every later prompt on the "
+                        "same data reuses, so the teacher runs once per window")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="where --teacher-topk keeps the teacher's targets (default ~/.cache/ctp/teacher)")
+    g.add_argument("--teacher-device", default=None, metavar="DEV",
+                   help="run the teacher here (e.g. cpu, to keep a GPU's memory for the student; default: "
+                        "the student's device)")
     g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 1000)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-5)")
@@ -113,8 +122,9 @@ def teacher_spec(given: str | None, info) -> str | None:
     return source.get("spec") or source.get("path")
 
 
-def load_teacher(given: str | None, info, tcfg, device=None, **load_options):
-    """The uncompressed teacher model for objectives kd/mix, or None (with a one-line note) when none is known."""
+def load_teacher(given: str | None, info, tcfg, device=None, cache=None, **load_options):
+    """The uncompressed teacher for objectives kd/mix (a :class:`~ctp.prompt.teacher.Teacher` with the config's
+    top-k and ``cache`` directory), or None (with a one-line note) when none is known."""
     if tcfg.objective == "nll":
         return None
     spec = teacher_spec(given, info)
@@ -129,7 +139,9 @@ def load_teacher(given: str | None, info, tcfg, device=None, **load_options):
     require(tinfo.tokenizer_hash == info.tokenizer_hash,
             f"teacher '{spec}' uses another tokenizer than model '{info.spec}'",
             "pass --teacher the uncompressed model this one was made from")
-    return teacher
+    from ctp.prompt.teacher import Teacher
+
+    return Teacher(teacher, topk=tcfg.teacher_topk, cache_dir=cache)
 
 
 # Measured: one training step of 2 x 256 tokens of the 135M default model takes 3-4 s on one CPU core.
@@ -192,13 +204,20 @@ def run(args) -> int:
         check_output(args.peft_dir, args.model, args.teacher, args.out, flag="--peft-dir", directory=True)
     if args.json:
         check_output(args.json, args.model, args.teacher, args.out, flag="--json")
+    if args.teacher_cache:
+        check_output(args.teacher_cache, args.model, args.teacher, args.out, flag="--teacher-cache", directory=True)
+    if args.teacher_device:
+        from ctp.devices import check_device
+
+        args.teacher_device = check_device(args.teacher_device, "--teacher-device")
     pcfg, tcfg = build_configs(args)
     if not args.no_resume and _already_trained(args.out, args.model, pcfg, tcfg):
         return 0
     device = join_launch(args)
     with main_first():  # a named model is converted into the cache once
         model, tok, info = load_model(args.model, **load_options(args), device=device)
-        teacher = load_teacher(args.teacher, info, tcfg, device=device, **load_options(args))
+        teacher = load_teacher(args.teacher, info, tcfg, device=args.teacher_device or device,
+                               cache=args.teacher_cache, **load_options(args))
     _warn_if_long(model, tcfg, device, args.cpu_demo)
     if teacher is None and tcfg.objective != "nll":
         tcfg = dataclasses.replace(tcfg, objective="nll")

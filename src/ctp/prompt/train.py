@@ -50,8 +50,9 @@ from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
 from ctp.models.load import embedding_fingerprint
 from ctp.prompt.artifact import PromptArtifact, artifact_for, save_prompt
-from ctp.lm import teacher_logprobs, token_kl, token_nll, window_nll
+from ctp.lm import token_kl, token_nll, window_nll
 from ctp.prompt.soft import PromptConfig, init_prompt
+from ctp.prompt.teacher import Teacher, as_teacher
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (keeping the best prompt) once training has run this long
     objective: str = "nll"  # nll (the paper) | kd (distil the uncompressed teacher) | mix
     kd_weight: float = 0.5  # with objective mix: (1 - w) * nll + w * kd
+    teacher_topk: int = 0  # kd/mix: 0 = the exact KL, teacher run online; K = KL over its top K + rest, cached on disk
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -117,6 +119,8 @@ class TrainConfig:
                 "train on the train split")
         require(self.objective in OBJECTIVES, f"unknown objective '{self.objective}'",
                 f"use one of {', '.join(OBJECTIVES)}")
+        require(self.teacher_topk >= 0, f"teacher_topk {self.teacher_topk} must be >= 0",
+                "pass 0 (exact, online) or e.g. --teacher-topk 64 (cached)")
         require(0 <= self.kd_weight <= 1, f"kd_weight {self.kd_weight} must be in [0, 1]", "pass e.g. --kd-weight 0.5")
         require(self.precision in PRECISIONS, f"unknown precision '{self.precision}'", f"use one of {', '.join(PRECISIONS)}")
         require(self.checkpoint_every >= 0, f"checkpoint_every {self.checkpoint_every} must be >= 0",
@@ -343,7 +347,7 @@ def _shared_checkpoint(ckpt: Path | None, resume: bool, identity: dict, prompt_c
     return loaded
 
 
-def _step(model: nn.Module, prompt: nn.Parameter, opt: torch.optim.Optimizer, scaler, teacher: nn.Module | None,
+def _step(model: nn.Module, prompt: nn.Parameter, opt: torch.optim.Optimizer, scaler, teacher: Teacher | None,
           batch: torch.Tensor, cfg: TrainConfig, lr: float, step: int, amp) -> tuple[float, str | None]:
     """One optimisation step on ``batch`` (B, T), the global batch: (the batch's mean loss, why to stop or None).
 
@@ -470,7 +474,7 @@ def train_prompt(
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     callback: Callable[[int, TrainHistory, nn.Parameter], None] | None = None,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | Teacher | None = None,
 ) -> tuple[PromptArtifact, TrainHistory]:
     """Learn a soft prompt on the frozen ``model``; return the best-on-validation prompt and the history.
 
@@ -497,6 +501,7 @@ def train_prompt(
     device = model.get_input_embeddings().weight.device
     require(cfg.objective == "nll" or teacher is not None, f"the objective '{cfg.objective}' needs a teacher model",
             "pass --teacher MODEL (the uncompressed model), or use --objective nll")
+    teacher = as_teacher(teacher, cfg.teacher_topk) if cfg.objective != "nll" else None
     check_positions(model, prompt_cfg.num_tokens + cfg.seqlen,
                     f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen})", "use a shorter --seqlen or fewer --tokens")
     train_ids, train_ref, val_ref, val_windows = _training_data(tokenizer, cfg)
@@ -545,7 +550,7 @@ def _training_data(tokenizer, cfg: TrainConfig):
 
 
 @contextlib.contextmanager
-def _frozen(model: nn.Module, teacher: nn.Module | None):
+def _frozen(model: nn.Module, teacher: Teacher | None):
     """The base model frozen and in eval mode (no dropout) while only the prompt learns; restored after."""
     was_training = model.training
     grad_flags = [p.requires_grad for p in model.parameters()]
@@ -616,17 +621,18 @@ def _finish_run(run: _Run, model: nn.Module, model_info, train_ref, val_ref, out
     return art
 
 
-def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: nn.Module | None,
+def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: Teacher | None,
                cfg: TrainConfig) -> torch.Tensor:
     """The training objective per scored token of ``ids`` (b, T), shape (b, T-1)."""
     if cfg.objective == "nll":
         return token_nll(model, ids, prompt)
-    kl, nll = token_kl(model, ids, teacher_logprobs(teacher, ids), prompt)
+    logp, idx = teacher.targets(ids)
+    kl, nll = token_kl(model, ids, logp, prompt, idx)
     return kl if cfg.objective == "kd" else (1 - cfg.kd_weight) * nll + cfg.kd_weight * kl
 
 
 def _share_of_mean_loss(model: nn.Module, batch: torch.Tensor, prompt: nn.Parameter, device: torch.device,
-                        teacher: nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
+                        teacher: Teacher | None, cfg: TrainConfig) -> torch.Tensor:
     """This process's term of the batch's mean token loss: its share's loss sum over the whole batch's token count.
 
     Summed over processes the terms (and their gradients) are the mean over

@@ -102,6 +102,9 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-windows", type=int, default=8, help="validation windows (pick the best prompt; the curve)")
     p.add_argument("--test-windows", type=int, default=120, help="test windows per dataset (at most the split)")
     p.add_argument("--datasets", default="c4,wikitext2,ptb")
+    p.add_argument("--teacher-topk", type=int, default=0,
+                   help="kd/mix recipes: 0 runs the teacher online (exact KL); K reads its top K from the cache "
+                        "(~/.cache/ctp/teacher), filling it on first use")
     args = p.parse_args(argv)
     if args.schedule != "constant" and not args.steps:
         p.error(f"--schedule {args.schedule} decays over --steps: pass --steps N (about the steps --minutes allows)")
@@ -139,7 +142,7 @@ def main(argv=None) -> dict:
         tcfg = TrainConfig(lr=args.lr, seqlen=args.seqlen, batch_size=args.batch_size, steps=args.steps or 100_000,
                            warmup_steps=10, schedule=args.schedule, min_lr_ratio=0.0, eval_every=args.eval_every,
                            eval_windows=args.eval_windows, max_minutes=args.minutes, checkpoint_every=0,
-                           objective=objective)
+                           objective=objective, teacher_topk=args.teacher_topk if objective != "nll" else 0)
         path = out_dir / f"recovery-{Path(args.compressed).name}-{recipe}.safetensors"
         hist_path = path.with_suffix(".history.json")
         if path.is_file() and hist_path.is_file():

@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--runtime", default=None, choices=["dense", "packed"],
                    help="override the experiment's runtime: how compressed models run (dense float matrices, "
                         "or packed int4/int8 kernels); measured results are cached per runtime")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that share the grid (default 1); on a CPU about one per core with "
+                        "OMP_NUM_THREADS=1 each. Latency is measured afterwards, alone")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the run's results.json")
     p.set_defaults(func=run)
 
@@ -76,7 +79,7 @@ def run(args) -> int:
         if len(configs) > 1:
             path = write_index(cfg, [model_slug(c.model) for c in configs], root)
     else:
-        root = run_experiment(cfg, root, progress=not args.quiet)
+        root = run_experiment(cfg, root, progress=not args.quiet, workers=args.workers)
         path = root / "report.md"
     print(f"report: {path}")
     return 0

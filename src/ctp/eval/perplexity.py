@@ -79,22 +79,18 @@ def perplexity(
     label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({k})" if k else "")
     sums = window_nlls(model, windows, prompt, batch_size, progress=label if progress else False)  # (n,)
     per_window = sums / (windows.shape[1] - 1)  # every window scores seqlen-1 tokens
-    count = int(windows.shape[0] * (windows.shape[1] - 1))
-    nll = float(sums.sum()) / count
-    se, low, high = mean_ci(per_window.tolist())
-    return PPLResult(
-        dataset=ref.name,
-        split=ref.split,
-        source=ref.source,
-        seqlen=seqlen,
-        n_windows=int(windows.shape[0]),
-        n_tokens=count,
-        nll=nll,
-        ppl=math.exp(nll),
-        prompt_tokens=k,
-        seconds=time.perf_counter() - t0,
-        nll_stderr=se,
-        ppl_low=math.exp(min(low, 700)),
-        ppl_high=math.exp(min(high, 700)),
-        window_nll=per_window.tolist(),
-    )
+    return PPLResult(dataset=ref.name, split=ref.split, source=ref.source, seqlen=seqlen, prompt_tokens=k,
+                     seconds=time.perf_counter() - t0, **window_summary(per_window.tolist(), seqlen))
+
+
+def window_summary(window_nll: list[float], seqlen: int) -> dict:
+    """The perplexity fields of windows of ``seqlen`` tokens whose mean NLLs are ``window_nll``.
+
+    The windows of a split are a prefix of its windows, so the first n of a
+    result's ``window_nll`` give exactly the result of ``max_windows=n``.
+    """
+    n = len(window_nll)
+    nll = math.fsum(window_nll) / n  # every window scores seqlen-1 tokens: the token mean is the window mean
+    se, low, high = mean_ci(window_nll)
+    return {"n_windows": n, "n_tokens": n * (seqlen - 1), "nll": nll, "ppl": math.exp(nll), "nll_stderr": se,
+            "ppl_low": math.exp(min(low, 700)), "ppl_high": math.exp(min(high, 700)), "window_nll": list(window_nll)}

@@ -163,16 +163,20 @@ class PerplexitySpec:
     datasets: list[str] = field(default_factory=lambda: ["c4", "wikitext2", "ptb"])
     split: str = "test"
     seqlen: int = 1024
-    max_windows: int | None = None
+    max_windows: int | None = None  # None: the whole split
     batch_size: int = 1
     hard_prompt: bool = True
+    # windows of the transfer and length-ablation cells (None: max_windows); the values they are compared with
+    # come from the first windows of the main cells, so each comparison is on the same windows
+    ablation_windows: int | None = None
 
     def __post_init__(self):
         _datasets(self.datasets, "perplexity.datasets")
         require(self.split in ("train", "validation", "test"), f"perplexity.split '{self.split}' is unknown",
                 "use train, validation or test")
         require(self.seqlen >= 2, f"perplexity.seqlen {self.seqlen} is too short", "use e.g. 512 or 1024")
-        _positive("perplexity", max_windows=self.max_windows, batch_size=self.batch_size)
+        _positive("perplexity", max_windows=self.max_windows, batch_size=self.batch_size,
+                  ablation_windows=self.ablation_windows)
 
 
 @dataclass

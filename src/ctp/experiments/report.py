@@ -176,6 +176,15 @@ def _perplexity_section(cfg: ExperimentConfig, records: list[dict], v: _View, ro
     return parts
 
 
+def _ablation_windows_text(cfg: ExperimentConfig) -> str:
+    """How many windows the transfer and length-ablation cells score, when that differs from the main table."""
+    p = cfg.perplexity
+    if p is None or p.ablation_windows is None or p.ablation_windows == p.max_windows:
+        return ""
+    return (f" Scored on the first {p.ablation_windows} windows of {p.seqlen} tokens of each {p.split} split "
+            f"({p.ablation_windows * (p.seqlen - 1)} tokens), every number in this table on the same windows.")
+
+
 def _compression_transfer_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: Path) -> list[str]:
     """The report's cross-compression transfer section (empty when the experiment has none)."""
     idx, prompted = v.idx, v.prompted
@@ -183,11 +192,11 @@ def _compression_transfer_section(cfg: ExperimentConfig, records: list[dict], v:
     if cfg.perplexity and cfg.transfer and cfg.transfer.compression and len(prompted) > 1:
         parts += ["## Cross-compression transfer", "",
                   "Perplexity of each target model (columns) with the prompt learned on each source model (rows); "
-                  "the diagonal is the model's own prompt, the last row no prompt.", ""]
+                  "the diagonal is the model's own prompt, the last row no prompt." + _ablation_windows_text(cfg), ""]
         for d in cfg.perplexity.datasets:
             matrix = _transfer_matrix(idx, prompted, d)
             rows = [[f"source {s}"] + [matrix[s].get(t) for t in prompted] for s in prompted]
-            rows.append(["no prompt"] + [_get(idx, t, "none", d) for t in prompted])
+            rows.append(["no prompt"] + [_get(idx, t, "transfer:none", d) or _get(idx, t, "none", d) for t in prompted])
             parts += [f"**{d}**", "", _table(["prompt \\ target"] + prompted, rows), ""]
         fig_path = _plot_transfer(cfg, idx, prompted, root)
         parts += [f"![transfer heat map]({fig_path.name})", ""]
@@ -202,10 +211,14 @@ def _dataset_transfer_section(cfg: ExperimentConfig, records: list[dict], v: _Vi
         spec = cfg.transfer.datasets
         label = spec.model or (prompted or [FULL])[0]
         rows = []
-        for role, name in (("none", "no prompt"), ("direct", "prompt learned on the target set"),
+        for role, name in (("transfer:none", "no prompt"), ("direct", "prompt learned on the target set"),
                            ("transferred", f"prompt learned on {cfg.prompt.data}, transferred")):
-            rows.append([name] + [_get(idx, label, role, d) for d in spec.train_on])
-        parts += [f"## Cross-dataset transfer ({label})", "", _table(["", *spec.train_on], rows), ""]
+            rows.append([name] + [_get(idx, label, role, d) or (_get(idx, label, "none", d) if role == "transfer:none"
+                                                                 else None) for d in spec.train_on])
+        parts += [f"## Cross-dataset transfer ({label})", ""]
+        note = _ablation_windows_text(cfg).strip()
+        parts += [note, ""] if note else []
+        parts += [_table(["", *spec.train_on], rows), ""]
     return parts
 
 
@@ -219,7 +232,10 @@ def _length_section(cfg: ExperimentConfig, records: list[dict], v: _View, root: 
         datasets = cfg.perplexity.datasets if cfg.perplexity else [la.dataset or cfg.prompt.data]
         rows = [[("baseline (0 tokens)" if k == 0 else f"{k} tokens")] + [_get(idx, label, f"length{k}", d) for d in datasets]
                 for k in la.tokens]
-        parts += [f"## Prompt length ablation ({label})", "", _table(["# tokens", *datasets], rows), ""]
+        parts += [f"## Prompt length ablation ({label})", ""]
+        note = _ablation_windows_text(cfg).strip()
+        parts += [note, ""] if note else []
+        parts += [_table(["# tokens", *datasets], rows), ""]
         fig_path = _plot_length(cfg, idx, label, datasets, root)
         parts += [f"![perplexity versus prompt length]({fig_path.name})", ""]
     return parts
@@ -310,8 +326,8 @@ def _transfer_matrix(idx: dict, prompted: list[str], dataset: str) -> dict:
     for (target, role, prompt, d), v in idx.items():
         if d != dataset or target not in prompted:
             continue
-        if role == "learned":
-            m[target][target] = v
+        if role == "transfer:own" or (role == "learned" and target not in m[target]):
+            m[target][target] = v  # on the transfer cells' windows (runs before they existed: the main cell)
         elif role == "transfer":
             m[prompt.split("@", 1)[0]][target] = v
     return m

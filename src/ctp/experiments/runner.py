@@ -6,6 +6,8 @@ Layout of a run directory (``runs/<name>`` by default)::
     models/<label>-<hash>.partial/  per-block checkpoint while that model is being compressed
     prompts/<label>-<data>-k<k>-<hash>.safetensors   learned prompts (+ .ckpt while training)
     cells/<kind>-<hash>.json        one finished measurement each
+    measurements/ppl-<hash>.json    per-window NLLs of one (model, prompt, dataset), shared by the cells that
+                                    read its first windows
     experiment.json                 the resolved experiment config
     results.json                    every measurement, flat
     report.md, *.png                the report (see ctp.experiments.report)
@@ -15,13 +17,23 @@ Every artifact and cell is keyed by a hash of everything that determines it
 of what it depends on). An interrupted run resumes: finished cells and
 artifacts are reused, and a compression or a prompt training that was cut off
 resumes from its checkpoint.
+
+With ``workers`` > 1 (``ctp run --workers N``), N processes work through the
+same grid at once: each claims a model, prompt or cell with a lock file
+(``<path>.lock``, holding its pid) before making it, skips what another holds
+and comes back to it, so the machine's cores share the work. The latency cells
+are left to the parent, which measures them alone once the workers are done
+and writes the results and the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +73,38 @@ class PromptRef:
 
 NONE = PromptRef("none", "")
 
+# roles of the ablation cells (scored on perplexity.ablation_windows): transfers and the prompt-length sweep
+ABLATION_ROLES = ("transfer", "transfer:own", "transfer:none", "direct", "transferred")
+
+
+def is_ablation(role: str) -> bool:
+    return role in ABLATION_ROLES or role.startswith("length")
+
+
+class Busy(Exception):
+    """Another worker process holds the lock of what this one was about to make."""
+
+
+def _holder_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` ("pid host") may still be running."""
+    try:
+        text = lock.read_text().split()
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return True  # removed meanwhile: try again
+    if len(text) < 2:
+        return age < 60  # being written; an empty lock older than a minute was left by a killed process
+    pid, host = int(text[0]) if text[0].isdigit() else -1, text[1]
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
 
 @dataclass
 class Runner:
@@ -69,8 +113,42 @@ class Runner:
     progress: bool = True
     records: list[dict] = field(default_factory=list)
     on_save: Callable[[list[dict]], None] | None = None  # called after each stage (e.g. to rewrite the report)
+    worker: bool = False  # one of several processes sharing the grid (see the module docstring)
     _loaded: tuple[str, object, object, object] | None = None
     _teacher: object | None = None
+    deferred: int = 0  # what this pass skipped because another worker holds it
+
+    @contextlib.contextmanager
+    def claim(self, path: str | Path):
+        """Hold the lock of ``path`` while making it (only between workers); :class:`Busy` if another holds it."""
+        if not self.worker:
+            yield
+            return
+        lock = Path(str(path) + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                if _holder_alive(lock):
+                    raise Busy(str(path)) from None
+                log.warning("removing the stale lock %s (its process has ended)", lock)
+                lock.unlink(missing_ok=True)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def attempt(self, make: Callable, *args) -> object | None:
+        """``make(*args)``, or None (counted in ``deferred``) when another worker holds what it needs."""
+        try:
+            return make(*args)
+        except Busy:
+            self.deferred += 1
+            return None
 
     # ------------------------------------------------------------------ keys and paths
 
@@ -112,6 +190,12 @@ class Runner:
         path = self.model_path(label)
         if label == FULL or is_compressed_artifact(path):
             return path
+        with self.claim(path):
+            if not is_compressed_artifact(path):  # another worker may have finished it meanwhile
+                self._compress(label, path)
+        return path
+
+    def _compress(self, label: str, path: str) -> None:
         from ctp.compress import compress_model, save_compressed
         from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
         from ctp.compress.spill import EncodedBlocks
@@ -128,7 +212,6 @@ class Runner:
         save_compressed(model, tok, report, out_dir=path, source=info.to_dict(), encoded=spill)
         discard_checkpoint(partial)
         self._loaded = None
-        return path
 
     def load(self, label: str):
         """The model of ``label`` (kept loaded while consecutive work uses it)."""
@@ -165,6 +248,13 @@ class Runner:
     def ensure_prompt(self, ref: PromptRef) -> PromptRef:
         if ref.path is None or Path(ref.path).is_file():
             return ref
+        self.ensure_model(ref.source_model)
+        with self.claim(ref.path):
+            if not Path(ref.path).is_file():
+                self._train(ref)
+        return ref
+
+    def _train(self, ref: PromptRef) -> None:
         from ctp.prompt.train import train_prompt
 
         model, tok, info = self.load(ref.source_model)
@@ -174,7 +264,6 @@ class Runner:
                  tcfg.objective)
         train_prompt(model, tok, info, pcfg, tcfg, out_path=ref.path, resume=True, progress=self.progress,
                      teacher=teacher)
-        return ref
 
     def teacher(self):
         """The uncompressed model, the teacher of distillation objectives (loaded once, beside the current model)."""
@@ -200,8 +289,9 @@ class Runner:
 
     # ------------------------------------------------------------------ cells
 
-    def cell(self, kind: str, spec: dict, compute: Callable[[], dict]) -> dict:
-        """A cached measurement: ``compute()`` runs only when no finished cell has this key."""
+    def cell(self, kind: str, spec: dict, compute: Callable[[], dict]) -> dict | None:
+        """A cached measurement: ``compute()`` runs only when no finished cell has this key (None: another worker
+        is making it or what it needs)."""
         spec = {**spec, "eval_version": EVAL_VERSION}
         if self.cfg.runtime != "dense":
             spec["runtime"] = self.cfg.runtime
@@ -216,52 +306,96 @@ class Runner:
                 log.warning("%s; measuring again", e.problem)
                 record = None
         if record is None:
-            t0 = time.perf_counter()
-            record = {"kind": kind, **spec, **compute()}
-            record["seconds"] = time.perf_counter() - t0
-            atomic_write_json(path, record)
+            try:
+                with self.claim(path):
+                    t0 = time.perf_counter()
+                    record = {"kind": kind, **spec, **compute()}
+                    record["seconds"] = time.perf_counter() - t0
+                    atomic_write_json(path, record)
+            except Busy:
+                self.deferred += 1
+                return None
         self.records.append(record)
         return record
 
-    def ppl(self, label: str, ref: PromptRef, dataset: str, role: str) -> dict:
+    def ppl(self, label: str, ref: PromptRef, dataset: str, role: str) -> dict | None:
         s = self.cfg.perplexity
+        windows = s.ablation_windows if is_ablation(role) and s.ablation_windows is not None else s.max_windows
         spec = {"model": label, "model_key": self.model_key(label), "prompt": ref.name, "prompt_key": ref.key,
                 "prompt_tokens": ref.tokens, "prompt_source": ref.source_model, "prompt_data": ref.data,
-                "dataset": dataset, "split": s.split, "seqlen": s.seqlen, "max_windows": s.max_windows,
+                "dataset": dataset, "split": s.split, "seqlen": s.seqlen, "max_windows": windows,
                 "role": role}
+        return self.cell("ppl", spec, lambda: self._window_nlls(label, ref, dataset, windows))
 
-        def compute():
-            from ctp.eval.perplexity import perplexity
+    def _window_nlls(self, label: str, ref: PromptRef, dataset: str, windows: int | None) -> dict:
+        """The perplexity fields of the first ``windows`` windows (None: all) of ``dataset`` for model ``label``
+        with ``ref``: read from the one measurement of that triple, which is made (again) only when it has fewer
+        windows than asked for. Cells of other roles and window counts share it."""
+        from ctp.eval.perplexity import perplexity, window_summary
 
-            model, tok, info = self.load(label)
-            prompt = self.prompt_tensor(ref, model, tok, info)
-            r = perplexity(model, tok, dataset, s.split, s.seqlen, prompt=prompt, batch_size=s.batch_size,
-                           max_windows=s.max_windows, progress=self.progress)
-            return {"ppl": r.ppl, "nll": r.nll, "n_tokens": r.n_tokens, "n_windows": r.n_windows,
-                    "ppl_low": r.ppl_low, "ppl_high": r.ppl_high, "nll_stderr": r.nll_stderr,
-                    "window_nll": r.window_nll}
+        s = self.cfg.perplexity
+        key = {"model_key": self.model_key(label), "prompt_key": ref.key, "dataset": dataset, "split": s.split,
+               "seqlen": s.seqlen, "eval_version": EVAL_VERSION, "runtime": self.cfg.runtime}
+        path = self.root / "measurements" / f"ppl-{content_hash(key)}.json"
 
-        return self.cell("ppl", spec, compute)
+        def covers(m: dict | None) -> bool:  # None windows: the whole split; fewer windows than asked: all there are
+            return m is not None and (m["max_windows"] is None or m["n_windows"] < m["max_windows"]
+                                      or (windows is not None and windows <= m["max_windows"]))
+
+        m = self._read_measurement(path, key)
+        if not covers(m):
+            self.ensure_model(label)  # what it needs first, so a busy dependency costs no model load
+            if ref.path:
+                self.ensure_prompt(ref)
+            with self.claim(path):
+                m = self._read_measurement(path, key)
+                if not covers(m):
+                    model, tok, info = self.load(label)
+                    prompt = self.prompt_tensor(ref, model, tok, info)
+                    r = perplexity(model, tok, dataset, s.split, s.seqlen, prompt=prompt, batch_size=s.batch_size,
+                                   max_windows=windows, progress=self.progress)
+                    log.info("perplexity of %s with prompt %s on %s: %.3f (%d windows, %.0f s)", label, ref.name,
+                             dataset, r.ppl, r.n_windows, r.seconds)
+                    m = {"key": key, "max_windows": windows, "n_windows": r.n_windows, "seconds": r.seconds,
+                         "window_nll": r.window_nll}
+                    atomic_write_json(path, m)
+        nlls = m["window_nll"] if windows is None else m["window_nll"][:windows]
+        return window_summary(nlls, s.seqlen)
+
+    @staticmethod
+    def _read_measurement(path: Path, key: dict) -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            m = read_json(path, "cached measurement")
+            require(isinstance(m, dict) and m.get("key") == key and isinstance(m.get("window_nll"), list)
+                    and m.get("n_windows") == len(m["window_nll"]) > 0,
+                    f"cached measurement {path} does not match its name", "it is measured again")
+            return m
+        except CTPError as e:
+            log.warning("%s; measuring again", e.problem)
+            return None
 
     # ------------------------------------------------------------------ the grid
 
     def run(self) -> list[dict]:
         cfg = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.root / "experiment.json", cfg.to_dict())
-        self.records = []
+        if not self.worker:
+            atomic_write_json(self.root / "experiment.json", cfg.to_dict())
+        self.records, self.deferred = [], 0
         for label in cfg.labels():
-            self.ensure_model(label)
-            self.records.append({"kind": "model", "model": label, "model_key": self.model_key(label),
-                                 **self._model_summary(label)})
+            if self.attempt(self.ensure_model, label) is not None:
+                self.records.append({"kind": "model", "model": label, "model_key": self.model_key(label),
+                                     **self._model_summary(label)})
         for label in cfg.prompted():
-            self.ensure_prompt(self.prompt_ref(label))
+            self.attempt(self.ensure_prompt, self.prompt_ref(label))
             for name in cfg.prompt.compare or {}:
-                self.ensure_prompt(self.prompt_ref(label, recipe=name))
+                self.attempt(self.ensure_prompt, self.prompt_ref(label, recipe=name))
         # cheapest stages first; after each, results.json (and the report, if asked) reflect what is done
         stages = [
             (cfg.perplexity, self._perplexity),
-            (cfg.latency, self._latency),
+            (cfg.latency and not self.worker, self._latency),  # timed alone, by the parent of any workers
             (cfg.length_ablation and cfg.prompt, self._length_ablation),
             (cfg.zeroshot, self._zeroshot),
             (cfg.transfer and cfg.transfer.datasets and cfg.prompt, self._dataset_transfer),
@@ -269,10 +403,21 @@ class Runner:
         ]
         for enabled, stage in stages:
             if enabled:
-                stage()
-                self.save(complete=False)
-        self.save(complete=True)
+                self.attempt(stage)
+                if not self.worker:
+                    self.save(complete=False)
+        if not self.worker:
+            self.save(complete=True)
         return self.records
+
+    def work(self, poll_s: float = 2.0) -> None:
+        """As one of several worker processes: pass over the grid until nothing is left that others hold."""
+        while True:
+            self.run()
+            if not self.deferred:
+                return
+            log.info("%d item(s) wait for other workers", self.deferred)
+            time.sleep(poll_s)
 
     def finished_records(self) -> list[dict]:
         """Model records and every finished cell on disk: what a report of an unfinished run can show."""
@@ -316,8 +461,10 @@ class Runner:
             if label in prompted:
                 refs.append((self.prompt_ref(label), "learned"))
                 refs += [(self.prompt_ref(label, recipe=name), f"learned:{name}") for name in compare]
-            if transfer and label in prompted:  # the matrix: every prompted level x every other's prompt
+            if transfer and label in prompted:  # the matrix: every prompted level x every other's prompt, and its
+                # diagonal and no-prompt row on the same (ablation) windows
                 refs += [(self.prompt_ref(src), "transfer") for src in prompted if src != label]
+                refs += [(self.prompt_ref(label), "transfer:own"), (NONE, "transfer:none")]
             for ref, role in refs:
                 for d in cfg.perplexity.datasets:
                     self.ppl(label, ref, d, role)
@@ -326,10 +473,9 @@ class Runner:
         spec = self.cfg.transfer.datasets
         label = spec.model or (self.cfg.prompted() or [FULL])[0]
         for d in spec.train_on:
-            direct = self.ensure_prompt(self.prompt_ref(label, data=d))
-            self.ppl(label, direct, d, "direct")
+            self.ppl(label, self.prompt_ref(label, data=d), d, "direct")  # trains the prompt when it is missing
             self.ppl(label, self.prompt_ref(label), d, "transferred")
-            self.ppl(label, NONE, d, "none")
+            self.ppl(label, NONE, d, "transfer:none")
 
     def _length_ablation(self) -> None:
         spec = self.cfg.length_ablation
@@ -337,7 +483,7 @@ class Runner:
         data = spec.dataset or self.cfg.prompt.data
         datasets = self.cfg.perplexity.datasets if self.cfg.perplexity else [data]
         for k in spec.tokens:
-            ref = NONE if k == 0 else self.ensure_prompt(self.prompt_ref(label, data=data, tokens=k))
+            ref = NONE if k == 0 else self.prompt_ref(label, data=data, tokens=k)
             for d in datasets:
                 self.ppl(label, ref, d, f"length{k}")
 
@@ -429,21 +575,27 @@ def model_slug(model: str) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
-                   report: bool = True) -> Path:
+                   report: bool = True, workers: int = 1) -> Path:
     """Run (or resume) an experiment and write its report; returns the run directory.
 
     With several ``models``, each runs in its own subdirectory ``<out>/<model>``
-    and ``<out>/report.md`` links their reports.
+    and ``<out>/report.md`` links their reports. With ``workers`` > 1 that many
+    processes share the grid first (see the module docstring); this process then
+    measures the latency cells alone and writes the results and the report.
     """
     from ctp.experiments.report import write_index, write_report
     from ctp.models.load import check_model_spec
 
+    require(isinstance(workers, int) and workers >= 1, f"workers {workers} must be at least 1",
+            "pass --workers 1 or more (about one per CPU core, or per GPU)")
     root = Path(out_dir) if out_dir else Path("runs") / cfg.name
     configs = cfg.per_model()
     for sub in configs:  # a missing model or an unreachable hub id fails before anything is written
         check_model_spec(sub.model)
         check_run_dir(root if len(configs) == 1 else root / model_slug(sub.model), sub)
     check_output(root, *(c.model for c in configs), directory=True)
+    if workers > 1:
+        _run_workers(configs, root, workers)
     for sub in configs:
         sub_root = root if len(configs) == 1 else root / model_slug(sub.model)
         on_save = (lambda recs, sub=sub, sub_root=sub_root: write_report(sub, recs, sub_root)) if report else None
@@ -451,3 +603,54 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path | None = None, pro
     if report and len(configs) > 1:
         write_index(cfg, [model_slug(c.model) for c in configs], root)
     return root
+
+
+def _run_workers(configs: list[ExperimentConfig], root: Path, workers: int) -> None:
+    """Run ``workers`` processes over the grid and wait for them; a one-line error if one of them failed."""
+    import multiprocessing
+
+    from ctp.models.load import resolve
+
+    for sub in configs:
+        resolve(sub.model)  # a named or GGUF model is converted into the cache once, before the workers read it
+    root.mkdir(parents=True, exist_ok=True)
+    level = logging.getLogger().getEffectiveLevel()
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state shared with this one
+    procs = [ctx.Process(target=_worker, args=(configs, str(root), i + 1, level), name=f"ctp-worker-{i + 1}")
+             for i in range(workers)]
+    log.info("%d worker processes share the grid; latency is measured after them, alone", workers)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    failed = [(i + 1, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    if any(code == 130 for _, code in failed):
+        raise KeyboardInterrupt
+    require(not failed, "worker " + ", ".join(f"{i} stopped with exit code {c}" for i, c in failed),
+            "read the worker's message above; rerun the same command to resume (finished work is kept)")
+
+
+def _worker(configs: list[ExperimentConfig], root: str, index: int, level: int) -> None:
+    """One worker process (the target of :func:`_run_workers`): exit 0 done, 2 on a ctp error, 130 on Ctrl-C."""
+    import sys
+
+    logging.basicConfig(level=level, format=f"[worker {index}] %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        for sub in configs:
+            Runner(sub, Path(root) if len(configs) == 1 else Path(root) / model_slug(sub.model),
+                   progress=False, worker=True).work()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except CTPError as e:
+        print(f"ctp run: error: [worker {index}] {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)

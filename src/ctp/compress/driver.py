@@ -393,13 +393,16 @@ def compress_model(
 @contextmanager
 def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtype: torch.dtype) -> Iterator[None]:
     """The block on the compute device for the duration (read from ``source`` first when it is still on the meta
-    device), then back where it lives (the CPU for a block read from ``source``)."""
+    device), then back where it lives (the CPU for a block read from ``source``), whether or not its work ends
+    normally."""
     home = torch.device("cpu") if source is not None else next(layer.parameters()).device
     if source is not None:
         source.load_module(layer, prefix, device, dtype)
     layer.to(device)
-    yield
-    layer.to(home)
+    try:
+        yield
+    finally:  # also when compression fails or is interrupted: the GPU's memory is not left holding the block
+        layer.to(home)
 
 
 def _check_memory(model: nn.Module, windows: Tensor, device: torch.device) -> None:

@@ -252,3 +252,33 @@ def test_data_free_methods_skip_calibration_with_the_same_weights(recipe, tokeni
             W = weight_matrix(mod)
             H = torch.eye(W.shape[1])
             assert torch.equal(compress_weight(W.clone(), H, 4, cfg).weight, expected[f"{i}.{n}"])
+
+
+def test_wanda_reads_only_the_input_norms(monkeypatch):
+    """Wanda (alone or with a data-free quantizer) gets H's diagonal: the same masks, no (in, in) Hessian."""
+    import ctp.compress.driver as D
+    from ctp.compress.registry import needs_norms_only
+
+    assert needs_norms_only(CompressConfig(prune=PruneConfig(method="wanda")))
+    assert needs_norms_only(CompressConfig(prune=PruneConfig(method="wanda"), quant=QuantConfig(method="rtn")))
+    assert not needs_norms_only(CompressConfig(prune=PruneConfig(method="wanda"), quant=QuantConfig()))  # gptq: H
+    assert not needs_norms_only(SPARSE50)
+    assert not needs_norms_only(CompressConfig(prune=PruneConfig(method="magnitude")))
+
+    cfg = CompressConfig(prune=PruneConfig(method="wanda", sparsity=0.5))
+    model = make_tiny("llama")
+    with_h = make_tiny("llama")
+    monkeypatch.setattr(D, "needs_norms_only", lambda c: False)  # the full-Hessian path, as before
+    full = run(with_h, cfg)
+    monkeypatch.undo()
+
+    def no_hessian(*a, **k):
+        raise AssertionError("Wanda built an (in, in) Hessian")
+
+    monkeypatch.setattr(D, "accumulate_hessian", no_hessian)
+    diag = run(model, cfg)
+    for name, cw in diag.compressed.items():
+        agree = (cw.mask == full.compressed[name].mask).float().mean()
+        assert agree > 0.999, name  # the same scores up to float rounding of near ties
+        s = diag.linear_stats()[name]
+        assert 0 < s["rel_error"] < 1, name

@@ -434,3 +434,17 @@ def test_property_baseline_sparsity_is_exact(rows, cols, sparsity, seed, wanda):
 def test_property_pack_round_trip(bits, numel, seed):
     codes = torch.randint(0, 2**bits, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(unpack_int(pack_int(codes, bits), bits, numel), codes)
+
+
+def test_sq_norms_are_the_hessian_diagonal():
+    g = torch.Generator().manual_seed(3)
+    H, n, d, m = None, 0, None, 0
+    for shape in [(2, 7, 16), (16,), (5, 16), (1, 3, 4, 16)]:  # batches of samples, one sample, ...
+        x = torch.randn(*shape, generator=g)
+        H, n = K.accumulate_hessian(H, n, x)
+        d, m = K.accumulate_sq_norms(d, m, x)
+    assert m == n and d.shape == (16,)
+    torch.testing.assert_close(d, torch.diagonal(H), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(K.input_norms_from_hessian(d, n), K.input_norms_from_hessian(H, n))
+    W, W2 = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    assert K.reconstruction_error(W, W2, d) == pytest.approx(K.reconstruction_error(W, W2, torch.diag(d)), rel=1e-5)

@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 from ctp.compress.config import CompressConfig
 from ctp.compress.report import CompressionReport
-from ctp.compress.kernels import accumulate_hessian
-from ctp.compress.registry import compress_weight, needs_calibration
+from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms
+from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
 from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
@@ -227,6 +227,8 @@ def _compress_group(
     stops as soon as every linear of the group has seen its input.
     """
     mods = linear_layers(layer)
+    # a recipe that reads only the inputs' norms (Wanda) gets H's diagonal (in,), never the (in, in) matrix
+    accumulate = accumulate_sq_norms if needs_norms_only(cfg) else accumulate_hessian
     slots: list[list] = []  # [H, n_samples] per distinct input
     slot_of: dict[str, int] = {}
     chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
@@ -245,7 +247,7 @@ def _compress_group(
                     raise RuntimeError(f"{name} no longer shares its input with the linears it shared it with")
             else:
                 chunk_inputs[s] = x
-                slots[s][0], slots[s][1] = accumulate_hessian(slots[s][0], slots[s][1], x.detach())
+                slots[s][0], slots[s][1] = accumulate(slots[s][0], slots[s][1], x.detach())
             if all(n in slot_of and slot_of[n] in chunk_inputs for n in names):
                 raise _StopForward  # the rest of the block is not needed for these Hessians
 
@@ -275,7 +277,8 @@ def _compress_group(
         mod = mods[n]
         W = weight_matrix(mod)  # (out, in), a view of the module's weight
         Wf = W.float()
-        base = float(((Wf @ H) * Wf).sum())  # trace(W H W^T): the output energy, for a relative error
+        # trace(W H W^T): the output energy, for a relative error (its diagonal part when H is a diagonal)
+        base = float(((Wf * Wf) @ H).sum()) if H.dim() == 1 else float(((Wf @ H) * Wf).sum())
         del Wf
         t0 = time.perf_counter()
         cw = compress_weight(W, H, count, cfg)
@@ -358,7 +361,7 @@ def compress_model(
 
     inps: list[Tensor] = []
     if start < len(layers) and data:
-        _check_memory(model, windows, device)
+        _check_memory(model, windows, device, cfg)
         inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks
         inps = ckpt.load_inputs(device) if start else [h.to(device) for h in inps]
         calls = _calls_to(calls, device)
@@ -405,7 +408,7 @@ def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtyp
         layer.to(home)
 
 
-def _check_memory(model: nn.Module, windows: Tensor, device: torch.device) -> None:
+def _check_memory(model: nn.Module, windows: Tensor, device: torch.device, cfg: CompressConfig) -> None:
     """Refuse a calibration that cannot fit before any work: its block inputs and outputs (fp32), one block's
     weights and its largest Hessians must fit in the memory ``device`` has left."""
     from ctp.devices import available_memory
@@ -417,7 +420,8 @@ def _check_memory(model: nn.Module, windows: Tensor, device: torch.device) -> No
     hidden = model.get_input_embeddings().weight.shape[1]
     acts = 2 * windows.numel() * hidden * 4  # inputs and outputs of a block, all windows
     block = sum(p.numel() for p in layer.parameters()) * 4
-    hessians = sum(weight_matrix(m).shape[1] ** 2 for m in linear_layers(layer).values()) * 4
+    widths = [weight_matrix(m).shape[1] for m in linear_layers(layer).values()]
+    hessians = sum(w if needs_norms_only(cfg) else w * w for w in widths) * 4  # Wanda: the diagonals alone
     need = acts + block + hessians
     require(need < free, f"calibration needs about {need / 2**30:.1f} GiB on {device} ({windows.shape[0]} windows "
             f"of {windows.shape[1]} tokens: {acts / 2**30:.1f} GiB of activations), but {free / 2**30:.1f} GiB are "

@@ -74,14 +74,31 @@ def accumulate_hessian(
     return H * (nsamples_seen / n) + xt @ xt.t(), n
 
 
+def accumulate_sq_norms(d: Tensor | None, nsamples_seen: int, x: Tensor) -> tuple[Tensor, int]:
+    """The diagonal of :func:`accumulate_hessian`'s ``H`` alone, ``2/n * sum x_j^2`` (in,) fp32, for methods that
+    read only the inputs' norms (Wanda): O(in) memory and work per token instead of O(in^2)."""
+    if x.dim() == 1:
+        x = x[None]
+    batch = 1 if x.dim() == 2 else math.prod(x.shape[:-2])
+    sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)  # (in,)
+    n = nsamples_seen + batch
+    if d is None:
+        return sq * (2 / n), n
+    return d * (nsamples_seen / n) + sq * (2 / n), n
+
+
 def input_norms_from_hessian(H: Tensor, n: int) -> Tensor:
-    """Per-input-channel ``sum x_j^2`` over all calibration tokens: ``diag(H) * n / 2``."""
-    return torch.diagonal(H).float() * (n / 2)
+    """Per-input-channel ``sum x_j^2`` over all calibration tokens: ``diag(H) * n / 2`` (``H`` (in, in), or its
+    diagonal (in,) from :func:`accumulate_sq_norms`)."""
+    return (H if H.dim() == 1 else torch.diagonal(H)).float() * (n / 2)
 
 
 def reconstruction_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
-    """``trace((W - W') H (W - W')^T)``: equals ``2/n ||W X - W' X||^2`` for H of X."""
+    """``trace((W - W') H (W - W')^T)``: equals ``2/n ||W X - W' X||^2`` for H of X. With only H's diagonal (in,)
+    it is the part of that error the diagonal holds (exact when the input channels are uncorrelated)."""
     D = W.float() - W_new.float()  # (out, in)
+    if H.dim() == 1:
+        return float((D * D * H.float()).sum())
     return float(((D @ H.float()) * D).sum())
 
 

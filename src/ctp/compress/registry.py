@@ -42,6 +42,16 @@ def needs_calibration(cfg: CompressConfig) -> bool:
             or (cfg.quant is not None and f"quant:{cfg.quant.method}" not in methods.DATA_FREE))
 
 
+def needs_norms_only(cfg: CompressConfig) -> bool:
+    """Whether the recipe reads only the inputs' norms (H's diagonal): Wanda alone, or with a data-free method."""
+    if cfg.joint:
+        return False
+    needs = [f"prune:{cfg.prune.method}" for _ in [cfg.prune] if cfg.prune is not None]
+    needs += [f"quant:{cfg.quant.method}" for _ in [cfg.quant] if cfg.quant is not None]
+    data = [m for m in needs if m not in methods.DATA_FREE]
+    return bool(data) and all(m in methods.NORMS_ONLY for m in data)
+
+
 def _need_h(H: Tensor | None, method: str) -> Tensor:
     if H is None:
         raise ValueError(f"{method} needs the layer-input Hessian H")
@@ -60,7 +70,7 @@ def _magnitude(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> Compres
     return K.magnitude_prune(W, cfg.sparsity, cfg.prune_n, cfg.prune_m)
 
 
-@register_pruner("wanda")
+@register_pruner("wanda", norms_only=True)
 def _wanda(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
     norms = K.input_norms_from_hessian(_need_h(H, "wanda"), n)
     return K.wanda_prune(W, norms, cfg.sparsity, cfg.prune_n, cfg.prune_m)

@@ -105,3 +105,14 @@ def test_cli_teacher_cache_and_device(tiny_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(args[:-1] + [str(tmp_path / "r.safetensors"), "--teacher-device", "cuda"]) == 2
         assert "--teacher-device cuda: no CUDA GPU" in capsys.readouterr().err
+
+
+def test_token_loss_takes_a_bare_teacher_model():
+    from ctp.prompt.train import token_loss
+
+    student, teacher_model = make_tiny("llama"), make_tiny("llama", seed=1)
+    ids = _ids(2)
+    cfg = TrainConfig(objective="kd", **FAST)
+    bare = token_loss(student, ids, None, teacher_model, cfg)
+    wrapped = token_loss(student, ids, None, Teacher(teacher_model), cfg)
+    assert bare.shape == (2, 11) and torch.equal(bare, wrapped) and float(bare.mean()) > 0

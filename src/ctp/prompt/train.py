@@ -621,12 +621,13 @@ def _finish_run(run: _Run, model: nn.Module, model_info, train_ref, val_ref, out
     return art
 
 
-def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: Teacher | None,
+def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: nn.Module | Teacher | None,
                cfg: TrainConfig) -> torch.Tensor:
-    """The training objective per scored token of ``ids`` (b, T), shape (b, T-1)."""
+    """The training objective per scored token of ``ids`` (b, T), shape (b, T-1); ``teacher`` the model itself or
+    a :class:`~ctp.prompt.teacher.Teacher`."""
     if cfg.objective == "nll":
         return token_nll(model, ids, prompt)
-    logp, idx = teacher.targets(ids)
+    logp, idx = as_teacher(teacher, cfg.teacher_topk).targets(ids)
     kl, nll = token_kl(model, ids, logp, prompt, idx)
     return kl if cfg.objective == "kd" else (1 - cfg.kd_weight) * nll + cfg.kd_weight * kl
 

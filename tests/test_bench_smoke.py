@@ -195,3 +195,18 @@ def test_inference_runtime_section_smoke():
     assert rows["packed, bf16 rest"]["weight_bytes"] < rows["packed, fp32 rest"]["weight_bytes"]
     assert rows["packed, fp32 rest"]["logits_max_rel_err"] < 3e-2
     assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in rows.values())
+
+
+def test_teacher_cache_bench_at_toy_size(tiny_dir, tmp_path):
+    """bench.teacher_cache on a tiny model: four runs, the cache read reaching the fill's loss exactly."""
+    from bench import teacher_cache
+    from ctp.cli import main as ctp_main
+
+    comp = tmp_path / "c"
+    assert ctp_main(["-q", "compress", "--model", tiny_dir, "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+                     "--out", str(comp)]) == 0
+    r = teacher_cache.main(["--compressed", str(comp), "--steps", "2", "--topk", "8", "--tokens", "2",
+                            "--seqlen", "32", "--batch-size", "1"])
+    rows = {row["run"]: row for row in r["rows"]}
+    assert len(rows) == 4 and all(row["cpu_s_per_step"] > 0 for row in rows.values())
+    assert rows["kd, top-8 cache read"]["final_loss"] == rows["kd, top-8 cache filling"]["final_loss"]

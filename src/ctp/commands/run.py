@@ -43,7 +43,7 @@ def run(args) -> int:
     if args.experiment is None:
         args.experiment = "demo"
         if not args.report_only:
-            log.warning("no experiment file given: running the shipped demo (81 minutes measured on a shared 2-core CPU; "
+            log.warning("no experiment file given: running the shipped demo (73 minutes measured with --workers 2 on a shared 2-core CPU; "
                         "results in runs/demo). Ctrl-C stops it; a rerun resumes.")
     cfg = load_experiment(args.experiment)
     if args.device:

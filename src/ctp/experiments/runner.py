@@ -92,17 +92,17 @@ def _holder_alive(lock: Path) -> bool:
         age = time.time() - lock.stat().st_mtime
     except OSError:
         return True  # removed meanwhile: try again
-    if len(text) < 2:
-        return age < 60  # being written; an empty lock older than a minute was left by a killed process
-    pid, host = int(text[0]) if text[0].isdigit() else -1, text[1]
+    if len(text) < 2 or not text[0].isdigit() or int(text[0]) == 0:
+        return age < 60  # being written; an unreadable lock older than a minute was left by a killed process
+    pid, host = int(text[0]), text[1]
     if host != socket.gethostname():
         return True
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(pid, 0)  # pid > 0 here: never a signal to a process group
+    except (ProcessLookupError, OverflowError):
         return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
+    except PermissionError:  # it exists, under another user
+        return True
     return True
 
 

@@ -421,7 +421,8 @@ def _check_memory(model: nn.Module, windows: Tensor, device: torch.device, cfg: 
     acts = 2 * windows.numel() * hidden * 4  # inputs and outputs of a block, all windows
     block = sum(p.numel() for p in layer.parameters()) * 4
     widths = [weight_matrix(m).shape[1] for m in linear_layers(layer).values()]
-    hessians = sum(w if needs_norms_only(cfg) else w * w for w in widths) * 4  # Wanda: the diagonals alone
+    norms_only = needs_norms_only(cfg)  # Wanda: the diagonals alone
+    hessians = sum(w if norms_only else w * w for w in widths) * 4
     need = acts + block + hessians
     require(need < free, f"calibration needs about {need / 2**30:.1f} GiB on {device} ({windows.shape[0]} windows "
             f"of {windows.shape[1]} tokens: {acts / 2**30:.1f} GiB of activations), but {free / 2**30:.1f} GiB are "

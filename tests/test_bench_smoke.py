@@ -210,3 +210,16 @@ def test_teacher_cache_bench_at_toy_size(tiny_dir, tmp_path):
     rows = {row["run"]: row for row in r["rows"]}
     assert len(rows) == 4 and all(row["cpu_s_per_step"] > 0 for row in rows.values())
     assert rows["kd, top-8 cache read"]["final_loss"] == rows["kd, top-8 cache filling"]["final_loss"]
+
+
+def test_lm_head_bench_at_toy_size(tiny_dir):
+    """bench.lm_head on a tiny model: the fused and unfused losses agree, one row per configuration, memory measured."""
+    from bench import lm_head
+
+    r = lm_head.main(["--models", tiny_dir, "--chunks", str(3 * 49152), "--steps", "1", "--tokens", "2",
+                      "--seqlen", "16", "--batch-size", "2"])
+    rows = r["rows"]
+    assert [row["loss"] for row in rows] == ["unfused", "fused (chunk 3 positions)"]
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+    assert all(row["cpu_s_per_step"] > 0 and row["peak_rss_delta_mb"] is not None for row in rows)
+    assert 0 < rows[0]["head_share_of_unfused_step"]

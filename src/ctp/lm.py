@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ctp.distributed import all_reduce_, is_main, shard, world
 from ctp.errors import require
+from ctp.models.adapter import head_parts
 
 SOFT, PREFIX = "soft", "prefix"
 KINDS = (SOFT, PREFIX)
@@ -169,6 +170,62 @@ def text_logits(
     return model(**kwargs, use_cache=use_cache).logits[:, offset:, :]
 
 
+# Logits computed at once by the fused LM head + loss: chunk x vocab fp32 values, 64 MB (bench/lm_head.py).
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
+
+class _HeadNLL(torch.autograd.Function):
+    """Next-token NLL through the LM head, a chunk of positions at a time, never holding (N, V) logits.
+
+    The forward computes each chunk's logits, its log-sum-exp and NLL, and (when
+    a gradient is wanted) the NLL's gradient with respect to the hidden states,
+    ``(softmax - onehot) @ W``, so the chunk's logits are dropped at once; the
+    backward only scales that gradient by the incoming one. Same two matmuls as
+    the unfused loss, without the (N, V) tensors of logits, log-softmax and
+    their gradient (fused linear cross-entropy).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, need_grad):  # hidden (N, H), targets (N,)
+        n = hidden.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for s in range(0, n, chunk):
+            tgt = targets[s : s + chunk]  # (c,)
+            z = nn.functional.linear(hidden[s : s + chunk], weight, bias).float()  # (c, V)
+            if softcap is not None:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            nll[s : s + chunk] = lse - z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+            if need_grad:
+                z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                z[torch.arange(tgt.shape[0], device=z.device), tgt] -= 1
+                if softcap is not None:
+                    z.mul_(1 - t * t)
+                grad[s : s + chunk] = z.to(weight.dtype) @ weight  # (c, H)
+        ctx.save_for_backward(grad if need_grad else hidden.new_empty(0))
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):  # g (N,)
+        (grad,) = ctx.saved_tensors
+        return grad * g.unsqueeze(1).to(grad.dtype), None, None, None, None, None, None
+
+
+def head_nll(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear, softcap: float | None = None) -> torch.Tensor:
+    """Per-position NLL of ``targets`` (...,) under the logits ``cap(head(hidden))``, hidden (..., H): fp32 (...,).
+
+    Equal to cross-entropy on the full logits within fp32 rounding, and so is
+    its gradient with respect to ``hidden``; the head's weights get none.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    nll = _HeadNLL.apply(flat, head.weight, head.bias, targets.reshape(-1), softcap, chunk, need_grad)
+    return nll.view(targets.shape)
+
+
 def token_nll(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -179,12 +236,22 @@ def token_nll(
 
     Shape (B, T-1), fp32. The first text token is never scored, with or without
     a prompt, so both settings score exactly the same tokens. Positions where
-    ``attention_mask`` is 0 get NLL 0.
+    ``attention_mask`` is 0 get NLL 0. Where the LM head is a plain linear layer
+    the loss goes through :func:`head_nll` (the full logits never exist);
+    otherwise through the model's own logits.
     """
-    logits = text_logits(model, input_ids, prompt, attention_mask)[:, :-1, :].float()  # (B, T-1, V)
     targets = input_ids[:, 1:]  # (B, T-1)
-    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    nll = nll.view_as(targets)
+    parts = head_parts(model)
+    if parts is None:
+        logits = text_logits(model, input_ids, prompt, attention_mask)[:, :-1, :].float()  # (B, T-1, V)
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        nll = nll.view_as(targets)
+    else:
+        body, head, softcap = parts
+        kwargs, offset = prompt_inputs(model, input_ids, prompt, attention_mask)
+        use_cache = "past_key_values" in kwargs
+        hidden = body(**kwargs, use_cache=use_cache).last_hidden_state[:, offset:-1, :]  # (B, T-1, H)
+        nll = head_nll(hidden, targets, head, softcap)
     if attention_mask is not None:
         nll = nll * attention_mask[:, 1:].to(nll.dtype)
     return nll

@@ -203,3 +203,20 @@ def check_positions(model: nn.Module, tokens: int, what: str, fix: str) -> None:
     limit = max_positions(model)
     require(limit is None or tokens <= limit, f"{what} exceeds the model's {limit} positions", fix)
 
+
+
+def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, float | None] | None:
+    """(body, head, softcap) such that the model's logits are ``cap(head(body(...).last_hidden_state))``.
+
+    ``body`` is the base transformer the causal LM's forward calls (its output is
+    the final hidden state, after the final norm), ``head`` the LM head, and
+    ``softcap`` the final logit soft-capping of Gemma 2-style models (``logits =
+    c * tanh(logits / c)``) or None. None when the head is not a plain linear
+    layer (callers then use the model's own forward).
+    """
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or body is None or body is model:
+        return None
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return body, head, (float(cap) if cap else None)

@@ -158,7 +158,6 @@ def main(argv=None) -> dict:
                 "head_loss_alone_s": alone["unfused" if n == UNFUSED else "fused"],
                 "head_share_of_unfused_step": alone["unfused"] / base,
             })
-        del model
     result = {"machine": machine(), "device": str(device), "args": vars(args), "rows": rows}
     return finish(result, args, t_start, _report)
 

@@ -10,7 +10,7 @@ SRC = Path(ctp.__file__).parent
 
 # lowest first; a module belongs to the first layer one of whose prefixes it starts with
 LAYERS = [
-    ["ctp.errors", "ctp.devices", "ctp.distributed", "ctp.io", "ctp.models.names"],
+    ["ctp.errors", "ctp.logs", "ctp.devices", "ctp.distributed", "ctp.io", "ctp.models.names"],
     ["ctp.models", "ctp.data"],
     ["ctp.compress", "ctp.lm"],
     ["ctp.prompt", "ctp.eval"],

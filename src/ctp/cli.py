@@ -10,6 +10,7 @@ import sys
 
 from ctp import __version__
 from ctp.errors import CTPError
+from ctp.logs import quiet_third_party
 
 # Subcommand modules; each defines register(subparsers) and sets func=run on its parser.
 COMMANDS = ("eval", "compress", "train_prompt", "generate", "zeroshot", "run", "export")
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    quiet_third_party(logging.ERROR if verbose < 2 else logging.INFO)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
     elif not sys.stderr.isatty():

@@ -44,6 +44,7 @@ import torch
 from ctp.errors import CTPError, require
 from ctp.experiments.config import FULL, ExperimentConfig
 from ctp.io import atomic_write_json, check_output, read_json
+from ctp.logs import quiet_third_party
 from ctp.models.names import COMPRESSED_MARKER, is_compressed_artifact
 
 log = logging.getLogger(__name__)
@@ -642,8 +643,7 @@ def _worker(configs: list[ExperimentConfig], root: str, index: int, level: int) 
 
     logging.basicConfig(level=level, format=f"[worker {index}] %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_third_party()
     os.environ["TQDM_DISABLE"] = "1"
     try:
         for sub in configs:

@@ -141,3 +141,35 @@ def test_the_checkpoint_beside_the_output_never_lands_on_the_input(sharded, tmp_
     assert main(["-q", "compress", "--model", str(model), "--bits", "4", "--group-size", "32", "--nsamples", "2",
                  "--seqlen", "32", "--out", str(tmp_path / "m")]) == 2
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "m").exists()
+
+
+def test_one_pass_over_the_checkpoint_gives_the_storage_dtype_and_the_cache_key(sharded, tmp_path, monkeypatch):
+    """Before compressing, a by-blocks run reads each tensor once (not once for the dtype and again for the key),
+    and both equal the whole-model run's."""
+    from collections import Counter
+
+    from ctp.cli import main
+    from ctp.compress.artifact import default_dense_dtype
+    from ctp.compress.checkpoint import checkpoint_key
+    from ctp.models.shards import BlockSource
+
+    from ctp.models.load import load_model
+
+    model, _, _, source = load_by_blocks(sharded)
+    whole = load_model(sharded)[0]
+    args = ({"cfg": 1}, IDS, 2, torch.device("cpu"))
+    assert checkpoint_key(model, *args, source) == checkpoint_key(whole, *args)
+    assert default_dense_dtype(model, source) == default_dense_dtype(whole) == torch.float16
+    with torch.no_grad():  # a value float16 cannot hold: bfloat16, and a new key (the scan saw the change)
+        model.get_input_embeddings().weight[0, 0] = 1e6
+    assert default_dense_dtype(model, source) == torch.bfloat16
+    assert checkpoint_key(model, *args, source) != checkpoint_key(whole, *args)
+
+    reads = Counter()
+    real_read = BlockSource.read
+    monkeypatch.setattr(BlockSource, "read", lambda self, name, *a, **k: reads.update([name]) or real_read(
+        self, name, *a, **k))
+    assert main(["-q", "compress", "--model", sharded, "--bits", "4", "--group-size", "32", "--nsamples", "4",
+                 "--seqlen", "32", "--calib-batch", "2", "--out", str(tmp_path / "out")]) == 0
+    linear = "model.layers.1.mlp.down_proj.weight"
+    assert reads[linear] == 2  # the scan, then its compression

@@ -54,7 +54,7 @@ def checkpoint_key(model: nn.Module, cfg_dict: dict, windows: Tensor, chunk: int
     blob = {
         "format_version": FORMAT_VERSION,
         "algorithm_version": ALGORITHM_VERSION,
-        "weights": digest_of(list(state), lambda n: source.read(n, state[n].dtype) if state[n].is_meta else state[n]),
+        "weights": digest_of(list(state), state.__getitem__) if source is None else source.scan(model)[0],
         "model_config": config,
         "compress_config": cfg_dict,
         "windows": tensors_digest({"windows": windows}),

@@ -53,6 +53,35 @@ class BlockSource:
     def names(self) -> set[str]:
         return set(self.files)
 
+    @torch.no_grad()
+    def scan(self, model: nn.Module) -> tuple[str, float]:
+        """(digest, largest absolute floating-point value) of ``model``'s state, tensors on the meta device read
+        from the checkpoint in the model's dtype: :func:`ctp.io.digest_of` of the whole model as if loaded.
+
+        One pass over the checkpoint serves both (the compression's cache key and its storage dtype); the
+        result is kept until a tensor of the model changes (its pointer or in-place version).
+        """
+        from ctp.io import digest_of
+
+        state = model.state_dict()
+        key = tuple((n, str(t.dtype), tuple(t.shape), t.is_meta, 0 if t.is_meta else t.data_ptr(),
+                     0 if t.is_meta else t._version) for n, t in sorted(state.items()))
+        if getattr(self, "_scan", (None,))[0] == key:
+            return self._scan[1]
+        big = [0.0]
+
+        def read(name: str) -> torch.Tensor:
+            t = state[name]
+            t = self.read(name, t.dtype) if t.is_meta else t
+            if t.is_floating_point() and t.numel():
+                big[0] = max(big[0], float(t.detach().abs().max()))
+            return t
+
+        result = digest_of(list(state), read), big[0]
+        self._scan = (key, result)
+        release_memory()
+        return result
+
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor, cast to ``dtype`` on ``device``."""
         from safetensors import SafetensorError, safe_open

@@ -282,3 +282,39 @@ def test_wanda_reads_only_the_input_norms(monkeypatch):
         assert agree > 0.999, name  # the same scores up to float rounding of near ties
         s = diag.linear_stats()[name]
         assert 0 < s["rel_error"] < 1, name
+
+
+@pytest.mark.parametrize("store", ["float16", "bfloat16"])
+def test_activations_kept_in_16_bits_between_blocks(store, tmp_path, monkeypatch):
+    """``activations`` stores the calibration activations in 16 bits (checkpointed that way), each block still runs
+    in fp32, and the result stays near the fp32 run's; the fp32 default is left out of the recorded recipe."""
+    import ctp.compress.driver as driver
+    from ctp.compress.checkpoint import BlockCheckpoint
+
+    assert "activations" not in GPTQ4.to_dict()  # recipes recorded before the option keep their keys
+    cfg = CompressConfig.from_dict({**GPTQ4.to_dict(), "activations": store})
+    assert cfg.to_dict()["activations"] == store and cfg.label() == GPTQ4.label()
+    dtypes = []
+    real = driver._run_block
+    monkeypatch.setattr(driver, "_run_block", lambda layer, call, inps, compute: dtypes.append(
+        ({h.dtype for h in inps}, compute)) or real(layer, call, inps, compute))
+    saved = []
+    real_save = BlockCheckpoint.save_block
+    monkeypatch.setattr(BlockCheckpoint, "save_block", lambda self, i, rec, entry, nxt, sec: saved.append(
+        {h.dtype for h in nxt}) or real_save(self, i, rec, entry, nxt, sec))
+    ref, low = make_tiny("llama"), make_tiny("llama")
+    r_ref = run(ref, GPTQ4)
+    r_low = compress_model(low, None, cfg, device="cpu", calib_ids=calib(), progress=False, chunk=3,
+                           checkpoint_dir=tmp_path / "ckpt")
+    assert dtypes[-1] == ({getattr(torch, store)}, torch.float32)
+    assert saved and all(d == {getattr(torch, store)} for d in saved)  # checkpointed in 16 bits too
+    assert r_low.mean_recon_error == pytest.approx(r_ref.mean_recon_error, rel=0.05)
+    ids = calib(2, 16, seed=5)
+    a, b = logits(ref, ids), logits(low, ids)
+    assert not torch.equal(a, b)  # the option did something
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_unknown_activation_dtype_is_a_one_line_error():
+    with pytest.raises(CTPError, match="activations 'int8' is not a storage dtype.*float16"):
+        CompressConfig.from_dict({**GPTQ4.to_dict(), "activations": "int8"})

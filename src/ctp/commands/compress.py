@@ -28,7 +28,8 @@ from ctp.errors import CTPError, require
 _PRUNE_FLAGS = {"prune_method": "method", "sparsity": "sparsity"}
 _QUANT_FLAGS = {"quant_method": "method", "bits": "bits", "group_size": "group_size", "sym": "sym",
                 "act_order": "act_order", "true_sequential": "true_sequential"}
-_TOP_FLAGS = {"nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib_dataset", "seed": "seed"}
+_TOP_FLAGS = {"nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib_dataset", "seed": "seed",
+              "activations": "activations"}
 _SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -67,6 +68,10 @@ def register(sub) -> None:
     g.add_argument("--percdamp", type=float, default=None, help="Hessian dampening (default 0.01)")
     g.add_argument("--blocksize", type=int, default=None, help="columns per lazy OBS block (default 128)")
     g.add_argument("--calib-batch", type=int, default=8, help="calibration windows per block forward (memory)")
+    g.add_argument("--activations", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="dtype the calibration activations are kept in between blocks (each block still computes "
+                        "in the model's dtype): float32 (default); float16 halves their memory, for long "
+                        "calibrations of wide models (its effect on the result: bench/README.md)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of resuming from the checkpoint OUT.partial/ an interrupted run left")
     p.add_argument("--save-dtype", default="auto",

@@ -208,8 +208,9 @@ def _check_widths(model: nn.Module, cfg: CompressConfig) -> None:
 
 
 @torch.no_grad()
-def _run_block(layer: nn.Module, call: _BlockCall, inps: list[Tensor]) -> list[Tensor]:
-    return [call(layer, h) for h in inps]
+def _run_block(layer: nn.Module, call: _BlockCall, inps: list[Tensor], compute: torch.dtype) -> list[Tensor]:
+    """The block's outputs for stored inputs ``inps``, computed in ``compute`` and stored in the inputs' dtype."""
+    return [call(layer, h.to(compute)).to(h.dtype) for h in inps]
 
 
 @torch.no_grad()
@@ -219,8 +220,10 @@ def _compress_group(
     call: _BlockCall,
     inps: list[Tensor],
     cfg: CompressConfig,
+    compute: torch.dtype,
 ) -> dict[str, tuple[CompressedWeight, dict]]:
-    """Collect the Hessians of ``names`` from one pass over ``inps``, then compress them.
+    """Collect the Hessians of ``names`` from one pass over ``inps`` (stored block inputs, run in ``compute``),
+    then compress them.
 
     Two savings, neither changing any number: linears that read the very same input tensor
     (q/k/v, gate/up) share one Hessian, accumulated once; and each chunk's block forward
@@ -258,7 +261,7 @@ def _compress_group(
         for h in inps:
             chunk_inputs.clear()
             try:
-                call(layer, h)
+                call(layer, h.to(compute))
             except _StopForward:
                 pass
     finally:
@@ -363,7 +366,11 @@ def compress_model(
     if start < len(layers) and data:
         _check_memory(model, windows, device, cfg)
         inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks
-        inps = ckpt.load_inputs(device) if start else [h.to(device) for h in inps]
+        store = getattr(torch, cfg.activations) if cfg.activations != "float32" else dtype  # between blocks
+        if start:
+            inps = ckpt.load_inputs(device)
+        for j, h in enumerate(inps):  # one chunk at a time: the model-dtype copies are dropped as they go
+            inps[j] = h.to(device, store)
         calls = _calls_to(calls, device)
 
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
@@ -373,7 +380,7 @@ def compress_model(
         layer = layers[i]
         with _on_device(layer, device, source, f"{arch.layers}.{i}", dtype):
             if data:
-                results, inps = _compress_block(model, layer, calls[i], inps, cfg)
+                results, inps = _compress_block(model, layer, calls[i], inps, cfg, dtype)
             else:
                 results = _compress_data_free(layer, cfg)
         records = _record_block(report, f"{arch.layers}.{i}", i, results, time.perf_counter() - t_layer)
@@ -409,8 +416,8 @@ def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtyp
 
 
 def _check_memory(model: nn.Module, windows: Tensor, device: torch.device, cfg: CompressConfig) -> None:
-    """Refuse a calibration that cannot fit before any work: its block inputs and outputs (fp32), one block's
-    weights and its largest Hessians must fit in the memory ``device`` has left."""
+    """Refuse a calibration that cannot fit before any work: its block inputs and outputs (in their storage dtype),
+    one block's weights and its largest Hessians must fit in the memory ``device`` has left."""
     from ctp.devices import available_memory
 
     free = available_memory(device)
@@ -418,7 +425,7 @@ def _check_memory(model: nn.Module, windows: Tensor, device: torch.device, cfg: 
         return
     layer = decoder_layers(model)[0]
     hidden = model.get_input_embeddings().weight.shape[1]
-    acts = 2 * windows.numel() * hidden * 4  # inputs and outputs of a block, all windows
+    acts = 2 * windows.numel() * hidden * (2 if cfg.activations != "float32" else 4)  # a block's inputs, outputs
     block = sum(p.numel() for p in layer.parameters()) * 4
     widths = [weight_matrix(m).shape[1] for m in linear_layers(layer).values()]
     norms_only = needs_norms_only(cfg)  # Wanda: the diagonals alone
@@ -467,15 +474,17 @@ def _resume(model: nn.Module, report: CompressionReport, windows: Tensor, chunk:
     return ckpt, start, ckpt.seconds
 
 
-def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps: list[Tensor], cfg: CompressConfig):
+def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps: list[Tensor], cfg: CompressConfig,
+                    compute: torch.dtype):
     """Compress one block from its calibration inputs (one group of linears at a time with true-sequential
-    GPTQ); returns its results and the block's compressed outputs, the next block's inputs."""
+    GPTQ; the block runs in ``compute``); returns its results and the block's compressed outputs, the next
+    block's inputs, in the inputs' dtype."""
     true_seq = cfg.quant is not None and cfg.quant.true_sequential
     groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
     results: dict[str, tuple[CompressedWeight, dict]] = {}
     for names in groups:
-        results.update(_compress_group(layer, names, call, inps, cfg))
-    return results, _run_block(layer, call, inps)
+        results.update(_compress_group(layer, names, call, inps, cfg, compute))
+    return results, _run_block(layer, call, inps, compute)
 
 
 def _record_block(report: CompressionReport, prefix: str, index: int,

@@ -223,3 +223,17 @@ def test_lm_head_bench_at_toy_size(tiny_dir):
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
     assert all(row["cpu_s_per_step"] > 0 and row["peak_rss_delta_mb"] is not None for row in rows)
     assert 0 < rows[0]["head_share_of_unfused_step"]
+
+
+def test_calib_activations_bench_at_toy_size(tiny_dir):
+    """bench.calib_activations on a tiny model: both runs, the paired perplexity change, the differing share."""
+    from bench import calib_activations
+
+    r = calib_activations.main(["--model", tiny_dir, "--recipe", '{"quant": {"bits": 4, "group_size": 32}}',
+                                "--nsamples", "2", "--calib-seqlen", "32", "--datasets", "c4", "--windows", "3",
+                                "--seqlen", "32"])
+    assert [x["activations"] for x in r["runs"]] == ["float32", "float16"]
+    assert r["runs"][1]["activation_mb"] == pytest.approx(r["runs"][0]["activation_mb"] / 2)
+    row = r["rows"][0]
+    assert row["windows"] == 3 and row["ci_pct"][0] <= row["change_pct"] <= row["ci_pct"][1]
+    assert 0 < r["weights_differing"] < 0.5

@@ -350,6 +350,7 @@ RUNTIMES = {  # row name: load_model keywords
     "dense fp32": {"runtime": "dense", "dtype": "float32"},
     "packed, fp32 rest": {"runtime": "packed", "dtype": "float32"},
     "packed, bf16 rest": {"runtime": "packed", "dtype": "bfloat16"},
+    "packed, int8 embeddings": {"runtime": "packed", "dtype": "float32", "embeddings": "int8"},
 }
 
 _RSS_PROBE = """
@@ -360,20 +361,20 @@ before = rss_bytes()
 from ctp.models.load import load_model
 import transformers  # imported by load_model anyway: count it in the baseline
 base = rss_bytes()
-model, tok, info = load_model(sys.argv[1], runtime=sys.argv[2], dtype=sys.argv[3])
+model, tok, info = load_model(sys.argv[1], runtime=sys.argv[2], dtype=sys.argv[3], embeddings=sys.argv[4])
 gc.collect()
 print(json.dumps({"rss_after_load": rss_bytes(), "rss_baseline": base}))
 """
 
 
-def _rss_after_load(spec: str, runtime: str, dtype: str) -> dict[str, int]:
+def _rss_after_load(spec: str, runtime: str, dtype: str, embeddings: str = "dense") -> dict[str, int]:
     """Resident set size of a fresh process after loading (minus the same process before loading)."""
     import json
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, spec, runtime, dtype], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, spec, runtime, dtype, embeddings], capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -432,7 +433,8 @@ def random_llama_artifact(spec: str, out_dir: str, tokenizer: str = "smollm2-135
 
 @torch.no_grad()
 def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int, ppl_windows: int,
-                  device: torch.device) -> list[dict[str, Any]]:
+                  device: torch.device, runtimes: list[str] | None = None,
+                  stored_dtypes: bool = True) -> list[dict[str, Any]]:
     from ctp.compress.artifact import read_index
     from ctp.compress.packed import packed_modules, weight_bytes
     from ctp.models.load import load_model
@@ -443,7 +445,8 @@ def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int,
         n_params = index["storage"]["n_params"]
         models, toks = {}, {}
         for name, kw in RUNTIMES.items():
-            models[name], toks[name], _ = load_model(spec, device=str(device), **kw)
+            if name == "dense fp32" or runtimes is None or name in runtimes:
+                models[name], toks[name], _ = load_model(spec, device=str(device), **kw)
         tok = toks["dense fp32"]
         vocab = models["dense fp32"].get_input_embeddings().weight.shape[0]
         g = torch.Generator().manual_seed(0)
@@ -477,7 +480,7 @@ def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int,
             seqlen = 512
             for name, m in models.items():
                 nll[name] = _ppl_windows(m, tok, ppl_windows, seqlen)
-            for dt in (torch.float16, torch.bfloat16):
+            for dt in (torch.float16, torch.bfloat16) if stored_dtypes else ():
                 m = models["dense fp32"]
                 saved = {k: v.detach().clone() for k, v in m.state_dict().items()}
                 _round_dense_parts(m, index["tensors"], dt)
@@ -486,8 +489,9 @@ def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int,
         fp16_bytes = 2 * n_params
         for name, m in models.items():
             wb = weight_bytes(m)
-            rss = _rss_after_load(spec, RUNTIMES[name]["runtime"], RUNTIMES[name]["dtype"]) if device.type == "cpu" \
-                else {}
+            kw = RUNTIMES[name]
+            rss = _rss_after_load(spec, kw["runtime"], kw["dtype"], kw.get("embeddings", "dense")) \
+                if device.type == "cpu" else {}
             pre, dec = median(t_pre[name]), median(t_dec[name])
             row = {"artifact": spec, "label": index["label"], "runtime": name,
                    "packed_linears": len(packed_modules(m)), "linears": len(index["tensors"]),
@@ -537,6 +541,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--recipes", default=",".join(RECIPES), help="memory-section recipes, of " + ", ".join(RECIPES))
     p.add_argument("--artifacts", default="", help="runtime section: ctp-compressed model directories, comma-separated")
     p.add_argument("--ppl-windows", type=int, default=0, help="runtime section: c4 test windows of 512 for perplexity")
+    p.add_argument("--runtimes", default=None,
+                   help="runtime section: the rows beside 'dense fp32', ';'-separated, of " + "; ".join(RUNTIMES))
+    p.add_argument("--no-stored-dtypes", action="store_true",
+                   help="runtime section: skip the perplexity of the dense parts stored in fp16/bf16")
     p.add_argument("--random-llama", default="", metavar="HIDDEN:LAYERS",
                    help="runtime section: also a random-weight Llama of this size, RTN 4-bit g64 (e.g. 2048:8)")
     args = p.parse_args(argv)
@@ -563,10 +571,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             arts = [a for a in args.artifacts.split(",") if a]
             tok = args.model if use_model else "smollm2-135m"
             rand = [random_llama_artifact(args.random_llama, tmp, tok)] if args.random_llama else []
+            runtimes = None if args.runtimes is None else [r.strip() for r in args.runtimes.split(";") if r.strip()]
+            unknown = sorted(set(runtimes or ()) - set(RUNTIMES))
+            if unknown:
+                raise SystemExit(f"unknown --runtimes {unknown}: use {'; '.join(RUNTIMES)}")
             result["runtime"] = bench_runtime(arts, args.prefill, args.decode, args.model_repeats, args.ppl_windows,
-                                              device)
+                                              device, runtimes, not args.no_stored_dtypes)
             if rand:  # no perplexity for random weights
-                result["runtime"] += bench_runtime(rand, args.prefill, args.decode, args.model_repeats, 0, device)
+                result["runtime"] += bench_runtime(rand, args.prefill, args.decode, args.model_repeats, 0, device,
+                                                   runtimes)
     return finish(result, args, t_start, report)
 
 

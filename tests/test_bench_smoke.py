@@ -189,10 +189,12 @@ def test_inference_runtime_section_smoke():
     r = inference.main(["--sections", "runtime", "--random-llama", "128:2", "--prefill", "8", "--decode", "2",
                         "--model-repeats", "1"])
     rows = {row["runtime"]: row for row in r["runtime"]}
-    assert set(rows) == {"dense fp32", "packed, fp32 rest", "packed, bf16 rest"}
+    assert set(rows) == {"dense fp32", "packed, fp32 rest", "packed, bf16 rest", "packed, int8 embeddings"}
     assert rows["dense fp32"]["packed_linears"] == 0 and rows["packed, fp32 rest"]["packed_linears"] == 14
+    assert rows["packed, int8 embeddings"]["packed_linears"] == 15  # the LM head too
     assert rows["packed, fp32 rest"]["weight_bytes"] < rows["dense fp32"]["weight_bytes"]
     assert rows["packed, bf16 rest"]["weight_bytes"] < rows["packed, fp32 rest"]["weight_bytes"]
+    assert rows["packed, int8 embeddings"]["weight_bytes"] < rows["packed, bf16 rest"]["weight_bytes"]
     assert rows["packed, fp32 rest"]["logits_max_rel_err"] < 3e-2
     assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in rows.values())
 

@@ -173,6 +173,60 @@ def test_commands_run_packed(tiny_dir, tmp_path, capsys):
                  "wikitext2", "--seqlen", "32", "--max-windows", "2"]) == 0
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # untied head; tied and scaled embeddings
+def test_int8_embeddings_compute_what_their_dequantized_matrices_compute(family, root, tmp_path):
+    from ctp.compress.packed import Int8Embedding
+    from ctp.lm import token_nll
+    from ctp.models.load import embedding_fingerprint
+
+    path = _artifact(family, "rtn4g32", root)
+    packed, _, _ = load_compressed(path, runtime="packed", act_dtype=torch.float32)
+    small, _, _ = load_compressed(path, runtime="packed", act_dtype=torch.float32, embeddings="int8")
+    emb, head = small.get_input_embeddings(), small.get_output_embeddings()
+    assert isinstance(emb, Int8Embedding) and isinstance(head, Int8Linear) and emb.weight_int8.dtype == torch.int8
+    tied = bool(packed.config.tie_word_embeddings)
+    assert (emb.weight_int8.data_ptr() == head.weight_int8.data_ptr()) == tied  # one copy of tied codes
+    assert embedding_fingerprint(small) == embedding_fingerprint(packed)  # prompts of the dense model still fit
+    assert emb.weight.shape == packed.get_input_embeddings().weight.shape and emb.weight.dtype == torch.float32
+    assert weight_bytes(small) < weight_bytes(packed)
+    # the reference: the same model with the embedding and head replaced by what the int8 codes stand for
+    ref, _, _ = load_compressed(path, runtime="packed", act_dtype=torch.float32)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight.copy_(emb.dequantized())
+        ref.get_output_embeddings().weight.copy_(head.dequantized())
+    w = packed.get_input_embeddings().weight
+    assert 0 < rel(emb.dequantized(), w) < 1e-2  # rounding to int8 changed the matrix, a little
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(4))
+    prompt = torch.nn.Parameter(torch.randn(3, w.shape[1]) * 0.1)
+    for tokens in (ids[:, :5], ids):  # the int8 kernel (few tokens) and the dequantized matmul
+        with torch.no_grad():
+            assert rel(small(tokens).logits, ref(tokens).logits) < 1e-5
+    a, b = token_nll(small, ids, prompt), token_nll(ref, ids, prompt)  # prompt training reaches through the head
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ga, = torch.autograd.grad(a.sum(), prompt)
+    gb, = torch.autograd.grad(b.sum(), prompt)
+    assert rel(ga, gb) < 1e-4
+    small.to(torch.bfloat16)  # codes stay int8, lookups follow the model's dtype
+    assert emb.weight_int8.dtype == torch.int8 and emb(ids).dtype == torch.bfloat16
+
+
+def test_int8_embeddings_from_the_cli(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["-q", "compress", "--model", tiny_dir, "--out", str(out), "--bits", "4", "--group-size", "32",
+                 "--quant-method", "rtn"]) == 0
+    res = {}
+    for extra in ([], ["--packed-embeddings", "int8"]):
+        f = tmp_path / f"{len(extra)}.json"
+        assert main(["-q", "eval", "--model", str(out), "--runtime", "packed", *extra, "--datasets", "wikitext2",
+                     "--seqlen", "32", "--max-windows", "2", "--out", str(f)]) == 0
+        res[len(extra)] = json.loads(f.read_text())["results"][0]["ppl"]
+    assert res[2] != res[0] and abs(res[2] / res[0] - 1) < 0.01
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--runtime", "dense", "--packed-embeddings", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--packed-embeddings int8 needs the packed runtime" in err and "\n" not in err
+
+
 def test_choose_runtime():
     from ctp.models.names import choose_runtime
 

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ctp.errors import CTPError
+from ctp.errors import CTPError, require
 from ctp.models.names import DEFAULT_MODEL, NAMED_MODELS
 
 
@@ -34,6 +34,10 @@ def add_model_args(p: argparse.ArgumentParser, runtime: str | None = "score") ->
                             "weight-only kernels (less memory, faster decoding), 'dense' rebuilds them as exact "
                             f"float matrices (faster for long inputs on CPU); auto (default) = {best} for this "
                             "command, the faster one measured (bench/README.md)")
+        g.add_argument("--packed-embeddings", default="dense", choices=["dense", "int8"],
+                       help="with the packed runtime: int8 also holds the input embedding and LM head as int8 "
+                            "codes with a scale per row (less memory, a faster head; changes the model slightly, "
+                            "measured in bench/README.md); dense (default) keeps them as loaded")
     p.set_defaults(workload=runtime)
 
 
@@ -46,6 +50,10 @@ def load_options(args) -> dict:
         runtime = choose_runtime(args.runtime, args.workload)
         quantized = Path(args.model).is_dir() and (is_compressed_artifact(args.model) or foreign_quantization(args.model))
         opts["runtime"] = runtime if args.runtime != "auto" or quantized else "dense"  # auto: no note for dense models
+        if args.packed_embeddings != "dense":
+            require(opts["runtime"] == "packed", "--packed-embeddings int8 needs the packed runtime",
+                    "add --runtime packed (for a ctp-quantized model)")
+            opts["embeddings"] = args.packed_embeddings
     return opts
 
 

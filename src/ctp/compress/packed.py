@@ -284,6 +284,82 @@ class Int8Linear(_PackedLinear):
         return w.add_(128 - self.zero_fp32).mul_(self.scale_fp32)
 
 
+def quantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric round-to-nearest of each row of ``w`` (rows, cols) to int8: (codes uint8 with zero point 128,
+    scales (rows, 1) fp32), ``w ~ scale * (codes - 128)``."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (rows, 1)
+    codes = (w / scale).round_().clamp_(-127, 127).add_(128).to(torch.uint8)
+    return codes, scale
+
+
+class Int8Embedding(nn.Module):
+    """An input embedding held as int8 codes with one fp32 scale per row, dequantized row by row on lookup.
+
+    Tied to an :class:`Int8Linear` LM head, both hold one copy of the codes. ``weight`` gives the dense matrix's
+    shape, dtype and device without its memory (what callers ask of an embedding's weight); its values are not
+    there: :meth:`dequantized` rebuilds them. ``fingerprint`` is the dense matrix's
+    (:func:`ctp.models.load.embedding_fingerprint`), so prompts learned on the dense model still match.
+    """
+
+    def __init__(self, weight_int8: Tensor, scale: Tensor, dtype: torch.dtype, embed_scale: Tensor | None = None,
+                 padding_idx: int | None = None, fingerprint: str | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+        self.padding_idx, self.out_dtype, self.fingerprint = padding_idx, dtype, fingerprint
+        self.register_buffer("weight_int8", weight_int8)  # (V, H) int8, codes - 128
+        self.register_buffer("scale_fp32", scale.reshape(-1).float().to(weight_int8.device))  # (V,)
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.float(), persistent=False)
+
+    @property
+    def weight(self) -> Tensor:
+        return torch.empty((), dtype=self.out_dtype, device=self.weight_int8.device).expand(
+            self.num_embeddings, self.embedding_dim)
+
+    def dequantized(self) -> Tensor:
+        """The (V, H) fp32 matrix the codes stand for (without a model's embedding scale)."""
+        return self.weight_int8.float() * self.scale_fp32[:, None]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.weight_int8[ids].float() * self.scale_fp32[ids].unsqueeze(-1)  # (..., H)
+        if self.embed_scale is not None:  # Gemma multiplies its embeddings by sqrt(hidden)
+            rows = rows * self.embed_scale
+        return rows.to(self.out_dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Codes and scales keep their dtypes through ``model.to(dtype)``; the output dtype follows the move."""
+        before = {k: b.dtype for k, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for k, dtype in before.items():
+            if self._buffers[k].dtype != dtype:
+                self._buffers[k] = self._buffers[k].to(dtype)
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 codes, out_dtype={self.out_dtype}"
+
+
+def pack_embeddings(model: nn.Module, act_dtype: torch.dtype, device: torch.device | str, fingerprint: str) -> None:
+    """Hold ``model``'s input embedding and LM head as int8 (per-row symmetric round-to-nearest, one copy of the
+    codes when they are tied): :class:`Int8Embedding` and an :class:`Int8Linear` head. Changes the model (the
+    measured perplexity change is in bench/README.md); ``fingerprint`` is the dense embedding's."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == emb.weight.data_ptr()
+    codes, scale = quantize_rows_int8(emb.weight)
+    dtype = emb.weight.dtype
+    q_head = None
+    if isinstance(head, nn.Linear):
+        h_codes, h_scale = (codes, scale) if tied else quantize_rows_int8(head.weight)
+        q_head = Int8Linear(h_codes, h_scale, torch.full_like(h_scale, 128), None, head.bias, act_dtype=act_dtype,
+                            device=device)
+    weight_int8 = q_head.weight_int8 if tied else (codes.to(torch.int16) - 128).to(torch.int8).to(device)
+    model.set_input_embeddings(Int8Embedding(weight_int8, scale.to(device), dtype, getattr(emb, "embed_scale", None),
+                                             getattr(emb, "padding_idx", None), fingerprint))
+    if q_head is not None:
+        model.set_output_embeddings(q_head)
+
+
 def pack_linear(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bits: int, bias: Tensor | None, *,
                 act_dtype: torch.dtype, device: torch.device | str) -> _PackedLinear:
     """The kernel linear for one quantized matrix (callers check :func:`packable` first)."""
@@ -313,5 +389,6 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["INT4_GROUPS", "Int4Linear", "Int8Linear", "default_act_dtype", "pack_linear",
+__all__ = ["INT4_GROUPS", "Int4Linear", "Int8Embedding", "Int8Linear", "default_act_dtype", "pack_embeddings",
+           "pack_linear", "quantize_rows_int8",
            "packable", "packed_modules", "set_act_dtype", "weight_bytes"]

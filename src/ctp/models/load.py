@@ -276,8 +276,12 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 @torch.no_grad()
 def embedding_fingerprint(model) -> str:
-    """A short SHA-256 of the input-embedding matrix (cheap: one pass over its bytes)."""
-    w = model.get_input_embeddings().weight.detach().contiguous().cpu()
+    """A short SHA-256 of the input-embedding matrix (cheap: one pass over its bytes); an int8-packed embedding
+    gives its dense matrix's, recorded when it was packed."""
+    emb = model.get_input_embeddings()
+    if getattr(emb, "fingerprint", None):
+        return emb.fingerprint
+    w = emb.weight.detach().contiguous().cpu()
     h = hashlib.sha256()
     h.update(f"{w.dtype}{tuple(w.shape)}".encode())
     h.update(w.view(torch.uint8).numpy().tobytes())
@@ -352,6 +356,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     runtime: str = "dense",
+    embeddings: str = "dense",
 ):
     """Load ``(model, tokenizer, info)``; the model is in eval mode with gradients off.
 
@@ -360,6 +365,7 @@ def load_model(
     unexpected or wrongly shaped tensors are an error (never random initialisation).
     ``runtime="packed"`` keeps a ctp-quantized model's linears as low-bit codes run by
     weight-only kernels (:mod:`ctp.compress.packed`); other models load dense whatever it says.
+    ``embeddings="int8"`` with the packed runtime also holds the embedding and LM head as int8.
     """
     from transformers import AutoModelForCausalLM
 
@@ -370,7 +376,8 @@ def load_model(
     if is_compressed_artifact(where) or foreign_quantization(where):
         from ctp.compress.artifact import load_compressed  # the compressed-model formats live there
 
-        model, tokenizer, compression = load_compressed(where, dtype=dtype, runtime=runtime, device=device)
+        model, tokenizer, compression = load_compressed(where, dtype=dtype, runtime=runtime, device=device,
+                                                        embeddings=embeddings)
     else:
         if runtime == "packed":
             log.warning("%s is not a ctp-quantized model: it runs dense (--runtime packed applies to "

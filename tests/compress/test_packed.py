@@ -177,7 +177,7 @@ def test_commands_run_packed(tiny_dir, tmp_path, capsys):
 def test_int8_embeddings_compute_what_their_dequantized_matrices_compute(family, root, tmp_path):
     from ctp.compress.packed import Int8Embedding
     from ctp.lm import token_nll
-    from ctp.models.load import embedding_fingerprint
+    from ctp.models.fingerprint import embedding_fingerprint
 
     path = _artifact(family, "rtn4g32", root)
     packed, _, _ = load_compressed(path, runtime="packed", act_dtype=torch.float32)

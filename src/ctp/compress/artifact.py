@@ -368,7 +368,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32, runtim
     _fill_linears(path, model, meta["tensors"], comp, runtime, act_dtype, device)
     if embeddings == "int8":
         from ctp.compress.packed import default_act_dtype, pack_embeddings
-        from ctp.models.load import embedding_fingerprint
+        from ctp.models.fingerprint import embedding_fingerprint
 
         pack_embeddings(model, act_dtype or default_act_dtype(device), device, embedding_fingerprint(model))
     model.eval()

@@ -299,7 +299,7 @@ class Int8Embedding(nn.Module):
     Tied to an :class:`Int8Linear` LM head, both hold one copy of the codes. ``weight`` gives the dense matrix's
     shape, dtype and device without its memory (what callers ask of an embedding's weight); its values are not
     there: :meth:`dequantized` rebuilds them. ``fingerprint`` is the dense matrix's
-    (:func:`ctp.models.load.embedding_fingerprint`), so prompts learned on the dense model still match.
+    (:func:`ctp.models.fingerprint.embedding_fingerprint`), so prompts learned on the dense model still match.
     """
 
     def __init__(self, weight_int8: Tensor, scale: Tensor, dtype: torch.dtype, embed_scale: Tensor | None = None,

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ctp.errors import CTPError
+from ctp.models.fingerprint import embedding_fingerprint
 from ctp.models.names import (COMPRESSED_MARKER, DEFAULT_MODEL, NAMED_MODELS, NamedModel, foreign_quantization,
                               is_compressed_artifact)
 
@@ -272,20 +273,6 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     return (OSError, ValueError, SafetensorError, EOFError, pickle.UnpicklingError)
-
-
-@torch.no_grad()
-def embedding_fingerprint(model) -> str:
-    """A short SHA-256 of the input-embedding matrix (cheap: one pass over its bytes); an int8-packed embedding
-    gives its dense matrix's, recorded when it was packed."""
-    emb = model.get_input_embeddings()
-    if getattr(emb, "fingerprint", None):
-        return emb.fingerprint
-    w = emb.weight.detach().contiguous().cpu()
-    h = hashlib.sha256()
-    h.update(f"{w.dtype}{tuple(w.shape)}".encode())
-    h.update(w.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from ctp.errors import CTPError, require
 from ctp.io import atomic_dir, load_tensors, read_json, save_tensors
 from ctp.lm import PREFIX, SOFT, prompt_kind, prompt_length
-from ctp.models.load import embedding_fingerprint
+from ctp.models.fingerprint import embedding_fingerprint
 
 log = logging.getLogger(__name__)
 

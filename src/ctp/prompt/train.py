@@ -48,7 +48,7 @@ from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, sampl
 from ctp.errors import CTPError, check_field_types, require
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
-from ctp.models.load import embedding_fingerprint
+from ctp.models.fingerprint import embedding_fingerprint
 from ctp.prompt.artifact import PromptArtifact, artifact_for, save_prompt
 from ctp.lm import token_kl, token_nll, window_nll
 from ctp.prompt.soft import PromptConfig, init_prompt

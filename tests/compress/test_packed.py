@@ -91,19 +91,25 @@ def test_packed_logits_and_input_gradients_equal_the_dense_rebuild(family, recip
 
 
 def test_cpu_layout_unpacks_to_the_codes():
+    # whole blocks (32 rows on AVX2, 64 on AVX-512) and a shorter last block, on whatever CPU this runs
     g = torch.Generator().manual_seed(0)
-    for rows, cols in [(32, 64), (64, 96), (96, 256)]:
+    for rows, cols in [(32, 64), (64, 96), (96, 256), (48, 64), (16, 32), (112, 64), (160, 64)]:
         codes = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.int32)
         packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
         assert torch.equal(_cpu_unpack(packed, rows, cols), codes.to(torch.uint8))
 
 
-def test_odd_row_count_keeps_a_code_copy_and_stays_exact():
+@pytest.mark.parametrize("layout", ["this CPU's", "unknown"])
+def test_partial_blocks_and_unknown_layouts_stay_exact(layout, monkeypatch):
+    import ctp.compress.packed as packed_mod
+
+    if layout == "unknown":  # a CPU whose layout ctp does not know: the check at packing keeps a copy of the codes
+        monkeypatch.setattr(packed_mod, "_cpu_block_rows", lambda: (8, True))
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (48, 64), generator=g).to(torch.uint8)  # 48 rows: not whole blocks of 32
+    codes = torch.randint(0, 16, (48, 64), generator=g).to(torch.uint8)  # 48 rows: a partial block on any CPU
     scale, zero = torch.rand(48, 2, generator=g) * 0.1, torch.randint(0, 16, (48, 2), generator=g).float()
     lin = Int4Linear(codes, scale, zero, torch.arange(64) // 32, act_dtype=torch.float32)
-    assert lin.codes_copy is not None
+    assert (lin.codes_copy is not None) == (layout == "unknown")
     w = (codes.float() - zero.repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
     assert torch.equal(lin.dequantized(), w)
     x = torch.randn(3, 64, generator=g)

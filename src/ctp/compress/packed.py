@@ -90,16 +90,39 @@ def _act_order_perm(g_idx: Tensor, n_groups: int, cols: int) -> Tensor | None:
 # --------------------------------------------------------------------------- the CPU int4 layout
 
 
-def _cpu_unpack(packed: Tensor, rows: int, cols: int) -> Tensor:
-    """Invert ``torch._convert_weight_to_int4pack_for_cpu``: (rows, cols/2) uint8 -> (rows, cols) uint8 codes.
+def _cpu_block_rows() -> tuple[int, bool]:
+    """(rows per block, whether a full block splits into halves) of torch's CPU int4 layout on this CPU."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return (64 if cap.startswith("AVX512") else 32), cap.startswith("AVX")
 
-    torch lays the codes out in blocks of 32 rows, column-major inside a block: byte ``k * 16 + j`` of
-    block ``b`` holds row ``32 b + j`` in its low nibble and row ``32 b + 16 + j`` in its high nibble.
-    Checked against the codes when a layer is packed (:meth:`Int4Linear.__init__`).
+
+def _cpu_unpack_t(packed: Tensor, rows: int, cols: int) -> Tensor:
+    """Invert ``torch._convert_weight_to_int4pack_for_cpu``: the (cols, rows) uint8 codes, transposed.
+
+    torch lays the codes out in blocks of B rows (64 on AVX-512, 32 otherwise), column-major inside a block:
+    in a full block on AVX2 / AVX-512 byte ``k * B/2 + j`` holds row ``j`` in its low nibble and row
+    ``j + B/2`` in its high nibble; in the last, shorter block (and in every block without AVX) it holds rows
+    ``2j`` and ``2j + 1``. Checked against the codes when a layer is packed (:meth:`Int4Linear.__init__`);
+    a CPU whose layout differs keeps a copy of the codes instead.
     """
-    p3 = packed.reshape(rows // 32, cols, 16)  # (blocks, cols, 16)
-    both = torch.cat([p3 & 15, p3 >> 4], dim=2)  # (blocks, cols, 32)
-    return both.transpose(1, 2).reshape(rows, cols)
+    B, split = _cpu_block_rows()
+    nfull, tail = divmod(rows, B)
+    flat = packed.reshape(-1)
+    parts = []
+    if nfull:
+        p3 = flat[: nfull * cols * B // 2].view(nfull, cols, B // 2)
+        both = (torch.cat([p3 & 15, p3 >> 4], dim=2) if split
+                else torch.stack([p3 & 15, p3 >> 4], dim=3).reshape(nfull, cols, B))  # (blocks, cols, B)
+        parts.append(both.transpose(0, 1).reshape(cols, nfull * B))
+    if tail:
+        t = flat[nfull * cols * B // 2 :].view(cols, tail // 2)
+        parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(cols, tail))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _cpu_unpack(packed: Tensor, rows: int, cols: int) -> Tensor:
+    """The (rows, cols) uint8 codes of torch's CPU int4 layout (see :func:`_cpu_unpack_t`)."""
+    return _cpu_unpack_t(packed, rows, cols).T
 
 
 # --------------------------------------------------------------------------- autograd
@@ -224,7 +247,7 @@ class Int4Linear(_PackedLinear):
         else:
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(
                 codes.to(torch.int32), 2))
-            if rows % 32 or not torch.equal(_cpu_unpack(self.packed, rows, cols), codes):
+            if rows % 2 or not torch.equal(_cpu_unpack(self.packed, rows, cols), codes):
                 self.register_buffer("codes_copy", (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous())
 
     def set_act_dtype(self, dtype: torch.dtype) -> None:
@@ -239,9 +262,8 @@ class Int4Linear(_PackedLinear):
 
     def weight_t(self) -> Tensor:
         rows, cols, G = self.out_features, self.in_features, self.group
-        if self.codes_copy is None:  # the CPU layout, blocks of 32 rows: dequantize straight into (in, out)
-            p3 = self.packed.view(rows // 32, cols, 16)
-            ct = torch.cat([p3 & 15, p3 >> 4], dim=2).transpose(0, 1).reshape(cols, rows)  # (in, out) uint8
+        if self.codes_copy is None:  # the CPU layout: dequantize straight into (in, out)
+            ct = _cpu_unpack_t(self.packed, rows, cols)  # (in, out) uint8
         else:
             nib = self.codes_copy
             ct = torch.stack([nib >> 4, nib & 15], dim=-1).reshape(rows, cols).T

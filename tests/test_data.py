@@ -51,3 +51,22 @@ def test_windows(tokenizer):
     assert corpora.sample_windows(ids[:68], 4, 64).shape == (4, 64)  # 4 start positions for 4 windows
     with pytest.raises(CTPError, match="too few for 5 distinct windows of 64 .needs at least 69"):
         corpora.sample_windows(ids[:68], 5, 64)
+
+
+def test_windows_start_with_the_tokenizers_bos(smol_dir, tokenizer):
+    from transformers import AutoTokenizer
+
+    assert corpora.leading_ids(tokenizer) == []  # SmolLM2 adds nothing: plain windows, as before
+    bos_tok = AutoTokenizer.from_pretrained(smol_dir, add_bos_token=True)  # the same vocabulary, with a BOS
+    lead = corpora.leading_ids(bos_tok)
+    assert lead == [bos_tok.bos_token_id]
+    ids, _ = corpora.corpus_ids("wikitext2", "test", bos_tok)
+    w = corpora.eval_windows(ids, 128, max_windows=3, lead=lead)
+    assert w.shape == (3, 128) and (w[:, 0] == lead[0]).all()
+    assert torch.equal(w[:, 1:].reshape(-1), ids[: 3 * 127])  # the text stays contiguous: 127 tokens per window
+    s = corpora.sample_windows(ids, 4, 64, seed=3, lead=lead)
+    assert s.shape == (4, 64) and (s[:, 0] == lead[0]).all()
+    spans = ids.unfold(0, 63, 1)  # every run of 63 consecutive text tokens
+    assert all((spans == row).all(dim=1).any() for row in s[:, 1:])  # each window's text is a span of the corpus
+    with pytest.raises(CTPError, match="no room for text"):
+        corpora.eval_windows(ids, 2, lead=lead * 2)

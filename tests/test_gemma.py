@@ -24,13 +24,19 @@ def test_gemma_load_compress_prompt_eval(tmp_path):
     from ctp.models.load import load_model
     from ctp.prompt.artifact import load_prompt
     from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
-    from ctp.data.corpora import corpus_ids, sample_windows
+    from ctp.data.corpora import corpus_ids, eval_windows, leading_ids, sample_windows
+    from ctp.eval.perplexity import window_nlls
     from ctp.prompt.soft import PromptConfig, init_prompt
     from ctp.prompt.train import TrainConfig, step_seed, token_loss, train_prompt
 
     full, tok, info = load_model("gemma3-270m")
     assert info.model_type == "gemma3_text" and info.vocab_size > 262_000
     ppl_full = perplexity(full, tok, "wikitext2", "test", 64, max_windows=2, progress=False)
+    # every window starts with Gemma's <bos>: without it the same text scores far worse (121 vs 24 measured)
+    lead = leading_ids(tok)
+    assert lead == [tok.bos_token_id]
+    plain = window_nlls(full, eval_windows(corpus_ids("wikitext2", "test", tok)[0], 64, 2), None, 1, progress=False)
+    assert ppl_full.nll < float(plain.mean()) / 63 - 0.5
 
     model, _, _ = load_model("gemma3-270m")
     cfg = CompressConfig.from_dict({"prune": {"method": "sparsegpt", "sparsity": 0.5},
@@ -52,7 +58,7 @@ def test_gemma_load_compress_prompt_eval(tmp_path):
     prompt = load_prompt(tmp_path / "p.safetensors", cinfo).embeddings
     assert prompt.shape[:2] == (2, info.num_layers) and torch.isfinite(prompt).all()
     # the KL to the full model on the first training window falls from the initial prefix to the trained one
-    first = sample_windows(corpus_ids("c4", "train", tok)[0], 1, 64, seed=step_seed(0, 0))
+    first = sample_windows(corpus_ids("c4", "train", tok)[0], 1, 64, seed=step_seed(0, 0), lead=lead)
     with torch.no_grad():
         before = token_loss(cmodel, first, init_prompt(cmodel, tok, pcfg), full, tcfg).mean()
         after = token_loss(cmodel, first, last["prompt"], full, tcfg).mean()
@@ -63,5 +69,6 @@ def test_gemma_load_compress_prompt_eval(tmp_path):
     res = evaluate_tasks(cmodel, tok, ["piqa"], prompt=prompt, limit=4, progress=False)
     assert res[0].n == 4 and 0 <= res[0].acc <= 1
     gen = PrefixCachedGenerator(cmodel, tok, prompt)
+    assert gen.encode("Where")[0] == tok.bos_token_id  # generation starts as training and evaluation windows do
     out = gen.generate("Where is Long Beach?", SamplingConfig(max_new_tokens=4, stop_at_eos=False))
     assert len(out.token_ids) == 4

@@ -193,10 +193,10 @@ def _calibration(tokenizer, cfg: CompressConfig, calib_ids: Tensor | None) -> tu
                 f"calibration ids must be (n, seqlen), got shape {tuple(calib_ids.shape)}",
                 "pass a 2-D LongTensor of windows")
         return calib_ids.long(), {"source": "given", "nsamples": calib_ids.shape[0], "seqlen": calib_ids.shape[1]}
-    from ctp.data.corpora import corpus_ids, sample_windows
+    from ctp.data.corpora import corpus_ids, leading_ids, sample_windows
 
     ids, ref = corpus_ids(cfg.calib_dataset, "train", tokenizer)
-    windows = sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)  # (nsamples, seqlen)
+    windows = sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed, lead=leading_ids(tokenizer))  # (nsamples, seqlen)
     return windows, {**ref.to_dict(), "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed}
 
 

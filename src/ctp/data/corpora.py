@@ -175,26 +175,63 @@ def corpus_ids(name: str, split: str, tokenizer, source: str = "local") -> tuple
     return ids, CorpusRef(name, split, source, split_rule(name, source))
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens (GPTQ protocol), shape (n, seqlen)."""
+def leading_ids(tokenizer) -> list[int]:
+    """The token a tokenizer puts before every text by default (Gemma's ``<bos>``), as a list of at most one id.
+
+    Models trained with such a token expect it at position 0 (Gemma's outputs
+    degenerate without it), so every window starts with it; tokenizers that add
+    nothing by default (SmolLM2's) give ``[]`` and windows of plain text.
+    """
+    probe = "a"
+    with_special = tokenizer(probe, return_attention_mask=False)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return list(with_special[:i])[-1:]
+    return []
+
+
+def _lead_tensor(lead, seqlen: int) -> torch.Tensor:
+    lead = torch.as_tensor(list(lead), dtype=torch.long)
+    require(seqlen - lead.numel() >= 1, f"seqlen {seqlen} leaves no room for text after {lead.numel()} leading "
+            "token(s)", f"use a seqlen of at least {lead.numel() + 1}")
+    return lead
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, lead=()) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens (GPTQ protocol), shape (n, seqlen).
+
+    With ``lead`` (see :func:`leading_ids`) each window is ``lead`` followed by the
+    next ``seqlen - len(lead)`` tokens of text, so a window still scores ``seqlen - 1``
+    predictions, all of them of text when ``lead`` is one token.
+    """
     require(seqlen >= 2, f"seqlen {seqlen} is too short", "use a seqlen of at least 2")
-    n = ids.numel() // seqlen
-    require(n >= 1, f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}",
+    head = _lead_tensor(lead, seqlen)
+    width = seqlen - head.numel()
+    n = ids.numel() // width
+    require(n >= 1, f"the text has {ids.numel()} tokens, fewer than one window of {width}",
             "use a shorter --seqlen or a larger corpus")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seqlen].view(n, seqlen)  # (n, seqlen)
+    text = ids[: n * width].view(n, width)
+    return torch.cat([head.expand(n, -1), text], dim=1) if head.numel() else text  # (n, seqlen)
 
 
-def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``n`` random windows of ``seqlen`` tokens (calibration/training sampling), shape (n, seqlen)."""
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0, lead=()) -> torch.Tensor:
+    """``n`` random windows of ``seqlen`` tokens (calibration/training sampling), shape (n, seqlen).
+
+    With ``lead`` each window is ``lead`` followed by ``seqlen - len(lead)`` tokens of text.
+    """
     require(n >= 1, f"number of samples {n} must be at least 1", "pass --nsamples 1 or more")
     require(seqlen >= 2, f"seqlen {seqlen} is too short", "use a seqlen of at least 2")
-    require(ids.numel() > seqlen, f"the text has {ids.numel()} tokens, not more than one window of {seqlen}",
+    head = _lead_tensor(lead, seqlen)
+    width = seqlen - head.numel()
+    require(ids.numel() > width, f"the text has {ids.numel()} tokens, not more than one window of {width}",
             "use a shorter --seqlen or a larger corpus")
     # windows may overlap (the GPTQ protocol), but n of them need n distinct start positions
-    require(ids.numel() - seqlen >= n, f"the text has {ids.numel()} tokens, too few for {n} distinct windows of "
-            f"{seqlen} (needs at least {seqlen + n})", "use fewer samples, a shorter --seqlen or a larger corpus")
+    require(ids.numel() - width >= n, f"the text has {ids.numel()} tokens, too few for {n} distinct windows of "
+            f"{width} (needs at least {width + n})", "use fewer samples, a shorter --seqlen or a larger corpus")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])  # (n, seqlen)
+    starts = torch.randint(0, ids.numel() - width, (n,), generator=gen)
+    text = torch.stack([ids[s : s + width] for s in starts.tolist()])
+    return torch.cat([head.expand(n, -1), text], dim=1) if head.numel() else text  # (n, seqlen)

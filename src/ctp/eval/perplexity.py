@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from ctp.data.corpora import corpus_ids, eval_windows
+from ctp.data.corpora import corpus_ids, eval_windows, leading_ids
 from ctp.models.adapter import check_positions
 from ctp.errors import require
 from ctp.eval.stats import mean_ci
@@ -75,7 +75,7 @@ def perplexity(
     check_positions(model, seqlen + k, f"a window of {seqlen} tokens" + (f" after a prompt of {k}" if k else ""),
                     "use a shorter --seqlen" + (" or a shorter prompt" if k else ""))
     ids, ref = corpus_ids(dataset, split, tokenizer, source)
-    windows = eval_windows(ids, seqlen, max_windows)
+    windows = eval_windows(ids, seqlen, max_windows, lead=leading_ids(tokenizer))
     label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({k})" if k else "")
     sums = window_nlls(model, windows, prompt, batch_size, progress=label if progress else False)  # (n,)
     per_window = sums / (windows.shape[1] - 1)  # every window scores seqlen-1 tokens

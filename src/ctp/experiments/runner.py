@@ -116,6 +116,7 @@ class Runner:
     on_save: Callable[[list[dict]], None] | None = None  # called after each stage (e.g. to rewrite the report)
     worker: bool = False  # one of several processes sharing the grid (see the module docstring)
     _loaded: tuple[str, object, object, object] | None = None
+    _lead: list[int] | None = None
     _teacher: object | None = None
     deferred: int = 0  # what this pass skipped because another worker holds it
 
@@ -162,12 +163,25 @@ class Runner:
         return self.cfg.compress_config(label)
 
     def model_key(self, label: str) -> str:
+        base = {"model": self.cfg.model}
+        lead = self.leading_ids()
+        if lead:  # windows start with the tokenizer's BOS; models whose tokenizer adds none keep their old keys
+            base["lead"] = lead
         if label == FULL:
-            return content_hash({"model": self.cfg.model})
+            return content_hash(base)
         from ctp.compress.config import ALGORITHM_VERSION
 
-        return content_hash({"model": self.cfg.model, "compress": self.compress_config(label).to_dict(),
+        return content_hash({**base, "compress": self.compress_config(label).to_dict(),
                              "algorithm_version": ALGORITHM_VERSION})
+
+    def leading_ids(self) -> list[int]:
+        """The token the model's tokenizer puts before every window (:func:`ctp.data.corpora.leading_ids`)."""
+        if self._lead is None:
+            from ctp.data.corpora import leading_ids
+            from ctp.models.load import load_tokenizer
+
+            self._lead = leading_ids(load_tokenizer(self.cfg.model))
+        return self._lead
 
     def model_path(self, label: str) -> str:
         """Where the compressed model of ``label`` lives.

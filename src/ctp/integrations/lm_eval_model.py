@@ -90,7 +90,7 @@ class CTPLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
 
-        gen = PrefixCachedGenerator(self.model, self.tokenizer, self.prompt, add_special_tokens=False)
+        gen = PrefixCachedGenerator(self.model, self.tokenizer, self.prompt)
         out = []
         for r in requests:
             context, kwargs = r.args

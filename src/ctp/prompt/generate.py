@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ctp.data.corpora import leading_ids
 from ctp.errors import require
 from ctp.models.adapter import check_positions
 from ctp.lm import check_prompt, prefix_cache, prompt_inputs, prompt_length
@@ -122,12 +123,13 @@ class PrefixCachedGenerator:
     """Generates continuations after a fixed prompt whose KV cache is computed once and reused.
 
     ``prompt`` is a soft prompt (k, hidden) (or :func:`ctp.prompt.embed.hard_prompt`), a prefix
-    (2, layers, kv_heads, k, head_dim) or None (see :mod:`ctp.lm`). Text is tokenised without special tokens, as prompts are trained and perplexity is
-    measured.
+    (2, layers, kv_heads, k, head_dim) or None (see :mod:`ctp.lm`). Text starts with the tokenizer's leading token, if it adds one by default
+    (:func:`ctp.data.corpora.leading_ids`: Gemma's ``<bos>``), as the windows prompts are trained and perplexity
+    is measured on do; ``add_special_tokens=False`` leaves it out.
     """
 
     def __init__(self, model: nn.Module, tokenizer, prompt: torch.Tensor | None = None,
-                 add_special_tokens: bool = False):
+                 add_special_tokens: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
@@ -144,8 +146,10 @@ class PrefixCachedGenerator:
         self.prefix_seconds = time.perf_counter() - t0 if prompt is not None else 0.0
 
     def encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         require(len(ids) > 0, "the text to continue is empty", "pass a non-empty question")
+        if self.add_special_tokens:
+            ids = leading_ids(self.tokenizer) + list(ids)
         return torch.tensor(ids, dtype=torch.long)
 
     @torch.no_grad()

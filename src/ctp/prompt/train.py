@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctp import distributed
-from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, sample_windows
+from ctp.data.corpora import SOURCES, canonical, corpus_ids, eval_windows, leading_ids, sample_windows
 from ctp.errors import CTPError, check_field_types, require
 from ctp.io import load_tensors, save_tensors
 from ctp.models.adapter import check_positions, decoder_layers
@@ -505,6 +505,7 @@ def train_prompt(
     check_positions(model, prompt_cfg.num_tokens + cfg.seqlen,
                     f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen})", "use a shorter --seqlen or fewer --tokens")
     train_ids, train_ref, val_ref, val_windows = _training_data(tokenizer, cfg)
+    lead = leading_ids(tokenizer)  # every window starts with the tokenizer's BOS, if it adds one
     run = _start_run(model, tokenizer, model_info, prompt_cfg, cfg, val_windows, device,
                      Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None),
                      resume)
@@ -515,7 +516,8 @@ def train_prompt(
         try:
             for step in range(run.start, cfg.steps):
                 lr = lr_at(step, cfg)
-                batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step))
+                batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step),
+                                       lead=lead)
                 loss, history.stopped = _step(model, run.prompt, run.opt, run.scaler, teacher, batch, cfg, lr, step,
                                               run.amp)
                 if history.stopped:
@@ -543,7 +545,7 @@ def _training_data(tokenizer, cfg: TrainConfig):
     """(training token ids, their record, the validation record, validation windows (n_val, seqlen))."""
     train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
     val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
-    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows)  # (n_val, seqlen)
+    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows, lead=leading_ids(tokenizer))  # (n_val, seqlen)
     require(train_ids.numel() > cfg.seqlen, f"the training text has {train_ids.numel()} tokens, "
             f"not more than one window of {cfg.seqlen}", "use a shorter --seqlen")
     return train_ids, train_ref, val_ref, val_windows

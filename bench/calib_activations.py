@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
 
     from ctp.compress.config import CompressConfig
     from ctp.compress.driver import compress_model
-    from ctp.data.corpora import corpus_ids, eval_windows
+    from ctp.data.corpora import corpus_ids, eval_windows, leading_ids
     from ctp.lm import window_nlls
     from ctp.models.load import load_model
 
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     rows = []
     for ds in args.datasets.split(","):
         ids, _ = corpus_ids(ds, "test", tok)
-        w = eval_windows(ids, args.seqlen, args.windows)
+        w = eval_windows(ids, args.seqlen, args.windows, lead=leading_ids(tok))
         a, b = window_nlls(ref, w), window_nlls(low, w)
         rows.append({"dataset": ds, "windows": w.shape[0], "tokens": w.shape[0] * (args.seqlen - 1),
                      **_paired(a, b, args.seqlen - 1)})

@@ -380,11 +380,11 @@ def _rss_after_load(spec: str, runtime: str, dtype: str, embeddings: str = "dens
 
 def _ppl_windows(model, tok, n: int, seqlen: int) -> Tensor:
     """Per-window summed NLL (n,) on c4 test."""
-    from ctp.data.corpora import corpus_ids, eval_windows
+    from ctp.data.corpora import corpus_ids, eval_windows, leading_ids
     from ctp.lm import window_nlls
 
     ids, _ = corpus_ids("c4", "test", tok)
-    return window_nlls(model, eval_windows(ids, seqlen, n), None, 1, progress=False)
+    return window_nlls(model, eval_windows(ids, seqlen, n, lead=leading_ids(tok)), None, 1, progress=False)
 
 
 def _rel_change(nll: Tensor, ref: Tensor, tokens: int) -> dict[str, float]:

@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING)
 
     from ctp.commands.train_prompt import teacher_spec
-    from ctp.data.corpora import corpus_ids, eval_windows
+    from ctp.data.corpora import corpus_ids, eval_windows, leading_ids
     from ctp.models.load import load_model
     from ctp.prompt.artifact import load_prompt
     from ctp.prompt.soft import PromptConfig
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     # baselines on the same test windows, and the validation gap the curves are measured against; they depend on
     # the two models and the windows only, so they are kept beside the JSON and reused by later runs
     val_ids, _ = corpus_ids("c4", "validation", tok)
-    val = eval_windows(val_ids, args.seqlen, args.eval_windows)
+    val = eval_windows(val_ids, args.seqlen, args.eval_windows, lead=leading_ids(tok))
     base, val_full, val_none = _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir)
 
     rows, curves = [], {}

@@ -159,3 +159,27 @@ def test_packed_runtime_runs_the_grid_and_keeps_its_own_cells(tiny_dir, tmp_path
     assert abs(recs[("q4", "packed")] / recs[("q4", "dense")] - 1) < 0.01
     with pytest.raises(CTPError, match="runtime"):
         ExperimentConfig.from_dict({**exp, "runtime": "fast"})
+
+
+def test_run_keys_name_the_leading_bos_only_where_the_tokenizer_adds_one(tiny_dir, tmp_path):
+    """Windows start with the tokenizer's BOS (when it adds one): results made without it must not be reused,
+    while models whose tokenizer adds none keep the keys (and cached results) they had."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ctp.experiments.runner import Runner, content_hash
+
+    plain = Runner(ExperimentConfig.from_dict(tiny_experiment(tiny_dir)), tmp_path / "a", progress=False)
+    assert plain.leading_ids() == []
+    assert plain.model_key("full") == content_hash({"model": tiny_dir})
+
+    bos_dir = tmp_path / "tiny-bos"
+    shutil.copytree(tiny_dir, bos_dir)
+    AutoTokenizer.from_pretrained(tiny_dir, add_bos_token=True).save_pretrained(bos_dir)
+    with_bos = Runner(ExperimentConfig.from_dict(tiny_experiment(str(bos_dir))), tmp_path / "b", progress=False)
+    lead = with_bos.leading_ids()
+    assert len(lead) == 1
+    assert with_bos.model_key("full") == content_hash({"model": str(bos_dir), "lead": lead})
+    assert with_bos.model_key("q4") != Runner(ExperimentConfig.from_dict(tiny_experiment(str(bos_dir))),
+                                              tmp_path / "c", progress=False, _lead=[]).model_key("q4")

@@ -23,6 +23,8 @@ RECIPES = {
     "gptq3g32-act": CompressConfig(quant=QuantConfig(bits=3, group_size=32, act_order=True)),
     "2:4": CompressConfig(prune=PruneConfig(prune_n=2, prune_m=4)),
     "magnitude50": CompressConfig(prune=PruneConfig(method="magnitude", sparsity=0.5)),
+    "wanda50+rtn4g32": CompressConfig(prune=PruneConfig(method="wanda", sparsity=0.5),
+                                      quant=QuantConfig(method="rtn", bits=4, group_size=32)),
 }
 
 
@@ -62,7 +64,7 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3_text"])
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_reload_gives_bit_identical_logits(family, recipe, tmp_path, tokenizer):
     model = make_tiny(family)

@@ -239,3 +239,42 @@ def test_calib_activations_bench_at_toy_size(tiny_dir):
     row = r["rows"][0]
     assert row["windows"] == 3 and row["ci_pct"][0] <= row["change_pct"] <= row["ci_pct"][1]
     assert 0 < r["weights_differing"] < 0.5
+
+
+def test_prompt_placement_bench_at_toy_size(tiny_dir, tmp_path):
+    """bench.prompt_placement on a tiny model whose tokenizer adds a BOS: both placements scored on the same
+    tokens, with shares; a model whose tokenizer adds none is refused."""
+    import math
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from bench import prompt_placement
+    from ctp.cli import main as ctp_main
+
+    src = tmp_path / "bos"
+    shutil.copytree(tiny_dir, src)
+    AutoTokenizer.from_pretrained(tiny_dir, add_bos_token=True).save_pretrained(src)
+    comp, prompt = tmp_path / "c", tmp_path / "p.safetensors"
+    assert ctp_main(["-q", "compress", "--model", str(src), "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+                     "--out", str(comp)]) == 0
+    assert ctp_main(["-q", "train-prompt", "--model", str(comp), "--kind", "prefix", "--tokens", "4", "--steps", "2",
+                     "--seqlen", "32", "--batch-size", "1", "--eval-every", "2", "--eval-windows", "1",
+                     "--out", str(prompt)]) == 0
+    r = prompt_placement.main(["--compressed", str(comp), "--prompt", str(prompt), "--tokens", "4", "--steps", "2",
+                               "--windows", "2", "--seqlen", "64", "--train-seqlen", "32", "--datasets", "c4",
+                               "--json", str(tmp_path / "pp.json")])
+    row = r["rows"][0]
+    assert row["windows"] == 2 and row["tokens"] == 2 * 62
+    assert all(math.isfinite(row[k]) for k in ("full", "none", "before_bos", "after_bos"))
+    assert row["none"] != row["full"] and row["after_bos"] != row["before_bos"]
+    plain = tmp_path / "c-plain"
+    assert ctp_main(["-q", "compress", "--model", tiny_dir, "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+                     "--out", str(plain)]) == 0
+    with pytest.raises(SystemExit, match="adds no BOS"):
+        prompt_placement.main(["--compressed", str(plain), "--prompt", str(prompt), "--steps", "1"])
+    import ctp.prompt.train as train_mod
+    from ctp.data.corpora import leading_ids
+    from ctp.prompt.soft import init_prompt
+
+    assert train_mod.leading_ids is leading_ids and train_mod.init_prompt is init_prompt  # put back as they were

@@ -454,8 +454,14 @@ def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int,
         ctx = ids[:, : max(1, min(32, prefill))]
         ref = models["dense fp32"](ids[:, :32]).logits.float()
 
-        def prefill_fn(m):
+        def prefill_fn(m):  # every position's logits, as scoring and training need them
             return lambda: m(ids, use_cache=False).logits
+
+        def prefill_last_fn(m):  # the next token's logits only, as `ctp generate` prefills
+            from ctp.models.adapter import forward_accepts
+
+            last = {"logits_to_keep": 1} if forward_accepts(m, "logits_to_keep") else {}
+            return lambda: m(ids, use_cache=False, **last).logits
 
         from ctp.prompt.generate import PrefixCachedGenerator, SamplingConfig
 
@@ -473,6 +479,7 @@ def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int,
         c_pre: dict[str, list[float]] = {}
         c_dec: dict[str, list[float]] = {}
         t_pre, _ = interleaved({k: prefill_fn(m) for k, m in models.items()}, repeats, device, warmup=1, cpu=c_pre)
+        t_last, _ = interleaved({k: prefill_last_fn(m) for k, m in models.items()}, repeats, device, warmup=1)
         interleaved({k: decode_fn(k, m) for k, m in models.items()}, repeats, device, warmup=1, cpu=c_dec)
         t_dec = {k: v[1:] for k, v in per_token.items()}  # without the warm-up call
         nll = {}
@@ -499,6 +506,7 @@ def bench_runtime(artifacts: list[str], prefill: int, decode: int, repeats: int,
                    "prefill_speedup": median(t_pre["dense fp32"]) / pre,
                    "decode_speedup": median(t_dec["dense fp32"]) / dec,
                    "prefill_speedup_cpu": median(c_pre["dense fp32"]) / median(c_pre[name]),
+                   "prefill_last_speedup": median(t_last["dense fp32"]) / median(t_last[name]),
                    "generate_speedup_cpu": median(c_dec["dense fp32"]) / median(c_dec[name]),
                    "weight_bytes": wb, "weight_vs_dense_fp16": wb / fp16_bytes,
                    "rss_load_bytes": rss.get("rss_after_load", 0) - rss.get("rss_baseline", 0) if rss else None,
@@ -607,8 +615,9 @@ def report(r: dict[str, Any]) -> str:
             parts.append("skipped: " + ", ".join(f"{k} ({v})" for k, v in mo["skipped"].items()))
     if r.get("runtime"):
         parts.append(table(r["runtime"], ["label", "runtime", "packed_linears", "prefill_tokens_per_s",
-                                          "prefill_speedup", "prefill_speedup_cpu", "decode_tokens_per_s",
-                                          "decode_speedup", "generate_speedup_cpu", "weight_bytes",
+                                          "prefill_speedup", "prefill_speedup_cpu", "prefill_last_speedup",
+                                          "decode_tokens_per_s", "decode_speedup", "generate_speedup_cpu",
+                                          "weight_bytes",
                                           "weight_vs_dense_fp16", "rss_load_bytes", "logits_max_rel_err", "ppl",
                                           "ppl_rel_change", "ppl_rel_low", "ppl_rel_high"],
                            "loaded ctp artifacts (speedups against the dense fp32 rebuild of the same artifact)"))

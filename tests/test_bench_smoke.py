@@ -197,6 +197,7 @@ def test_inference_runtime_section_smoke():
     assert rows["packed, int8 embeddings"]["weight_bytes"] < rows["packed, bf16 rest"]["weight_bytes"]
     assert rows["packed, fp32 rest"]["logits_max_rel_err"] < 3e-2
     assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in rows.values())
+    assert rows["dense fp32"]["prefill_last_speedup"] == 1 and all(r["prefill_last_speedup"] > 0 for r in rows.values())
 
 
 def test_teacher_cache_bench_at_toy_size(tiny_dir, tmp_path):

@@ -32,7 +32,6 @@ results with the same limit always cover the same items.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ from ctp.errors import CTPError, require
 from ctp.eval.tasks import Item, get_task, load_items
 from ctp.eval.stats import mean_stderr
 from ctp.lm import check_prompt, prefix_cache as build_prefix_cache, prompt_inputs, prompt_length
-from ctp.models.adapter import check_positions
+from ctp.models.adapter import check_positions, forward_accepts
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +110,6 @@ def model_max_length(model: nn.Module, tokenizer=None) -> int:
 # ----------------------------------------------------------------------------- scoring kernel
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
 @torch.inference_mode()
 def score_token_requests(
     model: nn.Module,
@@ -151,7 +146,7 @@ def score_token_requests(
     rows, targets = _dedupe(requests, budget)
     order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: padding stays small, OOM shows early
     cache = build_prefix_cache(model, prompt) if prefix_cache else None
-    keep_positions = _accepts(model, "logits_to_keep")
+    keep_positions = forward_accepts(model, "logits_to_keep")
     out: list = [0.0] * len(requests)
     desc = progress if isinstance(progress, str) else "loglikelihood"
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,

@@ -220,3 +220,10 @@ def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, float | None] | 
         return None
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     return body, head, (float(cap) if cap else None)
+
+
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name`` (e.g. ``logits_to_keep``, which not every family has)."""
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters

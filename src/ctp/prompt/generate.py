@@ -23,7 +23,7 @@ from torch import nn
 
 from ctp.data.corpora import leading_ids
 from ctp.errors import require
-from ctp.models.adapter import check_positions
+from ctp.models.adapter import check_positions, forward_accepts
 from ctp.lm import check_prompt, prefix_cache, prompt_inputs, prompt_length
 
 
@@ -170,8 +170,9 @@ class PrefixCachedGenerator:
 
         _sync(dev)
         t0 = time.perf_counter()
+        last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}  # only the next token's
         out = model(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long, device=dev),
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, **last)
         tok = pick_token(out.logits[0, -1], cfg, gen)
         new.append(tok)
         _sync(dev)

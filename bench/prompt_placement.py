@@ -55,8 +55,8 @@ def run(args) -> dict:
         ids = _start_ids(t, c, m.get_input_embeddings().weight.shape[0], gen)
         return cache_of_tokens(m, torch.cat([torch.tensor(lead), ids[: c.num_tokens - 1]]))
 
-    tcfg = train_mod.TrainConfig(steps=args.steps, seqlen=args.train_seqlen, batch_size=2, lr=0.01, warmup_steps=6, eval_every=20,
-                                 eval_windows=4, objective="nll", checkpoint_every=0)
+    tcfg = train_mod.TrainConfig(steps=args.steps, seqlen=args.train_seqlen, batch_size=2, lr=0.01, warmup_steps=6,
+                                 eval_every=20, eval_windows=4, objective="nll", checkpoint_every=0)
     out_path = Path(args.json).with_suffix(".safetensors") if args.json else Path("prompt_placement.safetensors")
     t0 = time.process_time()
     # training windows without their BOS: the prefix's first entry stands where it was (restored afterwards)
@@ -79,8 +79,8 @@ def run(args) -> dict:
         b = _per_window(model, w[:, 1:], after, 0)  # [<bos> + prefix][text]: the same scored tokens
         ppl = lambda v: math.exp(sum(v) / len(v))  # noqa: E731
         sa, sb = recovered_share(n, a, f), recovered_share(n, b, f)
-        rows.append({"dataset": ds, "windows": w.shape[0], "tokens": w.shape[0] * (args.seqlen - 2), "full": ppl(f), "none": ppl(n),
-                     "before_bos": ppl(a), "after_bos": ppl(b),
+        rows.append({"dataset": ds, "windows": w.shape[0], "tokens": w.shape[0] * (args.seqlen - 2),
+                     "full": ppl(f), "none": ppl(n), "before_bos": ppl(a), "after_bos": ppl(b),
                      "share_before": f"{100 * sa[0]:.0f}% [{100 * sa[1]:.0f}, {100 * sa[2]:.0f}]",
                      "share_after": f"{100 * sb[0]:.0f}% [{100 * sb[1]:.0f}, {100 * sb[2]:.0f}]",
                      "share_before_raw": sa, "share_after_raw": sb})

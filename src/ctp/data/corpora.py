@@ -191,11 +191,17 @@ def leading_ids(tokenizer) -> list[int]:
     return []
 
 
-def _lead_tensor(lead, seqlen: int) -> torch.Tensor:
+def _lead_tensor(lead, seqlen: int) -> tuple[torch.Tensor, int]:
+    """``lead`` as a LongTensor, and the text tokens a window of ``seqlen`` has room for after it."""
     lead = torch.as_tensor(list(lead), dtype=torch.long)
     require(seqlen - lead.numel() >= 1, f"seqlen {seqlen} leaves no room for text after {lead.numel()} leading "
             "token(s)", f"use a seqlen of at least {lead.numel() + 1}")
-    return lead
+    return lead, seqlen - lead.numel()
+
+
+def _prepend(head: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``head`` in front of every row of ``text`` (n, width): (n, len(head) + width)."""
+    return torch.cat([head.expand(text.shape[0], -1), text], dim=1) if head.numel() else text
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, lead=()) -> torch.Tensor:
@@ -206,15 +212,13 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
     predictions, all of them of text when ``lead`` is one token.
     """
     require(seqlen >= 2, f"seqlen {seqlen} is too short", "use a seqlen of at least 2")
-    head = _lead_tensor(lead, seqlen)
-    width = seqlen - head.numel()
+    head, width = _lead_tensor(lead, seqlen)
     n = ids.numel() // width
     require(n >= 1, f"the text has {ids.numel()} tokens, fewer than one window of {width}",
             "use a shorter --seqlen or a larger corpus")
     if max_windows is not None:
         n = min(n, max_windows)
-    text = ids[: n * width].view(n, width)
-    return torch.cat([head.expand(n, -1), text], dim=1) if head.numel() else text  # (n, seqlen)
+    return _prepend(head, ids[: n * width].view(n, width))  # (n, seqlen)
 
 
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0, lead=()) -> torch.Tensor:
@@ -224,8 +228,7 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0, lead=(
     """
     require(n >= 1, f"number of samples {n} must be at least 1", "pass --nsamples 1 or more")
     require(seqlen >= 2, f"seqlen {seqlen} is too short", "use a seqlen of at least 2")
-    head = _lead_tensor(lead, seqlen)
-    width = seqlen - head.numel()
+    head, width = _lead_tensor(lead, seqlen)
     require(ids.numel() > width, f"the text has {ids.numel()} tokens, not more than one window of {width}",
             "use a shorter --seqlen or a larger corpus")
     # windows may overlap (the GPTQ protocol), but n of them need n distinct start positions
@@ -233,5 +236,4 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0, lead=(
             f"{width} (needs at least {width + n})", "use fewer samples, a shorter --seqlen or a larger corpus")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - width, (n,), generator=gen)
-    text = torch.stack([ids[s : s + width] for s in starts.tolist()])
-    return torch.cat([head.expand(n, -1), text], dim=1) if head.numel() else text  # (n, seqlen)
+    return _prepend(head, torch.stack([ids[s : s + width] for s in starts.tolist()]))  # (n, seqlen)

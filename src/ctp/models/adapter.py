@@ -10,6 +10,7 @@ inside a block, in module order.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -224,6 +225,4 @@ def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, float | None] | 
 
 def forward_accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model.forward`` takes the keyword ``name`` (e.g. ``logits_to_keep``, which not every family has)."""
-    import inspect
-
     return name in inspect.signature(model.forward).parameters

@@ -133,6 +133,8 @@ class PrefixCachedGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
+        self._lead = leading_ids(tokenizer) if add_special_tokens else []
+        self._last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
         emb = model.get_input_embeddings()
         self.device = emb.weight.device
         self.prompt_tokens = prompt_length(prompt)
@@ -148,9 +150,7 @@ class PrefixCachedGenerator:
     def encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         require(len(ids) > 0, "the text to continue is empty", "pass a non-empty question")
-        if self.add_special_tokens:
-            ids = leading_ids(self.tokenizer) + list(ids)
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(self._lead + list(ids), dtype=torch.long)
 
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, cfg: SamplingConfig | None = None) -> tuple[list[int], GenerationStats]:
@@ -170,9 +170,8 @@ class PrefixCachedGenerator:
 
         _sync(dev)
         t0 = time.perf_counter()
-        last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}  # only the next token's
         out = model(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long, device=dev),
-                    past_key_values=cache, use_cache=True, **last)
+                    past_key_values=cache, use_cache=True, **self._last_only)  # only the next token's logits
         tok = pick_token(out.logits[0, -1], cfg, gen)
         new.append(tok)
         _sync(dev)

@@ -504,8 +504,8 @@ def train_prompt(
     teacher = as_teacher(teacher, cfg.teacher_topk) if cfg.objective != "nll" else None
     check_positions(model, prompt_cfg.num_tokens + cfg.seqlen,
                     f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen})", "use a shorter --seqlen or fewer --tokens")
-    train_ids, train_ref, val_ref, val_windows = _training_data(tokenizer, cfg)
     lead = leading_ids(tokenizer)  # every window starts with the tokenizer's BOS, if it adds one
+    train_ids, train_ref, val_ref, val_windows = _training_data(tokenizer, cfg, lead)
     run = _start_run(model, tokenizer, model_info, prompt_cfg, cfg, val_windows, device,
                      Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None),
                      resume)
@@ -541,11 +541,11 @@ def train_prompt(
     return _finish_run(run, model, model_info, train_ref, val_ref, out_path, t_start), history
 
 
-def _training_data(tokenizer, cfg: TrainConfig):
+def _training_data(tokenizer, cfg: TrainConfig, lead: list[int]):
     """(training token ids, their record, the validation record, validation windows (n_val, seqlen))."""
     train_ids, train_ref = corpus_ids(cfg.data, cfg.train_split, tokenizer, cfg.data_source)
     val_ids, val_ref = corpus_ids(cfg.data, VAL_SPLIT, tokenizer, cfg.data_source)
-    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows, lead=leading_ids(tokenizer))  # (n_val, seqlen)
+    val_windows = eval_windows(val_ids, cfg.seqlen, cfg.eval_windows, lead=lead)  # (n_val, seqlen)
     require(train_ids.numel() > cfg.seqlen, f"the training text has {train_ids.numel()} tokens, "
             f"not more than one window of {cfg.seqlen}", "use a shorter --seqlen")
     return train_ids, train_ref, val_ref, val_windows

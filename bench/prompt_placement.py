@@ -58,6 +58,8 @@ def run(args) -> dict:
     tcfg = train_mod.TrainConfig(steps=args.steps, seqlen=args.train_seqlen, batch_size=2, lr=0.01, warmup_steps=6,
                                  eval_every=20, eval_windows=4, objective="nll", checkpoint_every=0)
     out_path = Path(args.json).with_suffix(".safetensors") if args.json else Path("prompt_placement.safetensors")
+    if out_path.resolve() == Path(args.prompt).resolve():
+        raise SystemExit(f"the trained prefix would be written to {out_path}, which is --prompt: pass another --json")
     t0 = time.process_time()
     # training windows without their BOS: the prefix's first entry stands where it was (restored afterwards)
     saved = train_mod.init_prompt, train_mod.leading_ids

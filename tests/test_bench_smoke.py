@@ -272,6 +272,10 @@ def test_prompt_placement_bench_at_toy_size(tiny_dir, tmp_path):
     plain = tmp_path / "c-plain"
     assert ctp_main(["-q", "compress", "--model", tiny_dir, "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
                      "--out", str(plain)]) == 0
+    with pytest.raises(SystemExit, match="which is --prompt"):  # the output never overwrites the input prompt
+        prompt_placement.main(["--compressed", str(comp), "--prompt", str(prompt), "--steps", "1",
+                               "--json", str(tmp_path / "p.json")])
+    assert prompt.is_file()
     with pytest.raises(SystemExit, match="adds no BOS"):
         prompt_placement.main(["--compressed", str(plain), "--prompt", str(prompt), "--steps", "1"])
     import ctp.prompt.train as train_mod

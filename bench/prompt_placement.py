@@ -1,15 +1,14 @@
-"""Where a prefix prompt goes on a model whose tokenizer adds a BOS: before ``[<bos>, text]`` or after ``<bos>``.
+"""Where a prefix prompt goes on a model whose tokenizer adds a BOS: in front of ``[<bos>, text]`` or in its place.
 
-ctp places a learned prompt in front of the whole window, ``[prompt][<bos>][text]`` (PEFT's placement). This
-benchmark measures the alternative ``[<bos>][prompt][text]``: a prefix whose first key/value entry is the
-BOS's own (initialised from the model's cache of ``<bos>`` + k-1 vocabulary tokens, all k entries trained),
-with the windows' BOS left out. The prefix is trained with the recipe of ``--steps`` steps on C4 train (the
-demo's: 2 x 256 tokens, lr 1e-2, 6 warm-up steps, next-token loss) and compared, on the same test windows
-and the same scored tokens (text tokens 2.. of each ``[<bos>] + text`` window of ``--seqlen``), with the compressed
-model without a prompt, with ``--prompt`` (the run's prefix, placed before ``<bos>``) and with the full model.
+ctp puts a learned prompt in the BOS's place, ``[prompt][text]`` with the prompt's first position starting as
+the BOS's own (see ``ctp.lm``). This benchmark trains such a prefix with ctp (``--steps`` steps on C4 train with
+the demo's recipe: 2 x 256 tokens, lr 1e-2, 6 warm-up steps, next-token loss) and compares it, on the same test
+windows and the same scored tokens (text tokens 2.. of each ``[<bos>] + text`` window of ``--seqlen``), with the
+compressed model without a prompt, with ``--prompt`` placed in front of the whole window (PEFT's placement, and
+ctp's before it placed prompts in the BOS's place: ``[prompt][<bos>][text]``) and with the full model.
 
     OMP_NUM_THREADS=1 python -m bench.prompt_placement --threads 1 \\
-        --compressed runs/gemma/models/q3-<key> --prompt runs/gemma/prompts/q3-c4-k25-<key>.safetensors \\
+        --compressed runs/gemma/models/q3-<key> --prompt <a prefix learned in front of <bos>> \\
         --json bench/results/prompt_placement_gemma_q3.json
 """
 
@@ -24,12 +23,13 @@ import torch
 from bench._common import base_parser, finish, headline, machine, setup, table
 
 
-def _per_window(model, windows: torch.Tensor, prompt, skip: int) -> list[float]:
+def _per_window(model, windows: torch.Tensor, prompt, lead: int, skip: int = 0) -> list[float]:
     """Mean NLL of each window over its scored tokens from position ``skip`` of ``token_nll``'s output."""
     from ctp.lm import token_nll
 
     with torch.no_grad():
-        return [float(token_nll(model, windows[i : i + 1], prompt)[0, skip:].mean()) for i in range(windows.shape[0])]
+        return [float(token_nll(model, windows[i : i + 1], prompt, lead=lead)[0, skip:].mean())
+                for i in range(windows.shape[0])]
 
 
 def run(args) -> dict:
@@ -39,35 +39,22 @@ def run(args) -> dict:
     from ctp.commands.train_prompt import teacher_spec
     from ctp.data.corpora import corpus_ids, eval_windows, leading_ids
     from ctp.eval.stats import recovered_share
-    from ctp.lm import cache_of_tokens
     from ctp.models.load import load_model
     from ctp.prompt.artifact import load_prompt
-    from ctp.prompt.soft import PromptConfig, _start_ids
+    from ctp.prompt.soft import PromptConfig
 
     model, tok, info = load_model(args.compressed, device=str(device))
     lead = leading_ids(tok)
     if not lead:
         raise SystemExit(f"{args.compressed}'s tokenizer adds no BOS: nothing to place the prompt after")
     pcfg = PromptConfig(num_tokens=args.tokens, kind="prefix")
-
-    def bos_first(m, t, c):  # the cache of <bos> + k-1 vocabulary tokens: step 0 is that hard prompt after <bos>
-        gen = torch.Generator().manual_seed(c.seed)
-        ids = _start_ids(t, c, m.get_input_embeddings().weight.shape[0], gen)
-        return cache_of_tokens(m, torch.cat([torch.tensor(lead), ids[: c.num_tokens - 1]]))
-
     tcfg = train_mod.TrainConfig(steps=args.steps, seqlen=args.train_seqlen, batch_size=2, lr=0.01, warmup_steps=6,
                                  eval_every=20, eval_windows=4, objective="nll", checkpoint_every=0)
     out_path = Path(args.json).with_suffix(".safetensors") if args.json else Path("prompt_placement.safetensors")
     if out_path.resolve() == Path(args.prompt).resolve():
         raise SystemExit(f"the trained prefix would be written to {out_path}, which is --prompt: pass another --json")
     t0 = time.process_time()
-    # training windows without their BOS: the prefix's first entry stands where it was (restored afterwards)
-    saved = train_mod.init_prompt, train_mod.leading_ids
-    train_mod.init_prompt, train_mod.leading_ids = bos_first, (lambda t: [])
-    try:
-        _, hist = train_mod.train_prompt(model, tok, info, pcfg, tcfg, out_path=out_path, progress=False)
-    finally:
-        train_mod.init_prompt, train_mod.leading_ids = saved
+    _, hist = train_mod.train_prompt(model, tok, info, pcfg, tcfg, out_path=out_path, progress=False)
     train_cpu = time.process_time() - t0
     after = load_prompt(out_path, info).embeddings
     before = load_prompt(args.prompt, info).embeddings
@@ -77,8 +64,8 @@ def run(args) -> dict:
     for ds in args.datasets.split(","):
         w = eval_windows(corpus_ids(ds, "test", tok)[0], args.seqlen, args.windows, lead=lead)  # [<bos>] + text
         f, n = _per_window(full, w, None, 1), _per_window(model, w, None, 1)
-        a = _per_window(model, w, before, 1)  # [prefix][<bos>][text]
-        b = _per_window(model, w[:, 1:], after, 0)  # [<bos> + prefix][text]: the same scored tokens
+        a = _per_window(model, w, before, 0, skip=1)  # [prefix][<bos>][text], the same scored tokens
+        b = _per_window(model, w, after, 1)  # [prefix starting as <bos>][text]
         ppl = lambda v: math.exp(sum(v) / len(v))  # noqa: E731
         sa, sb = recovered_share(n, a, f), recovered_share(n, b, f)
         rows.append({"dataset": ds, "windows": w.shape[0], "tokens": w.shape[0] * (args.seqlen - 2),
@@ -103,7 +90,7 @@ def _report(r: dict) -> str:
 def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--compressed", required=True, help="a ctp-compressed model whose tokenizer adds a BOS")
-    p.add_argument("--prompt", required=True, help="the prefix learned by ctp on that model (placed before <bos>)")
+    p.add_argument("--prompt", required=True, help="a prefix learned on that model in front of <bos> (PEFT's placement)")
     p.add_argument("--tokens", type=int, default=25)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--windows", type=int, default=60, help="test windows per dataset")

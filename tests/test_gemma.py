@@ -57,11 +57,12 @@ def test_gemma_load_compress_prompt_eval(tmp_path):
                              teacher=full, callback=lambda step, h, p: last.update(prompt=p.detach().clone()))
     prompt = load_prompt(tmp_path / "p.safetensors", cinfo).embeddings
     assert prompt.shape[:2] == (2, info.num_layers) and torch.isfinite(prompt).all()
+    assert art.lead == lead  # the prefix takes <bos>'s place, its first entry starting as <bos>'s own
     # the KL to the full model on the first training window falls from the initial prefix to the trained one
     first = sample_windows(corpus_ids("c4", "train", tok)[0], 1, 64, seed=step_seed(0, 0), lead=lead)
     with torch.no_grad():
-        before = token_loss(cmodel, first, init_prompt(cmodel, tok, pcfg), full, tcfg).mean()
-        after = token_loss(cmodel, first, last["prompt"], full, tcfg).mean()
+        before = token_loss(cmodel, first, init_prompt(cmodel, tok, pcfg, lead), full, tcfg, lead=1).mean()
+        after = token_loss(cmodel, first, last["prompt"], full, tcfg, lead=1).mean()
     assert after < before
     with_prompt = perplexity(cmodel, tok, "wikitext2", "test", 64, prompt=prompt, max_windows=2, progress=False)
     assert with_prompt.n_tokens == ppl_none.n_tokens and with_prompt.ppl < 10 * ppl_none.ppl
@@ -69,6 +70,8 @@ def test_gemma_load_compress_prompt_eval(tmp_path):
     res = evaluate_tasks(cmodel, tok, ["piqa"], prompt=prompt, limit=4, progress=False)
     assert res[0].n == 4 and 0 <= res[0].acc <= 1
     gen = PrefixCachedGenerator(cmodel, tok, prompt)
-    assert gen.encode("Where")[0] == tok.bos_token_id  # generation starts as training and evaluation windows do
+    # the prompt holds <bos>'s place, as in training; without a prompt text starts with <bos>
+    assert gen.encode("Where")[0] != tok.bos_token_id
+    assert PrefixCachedGenerator(cmodel, tok).encode("Where")[0] == tok.bos_token_id
     out = gen.generate("Where is Long Beach?", SamplingConfig(max_new_tokens=4, stop_at_eos=False))
     assert len(out.token_ids) == 4

@@ -16,6 +16,17 @@ scored, and serving costs the same: k extra entries in the KV cache
 (:func:`prefix_cache` builds them once; a soft prompt needs one forward for it,
 a prefix none). Evaluators, training and generation all go through the
 functions here, so none of them needs to know which kind it holds.
+
+**The leading token.** Where the tokenizer starts every text with a BOS (Gemma's
+``<bos>``, see :func:`ctp.data.corpora.leading_ids`), inputs carry it as their
+first ``lead`` tokens and a prompt takes its place: the prompt's first ``lead``
+positions start as the BOS's own (its embedding, or its keys and values) and
+learn like the rest, and the text follows without its BOS. The BOS is the
+model's attention sink, and a compressed model's sink is damaged too: a prefix
+that may re-learn it closed 26% of Gemma 3's 3-bit c4 gap against 11% for a
+prefix placed in front of an untouched ``<bos>`` (``bench/prompt_placement.py``).
+Scoring skips the first text token as well, with or without a prompt, so both
+settings score the same tokens ``input_ids[:, lead + 1:]``.
 """
 
 from __future__ import annotations
@@ -144,15 +155,23 @@ def prompt_inputs(
     input_ids: torch.Tensor,
     prompt: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    lead: int = 0,
 ) -> tuple[dict, int]:
     """Model keyword arguments for ``input_ids`` (B, T) with ``prompt`` in front, and the logits' offset.
 
-    The attention mask covers prompt + text (B, k+T), prompt columns ones. A soft
-    prompt is prepended to the input embeddings (logits then cover k+T
-    positions: offset k); a prefix enters as the KV cache (logits cover the T
-    text positions: offset 0).
+    ``logits[:, offset:]`` are those of the positions of ``input_ids[:, lead:]``.
+    With a prompt the first ``lead`` tokens (the BOS) are left out: the prompt
+    holds their positions (see the module notes). The attention mask covers
+    prompt + text, prompt columns ones. A soft prompt is prepended to the input
+    embeddings (offset k); a prefix enters as the KV cache (offset 0); without a
+    prompt the offset is ``lead``.
     """
-    if prompt is None or prompt.dim() == 2:
+    if prompt is None:
+        return embed_inputs(model, input_ids, None, attention_mask), lead
+    if lead:
+        input_ids = input_ids[:, lead:]
+        attention_mask = None if attention_mask is None else attention_mask[:, lead:]
+    if prompt.dim() == 2:
         return embed_inputs(model, input_ids, prompt, attention_mask), prompt_length(prompt)
     return {"input_ids": input_ids, "attention_mask": _prompt_mask(input_ids, attention_mask, prompt_length(prompt)),
             "past_key_values": prefix_cache(model, prompt, input_ids.shape[0])}, 0
@@ -163,9 +182,11 @@ def text_logits(
     input_ids: torch.Tensor,
     prompt: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    lead: int = 0,
 ) -> torch.Tensor:
-    """Logits of the text positions (B, T, V) with ``prompt`` in front (gradients reach the prompt)."""
-    kwargs, offset = prompt_inputs(model, input_ids, prompt, attention_mask)
+    """Logits at the positions of ``input_ids[:, lead:]`` (B, T-lead, V) with ``prompt`` in front (gradients
+    reach the prompt)."""
+    kwargs, offset = prompt_inputs(model, input_ids, prompt, attention_mask, lead)
     use_cache = "past_key_values" in kwargs  # a prefix lives in the cache; nothing else needs one
     return model(**kwargs, use_cache=use_cache).logits[:, offset:, :]
 
@@ -233,29 +254,31 @@ def token_nll(
     input_ids: torch.Tensor,
     prompt: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    lead: int = 0,
 ) -> torch.Tensor:
-    """Per-token negative log-likelihood of ``input_ids[:, 1:]`` given the prefix (and prompt).
+    """Per-token negative log-likelihood of ``input_ids[:, lead + 1:]`` given what precedes it (and the prompt).
 
-    Shape (B, T-1), fp32. The first text token is never scored, with or without
-    a prompt, so both settings score exactly the same tokens. Positions where
-    ``attention_mask`` is 0 get NLL 0. Where the LM head is a plain linear layer
-    the loss goes through :func:`head_nll` (the full logits never exist);
-    otherwise through the model's own logits.
+    Shape (B, T-1-lead), fp32. The first text token is never scored, with or
+    without a prompt, so both settings score exactly the same tokens (with a
+    prompt the first ``lead`` tokens are left out, see the module notes).
+    Positions where ``attention_mask`` is 0 get NLL 0. Where the LM head is a
+    plain linear layer the loss goes through :func:`head_nll` (the full logits
+    never exist); otherwise through the model's own logits.
     """
-    targets = input_ids[:, 1:]  # (B, T-1)
+    targets = input_ids[:, lead + 1:]  # (B, T-1-lead)
     parts = head_parts(model)
     if parts is None:
-        logits = text_logits(model, input_ids, prompt, attention_mask)[:, :-1, :].float()  # (B, T-1, V)
+        logits = text_logits(model, input_ids, prompt, attention_mask, lead)[:, :-1, :].float()  # (B, T-1-lead, V)
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         nll = nll.view_as(targets)
     else:
         body, head, softcap = parts
-        kwargs, offset = prompt_inputs(model, input_ids, prompt, attention_mask)
+        kwargs, offset = prompt_inputs(model, input_ids, prompt, attention_mask, lead)
         use_cache = "past_key_values" in kwargs
-        hidden = body(**kwargs, use_cache=use_cache).last_hidden_state[:, offset:-1, :]  # (B, T-1, H)
+        hidden = body(**kwargs, use_cache=use_cache).last_hidden_state[:, offset:-1, :]  # (B, T-1-lead, H)
         nll = head_nll(hidden, targets, head, softcap)
     if attention_mask is not None:
-        nll = nll * attention_mask[:, 1:].to(nll.dtype)
+        nll = nll * attention_mask[:, lead + 1:].to(nll.dtype)
     return nll
 
 
@@ -265,18 +288,22 @@ def token_kl(
     teacher_logp: torch.Tensor,
     prompt: torch.Tensor | None = None,
     teacher_idx: torch.Tensor | None = None,
+    lead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(teacher || student) and NLL at the scored positions, each (B, T-1), fp32.
+    """Per-token KL(teacher || student) and NLL at the scored positions, each (B, T-1-lead), fp32.
 
     ``teacher_logp`` (B, T-1, V) are the teacher's next-token log-probabilities
-    of the same text without a prompt. With ``teacher_idx`` (B, T-1, K) they are
-    (B, T-1, K), the log-probabilities of those K tokens only, and the KL is the
-    one of the distributions coarsened to K+1 outcomes: those tokens, and the
-    rest of the vocabulary as one. One student forward gives both terms.
+    of the same text without a prompt (all of it: the first ``lead`` positions
+    are dropped here). With ``teacher_idx`` (B, T-1, K) they are (B, T-1, K),
+    the log-probabilities of those K tokens only, and the KL is the one of the
+    distributions coarsened to K+1 outcomes: those tokens, and the rest of the
+    vocabulary as one. One student forward gives both terms.
     """
-    logits = text_logits(model, input_ids, prompt)[:, :-1, :].float()  # (B, T-1, V)
+    logits = text_logits(model, input_ids, prompt, None, lead)[:, :-1, :].float()  # (B, T-1-lead, V)
     logp = torch.log_softmax(logits, dim=-1)
-    nll = -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    nll = -logp.gather(-1, input_ids[:, lead + 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1-lead)
+    teacher_logp = teacher_logp[:, lead:]
+    teacher_idx = None if teacher_idx is None else teacher_idx[:, lead:]
     if teacher_idx is None:
         return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1), nll
     student = logp.gather(-1, teacher_idx)  # (B, T-1, K)
@@ -302,8 +329,11 @@ def window_nlls(
     prompt: torch.Tensor | None = None,
     batch_size: int = 1,
     progress: bool | str = False,
+    lead: int = 0,
 ) -> torch.Tensor:
-    """The NLL sum of each of ``windows`` (n, seqlen) over its tokens 2..seqlen: (n,) float64, on the CPU.
+    """The NLL sum of each of ``windows`` (n, seqlen) over its tokens lead+2..seqlen: (n,) float64, on the CPU.
+
+    ``lead``: how many leading (BOS) tokens each window starts with (see the module notes).
 
     In a process group each process scores a contiguous share of the batches
     (the batches one process would form) and every process returns all n sums:
@@ -315,17 +345,17 @@ def window_nlls(
     desc = progress if isinstance(progress, str) else "perplexity"
     for start in tqdm(starts, desc=desc, disable=not progress or not is_main(), leave=False, unit="batch"):
         ids = windows[start : start + batch_size].to(device)  # (b, seqlen)
-        sums[start : start + ids.shape[0]] = token_nll(model, ids, prompt).double().sum(dim=1).cpu()
+        sums[start : start + ids.shape[0]] = token_nll(model, ids, prompt, lead=lead).double().sum(dim=1).cpu()
     if world()[1] > 1:
         sums = all_reduce_(sums.to(device)).cpu()  # each window is filled by exactly one process
     return sums
 
 
 def window_nll(model: nn.Module, windows: torch.Tensor, prompt: torch.Tensor | None = None, batch_size: int = 1,
-               progress: bool | str = False) -> tuple[float, int]:
+               progress: bool | str = False, lead: int = 0) -> tuple[float, int]:
     """Sum of NLL and number of scored tokens over ``windows`` (n, seqlen) (see :func:`window_nlls`)."""
-    sums = window_nlls(model, windows, prompt, batch_size, progress)
-    return float(sums.sum()), int(windows.shape[0] * (windows.shape[1] - 1))
+    sums = window_nlls(model, windows, prompt, batch_size, progress, lead)
+    return float(sums.sum()), int(windows.shape[0] * (windows.shape[1] - 1 - lead))
 
 
 @torch.no_grad()

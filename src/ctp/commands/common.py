@@ -104,10 +104,12 @@ def load_prompt_arg(spec: str | None, model, tokenizer, info, args=None):
 
     if spec == "hard":
         return hard_prompt(model, tokenizer)
+    from ctp.data.corpora import leading_ids
     from ctp.lm import check_prompt
     from ctp.prompt.artifact import load_prompt
 
-    prompt = load_prompt(spec, info, allow_foreign=getattr(args, "allow_foreign_prompt", False)).embeddings
+    prompt = load_prompt(spec, info, allow_foreign=getattr(args, "allow_foreign_prompt", False),
+                         lead=leading_ids(tokenizer)).embeddings
     check_prompt(model, prompt)  # a prefix's kv heads and head size must fit too
     return prompt
 

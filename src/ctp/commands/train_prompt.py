@@ -227,6 +227,9 @@ def run(args) -> int:
         return 0
     if args.peft_dir:
         export_peft(art, args.peft_dir)
+        if art.lead:
+            print(f"PEFT adapter: its first {len(art.lead)} virtual token(s) take the place of the tokenizer's "
+                  f"leading token {art.lead}: encode text for it with add_special_tokens=False")
     comp = "dense" if not info.compression else "compressed"
     print(f"prompt: {art.shape_text()} on {info.spec} ({comp}), objective {tcfg.objective}")
     print(f"steps: {hist.steps_done}/{tcfg.steps}" + (f" (stopped: {hist.stopped})" if hist.stopped else ""))

@@ -208,8 +208,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
     """Non-overlapping windows of ``seqlen`` tokens (GPTQ protocol), shape (n, seqlen).
 
     With ``lead`` (see :func:`leading_ids`) each window is ``lead`` followed by the
-    next ``seqlen - len(lead)`` tokens of text, so a window still scores ``seqlen - 1``
-    predictions, all of them of text when ``lead`` is one token.
+    next ``seqlen - len(lead)`` tokens of text; it scores all of them but the first
+    (:func:`ctp.lm.token_nll`), with or without a prompt.
     """
     require(seqlen >= 2, f"seqlen {seqlen} is too short", "use a seqlen of at least 2")
     head, width = _lead_tensor(lead, seqlen)

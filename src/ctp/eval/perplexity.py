@@ -75,22 +75,30 @@ def perplexity(
     check_positions(model, seqlen + k, f"a window of {seqlen} tokens" + (f" after a prompt of {k}" if k else ""),
                     "use a shorter --seqlen" + (" or a shorter prompt" if k else ""))
     ids, ref = corpus_ids(dataset, split, tokenizer, source)
-    windows = eval_windows(ids, seqlen, max_windows, lead=leading_ids(tokenizer))
+    lead = leading_ids(tokenizer)
+    windows = eval_windows(ids, seqlen, max_windows, lead=lead)
     label = f"ppl {ref.name}/{ref.split}" + (f" +prompt({k})" if k else "")
-    sums = window_nlls(model, windows, prompt, batch_size, progress=label if progress else False)  # (n,)
-    per_window = sums / (windows.shape[1] - 1)  # every window scores seqlen-1 tokens
+    sums = window_nlls(model, windows, prompt, batch_size, progress=label if progress else False,
+                       lead=len(lead))  # (n,)
+    per_window = sums / scored_tokens(seqlen, len(lead))
     return PPLResult(dataset=ref.name, split=ref.split, source=ref.source, seqlen=seqlen, prompt_tokens=k,
-                     seconds=time.perf_counter() - t0, **window_summary(per_window.tolist(), seqlen))
+                     seconds=time.perf_counter() - t0, **window_summary(per_window.tolist(), seqlen, len(lead)))
 
 
-def window_summary(window_nll: list[float], seqlen: int) -> dict:
-    """The perplexity fields of windows of ``seqlen`` tokens whose mean NLLs are ``window_nll``.
+def scored_tokens(seqlen: int, lead: int = 0) -> int:
+    """The tokens a window of ``seqlen`` scores: all but its first text token and its ``lead`` (BOS) tokens."""
+    return seqlen - 1 - lead
+
+
+def window_summary(window_nll: list[float], seqlen: int, lead: int = 0) -> dict:
+    """The perplexity fields of windows of ``seqlen`` tokens (``lead`` of them a BOS) whose mean NLLs are
+    ``window_nll``.
 
     The windows of a split are a prefix of its windows, so the first n of a
     result's ``window_nll`` give exactly the result of ``max_windows=n``.
     """
     n = len(window_nll)
-    nll = math.fsum(window_nll) / n  # every window scores seqlen-1 tokens: the token mean is the window mean
+    nll = math.fsum(window_nll) / n  # every window scores as many tokens: the token mean is the window mean
     se, low, high = mean_ci(window_nll)
-    return {"n_windows": n, "n_tokens": n * (seqlen - 1), "nll": nll, "ppl": math.exp(nll), "nll_stderr": se,
+    return {"n_windows": n, "n_tokens": n * scored_tokens(seqlen, lead), "nll": nll, "ppl": math.exp(nll), "nll_stderr": se,
             "ppl_low": math.exp(min(low, 700)), "ppl_high": math.exp(min(high, 700)), "window_nll": list(window_nll)}

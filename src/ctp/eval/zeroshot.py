@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctp.data.corpora import leading_ids
 from ctp.errors import CTPError, require
 from ctp.eval.tasks import Item, get_task, load_items
 from ctp.eval.stats import mean_stderr
@@ -121,6 +122,7 @@ def score_token_requests(
     progress: bool | str = False,
     prefix_cache: bool = True,
     return_greedy: bool = False,
+    lead: Sequence[int] = (),
 ) -> list[float] | list[tuple[float, bool]]:
     """Summed log-likelihood of each continuation given its context, in request order.
 
@@ -134,7 +136,10 @@ def score_token_requests(
     predict continuation tokens go through the LM head (``logits_to_keep``).
     With ``prefix_cache`` the prompt's keys and values are computed once and
     reused by every batch (the same numbers as prepending it each time, tested);
-    otherwise the prompt is prepended through ``prompt_inputs``.
+    otherwise the prompt is prepended through ``prompt_inputs``. ``lead`` are the
+    tokenizer's leading ids (its BOS, :func:`ctp.data.corpora.leading_ids`): with a
+    prompt, an input that starts with them loses them, the prompt taking their
+    place (see :mod:`ctp.lm`).
     """
     require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
     check_prompt(model, prompt)
@@ -143,7 +148,7 @@ def score_token_requests(
     budget = window - k
     require(budget >= 1, f"a prompt of {k} tokens leaves no room in a {window}-token window")
 
-    rows, targets = _dedupe(requests, budget)
+    rows, targets = _dedupe(requests, budget, list(lead) if prompt is not None else [])
     order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: padding stays small, OOM shows early
     cache = build_prefix_cache(model, prompt) if prefix_cache else None
     keep_positions = forward_accepts(model, "logits_to_keep")
@@ -167,9 +172,11 @@ def score_token_requests(
     return out
 
 
-def _dedupe(requests: Sequence[tuple[Sequence[int], Sequence[int]]], budget: int):
+def _dedupe(requests: Sequence[tuple[Sequence[int], Sequence[int]]], budget: int, lead: list[int]):
     """({input row: indices of the requests it scores}, continuation of each request): identical inputs share
-    one forward, each left-truncated to ``budget + 1`` tokens with the continuation."""
+    one forward, each left-truncated to ``budget + 1`` tokens with the continuation, then without ``lead`` where
+    it starts with it and a context token follows."""
+    n = len(lead)
     rows: dict[tuple[int, ...], list[int]] = {}
     targets: list[list[int]] = []
     for i, (ctx, cont) in enumerate(requests):
@@ -177,8 +184,10 @@ def _dedupe(requests: Sequence[tuple[Sequence[int], Sequence[int]]], budget: int
         if not cont:
             raise CTPError("a continuation encodes to no tokens", "check the task's choices")
         require(len(cont) <= budget, f"a continuation of {len(cont)} tokens exceeds the {budget}-token window")
-        whole = (list(ctx) + cont)[-(budget + 1):]
-        rows.setdefault(tuple(whole[:-1]), []).append(i)
+        row = (list(ctx) + cont)[-(budget + 1):][:-1]
+        if n and row[:n] == lead and len(row) - n >= len(cont):
+            row = row[n:]
+        rows.setdefault(tuple(row), []).append(i)
         targets.append(cont)
     return rows, targets
 
@@ -225,7 +234,7 @@ def loglikelihoods(
     reqs = [encode_pair(tokenizer, c, x) for c, x in pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return score_token_requests(model, reqs, prompt, batch_size, max_length or model_max_length(model, tokenizer),
-                                pad, progress, prefix_cache)
+                                pad, progress, prefix_cache, lead=leading_ids(tokenizer))
 
 
 # ----------------------------------------------------------------------------- metrics

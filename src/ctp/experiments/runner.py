@@ -255,6 +255,8 @@ class Runner:
             spec["kind"] = r["kind"]
         if self.cfg.runtime != "dense":  # likewise dense runs keep theirs
             spec["runtime"] = self.cfg.runtime
+        if self.leading_ids():  # the prompt takes the BOS's place (ctp.lm); models without one keep their keys
+            spec["placement"] = "lead"
         key = content_hash(spec)
         name = f"{label}@{data}" + ("" if tokens == p.tokens else f"/k{tokens}") + (f"#{recipe}" if recipe else "")
         path = self.root / "prompts" / f"{label}-{data}-k{tokens}-{key}.safetensors"
@@ -297,10 +299,11 @@ class Runner:
             return hard_prompt(model, tok)
         from ctp.prompt.artifact import load_prompt
 
-        return load_prompt(self.ensure_prompt(ref).path, info).embeddings
+        return load_prompt(self.ensure_prompt(ref).path, info, lead=self.leading_ids()).embeddings
 
     def hard_ref(self) -> PromptRef:
-        return PromptRef("hard", "hard")
+        # with a BOS the hard prompt starts with it, taking its place (ctp.lm); models without one keep the key
+        return PromptRef("hard", "hard-lead" if self.leading_ids() else "hard")
 
     # ------------------------------------------------------------------ cells
 
@@ -351,6 +354,8 @@ class Runner:
         s = self.cfg.perplexity
         key = {"model_key": self.model_key(label), "prompt_key": ref.key, "dataset": dataset, "split": s.split,
                "seqlen": s.seqlen, "eval_version": EVAL_VERSION, "runtime": self.cfg.runtime}
+        if self.leading_ids():  # the first text token after the BOS is not scored (ctp.lm); others keep their keys
+            key["scored"] = "after-lead"
         path = self.root / "measurements" / f"ppl-{content_hash(key)}.json"
 
         def covers(m: dict | None) -> bool:  # None windows: the whole split; fewer windows than asked: all there are
@@ -375,7 +380,7 @@ class Runner:
                          "window_nll": r.window_nll}
                     atomic_write_json(path, m)
         nlls = m["window_nll"] if windows is None else m["window_nll"][:windows]
-        return window_summary(nlls, s.seqlen)
+        return window_summary(nlls, s.seqlen, len(self.leading_ids()))
 
     @staticmethod
     def _read_measurement(path: Path, key: dict) -> dict | None:

@@ -40,6 +40,7 @@ class CTPLM(LM):
                  allow_foreign_prompt: bool | str = False, pretrained=None, tokenizer=None, runtime: str = "auto",
                  **_ignored):
         super().__init__()
+        from ctp.data.corpora import leading_ids
         from ctp.devices import check_device, default_device
         from ctp.lm import check_prompt
         from ctp.models.load import load_model
@@ -52,6 +53,7 @@ class CTPLM(LM):
                 pretrained or model, dtype=dtype, device=check_device(device) if device else default_device(),
                 runtime=choose_runtime(runtime, "score"))
         self.prompt = None
+        self.lead = leading_ids(self.tokenizer)  # the BOS a prompt takes the place of (see ctp.lm)
         if prompt:
             if prompt == "hard":
                 from ctp.prompt.embed import hard_prompt
@@ -60,7 +62,8 @@ class CTPLM(LM):
             else:
                 from ctp.prompt.artifact import load_prompt
 
-                self.prompt = load_prompt(prompt, info, allow_foreign=_flag(allow_foreign_prompt)).embeddings
+                self.prompt = load_prompt(prompt, info, allow_foreign=_flag(allow_foreign_prompt),
+                                          lead=self.lead).embeddings
             check_prompt(self.model, self.prompt)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length) if max_length else model_max_length(self.model, self.tokenizer)
@@ -69,7 +72,8 @@ class CTPLM(LM):
 
     def _score(self, reqs, disable_tqdm: bool) -> list[tuple[float, bool]]:
         return score_token_requests(self.model, reqs, self.prompt, self.batch_size, self.max_length, self.pad_id,
-                                    progress=False if disable_tqdm else "lm-eval", return_greedy=True)
+                                    progress=False if disable_tqdm else "lm-eval", return_greedy=True,
+                                    lead=self.lead)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return self._score([encode_pair(self.tokenizer, *r.args) for r in requests], disable_tqdm)

@@ -74,6 +74,9 @@ class PromptArtifact:
     val_ppl_no_prompt: float | None = None
     train_config: dict | None = None
     prompt_config: dict | None = None
+    # the tokenizer's leading ids (its BOS) whose place the prompt takes, see ctp.lm; [] none; None not recorded
+    # (a PEFT adapter made elsewhere, or a prompt from before ctp placed prompts so)
+    lead: list[int] | None = None
     ctp_version: str = field(default_factory=_ctp_version)
 
     @property
@@ -205,12 +208,27 @@ def _describe_compression(c: dict | None) -> str:
     return str(label) if label else json.dumps(c.get("config", c), sort_keys=True, default=str)
 
 
-def load_prompt(path: str | Path, model_info=None, allow_foreign: bool = False) -> PromptArtifact:
+def check_lead(art: PromptArtifact, lead: list[int], where: str = "the prompt") -> None:
+    """Warn when ``art`` was not learned in the place ctp puts it: instead of the leading ids ``lead`` (the
+    tokenizer's BOS, see :mod:`ctp.lm`). A prompt that records nothing is taken as learned so where the
+    tokenizer has no BOS, and as learned in front of the BOS (PEFT's placement, older ctp prompts) where it has."""
+    learned = art.lead if art.lead is not None else []
+    if list(learned) != list(lead):
+        log.warning("%s was learned %s but ctp puts it in place of the leading token(s) %s (see ctp.lm): its "
+                    "results will differ from those it had; learn one again with ctp train-prompt", where,
+                    f"in place of the leading token(s) {learned}" if learned else "in front of the whole input",
+                    list(lead))
+
+
+def load_prompt(path: str | Path, model_info=None, allow_foreign: bool = False,
+                lead: list[int] | None = None) -> PromptArtifact:
     """Read a prompt file (or a PEFT prompt-tuning directory) and, given a ``ModelInfo``, check it fits the model.
 
     Raises :class:`CTPError` when the file is missing, damaged or modified (checksum),
     or when the hidden size or tokenizer differ from the model's; logs a warning when
-    the compression differs (a transfer, which is allowed).
+    the compression differs (a transfer, which is allowed), and, given the
+    tokenizer's leading ids ``lead``, when the prompt was learned in another place
+    (:func:`check_lead`).
     """
     path = Path(path)
     if path.is_dir():
@@ -227,6 +245,8 @@ def load_prompt(path: str | Path, model_info=None, allow_foreign: bool = False) 
         art = PromptArtifact.from_parts(emb, meta)
     if model_info is not None:
         check_compatible(art, model_info, where=f"prompt {path}", allow_foreign=allow_foreign)
+    if lead is not None:
+        check_lead(art, lead, where=f"prompt {path}")
     return art
 
 
@@ -242,7 +262,10 @@ def export_peft(art: PromptArtifact, directory: str | Path) -> Path:
     ``PREFIX_TUNING`` (``token_dim = kv_heads * head_dim``, no projection) for
     ``CAUSAL_LM`` with ``num_virtual_tokens = k`` and one transformer submodule;
     ``adapter_model.safetensors`` holds ``prompt_embeddings`` fp32, with the ctp
-    metadata in its header so :func:`import_peft` restores it.
+    metadata in its header so :func:`import_peft` restores it. A prompt learned
+    in place of the tokenizer's BOS (``art.lead``, see :mod:`ctp.lm`) holds the
+    BOS's positions itself: PEFT puts it in front of the input, so the text must be
+    encoded without the BOS (``add_special_tokens=False``) to read what ctp reads.
     """
     from safetensors.torch import save_file
 

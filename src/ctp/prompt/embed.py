@@ -25,10 +25,17 @@ def hard_prompt_ids(tokenizer, text: str = HARD_PROMPT_TEXT) -> torch.Tensor:
 
 @torch.no_grad()
 def hard_prompt(model: nn.Module, tokenizer, text: str = HARD_PROMPT_TEXT) -> torch.Tensor:
-    """The hard prompt as an embedding tensor of shape (k, hidden), fp32."""
+    """The hard prompt as an embedding tensor of shape (k, hidden), fp32.
+
+    Where the tokenizer starts texts with a BOS the prompt begins with it, as every
+    prompt takes the BOS's place (see :mod:`ctp.lm`): the model reads ``<bos>``, the
+    prompt's text, then the text without its own ``<bos>``.
+    """
+    from ctp.data.corpora import leading_ids
+
     emb = model.get_input_embeddings()
-    ids = hard_prompt_ids(tokenizer, text).to(emb.weight.device)
-    return emb(ids).float()
+    ids = torch.cat([torch.tensor(leading_ids(tokenizer), dtype=torch.long), hard_prompt_ids(tokenizer, text)])
+    return emb(ids.to(emb.weight.device)).float()
 
 
 @torch.no_grad()

@@ -123,9 +123,10 @@ class PrefixCachedGenerator:
     """Generates continuations after a fixed prompt whose KV cache is computed once and reused.
 
     ``prompt`` is a soft prompt (k, hidden) (or :func:`ctp.prompt.embed.hard_prompt`), a prefix
-    (2, layers, kv_heads, k, head_dim) or None (see :mod:`ctp.lm`). Text starts with the tokenizer's leading token, if it adds one by default
-    (:func:`ctp.data.corpora.leading_ids`: Gemma's ``<bos>``), as the windows prompts are trained and perplexity
-    is measured on do; ``add_special_tokens=False`` leaves it out.
+    (2, layers, kv_heads, k, head_dim) or None (see :mod:`ctp.lm`). Without a prompt, text starts with the
+    tokenizer's leading token, if it adds one by default (:func:`ctp.data.corpora.leading_ids`: Gemma's
+    ``<bos>``), as the windows perplexity is measured on do; a prompt takes that token's place, as in training,
+    so the text follows it directly. ``add_special_tokens=False`` leaves the token out in any case.
     """
 
     def __init__(self, model: nn.Module, tokenizer, prompt: torch.Tensor | None = None,
@@ -133,7 +134,7 @@ class PrefixCachedGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
-        self._lead = leading_ids(tokenizer) if add_special_tokens else []
+        self._lead = leading_ids(tokenizer) if add_special_tokens and prompt is None else []
         self._last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
         emb = model.get_input_embeddings()
         self.device = emb.weight.device

@@ -18,6 +18,7 @@ stays the default for both kinds.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import asdict, dataclass
 
@@ -101,14 +102,25 @@ def _start_ids(tokenizer, cfg: PromptConfig, vocab_rows: int, gen: torch.Generat
 
 
 @torch.no_grad()
-def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig) -> torch.Tensor:
-    """The starting prompt, fp32, on the embedding's device: (k, hidden) soft, (2, L, H, k, D) prefix."""
+def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig, lead: list[int] | None = None) -> torch.Tensor:
+    """The starting prompt, fp32, on the embedding's device: (k, hidden) soft, (2, L, H, k, D) prefix.
+
+    With ``lead`` (the tokenizer's BOS, :func:`ctp.data.corpora.leading_ids`) the
+    prompt takes the BOS's place (see :mod:`ctp.lm`): its first ``len(lead)``
+    positions start as the BOS's own embedding or keys and values, whatever the
+    init, and the other k - len(lead) start as ``cfg.init`` says.
+    """
     emb = model.get_input_embeddings()
     device = emb.weight.device
-    k = cfg.num_tokens
+    lead = torch.tensor(list(lead or []), dtype=torch.long)
+    n = lead.numel()
+    require(cfg.num_tokens > n, f"a prompt of {cfg.num_tokens} tokens has no room after the model's {n} leading "
+            f"token(s), whose place it takes", f"use at least {n + 1} tokens")
+    k = cfg.num_tokens - n
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init is not PromptInit.RANDOM:
-        ids = _start_ids(tokenizer, cfg, emb.weight.shape[0], gen)
+        ids = torch.cat([lead, _start_ids(tokenizer, dataclasses.replace(cfg, num_tokens=k),
+                                          emb.weight.shape[0], gen)])  # (n + k,)
         if cfg.kind == PREFIX:
             return cache_of_tokens(model, ids).clone()
         return emb(ids.to(device)).float().clone()
@@ -119,8 +131,9 @@ def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig) -> torch.Tensor:
         real = cache_of_tokens(model, probe[:256])  # (2, L, H, 256, D)
         std = real.std(dim=(2, 3, 4), keepdim=True).cpu()  # (2, L, 1, 1, 1)
         shape = (2, real.shape[1], real.shape[2], k, real.shape[4])
-        return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(device)
+        noise = (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(device)
+        return torch.cat([cache_of_tokens(model, lead), noise], dim=3) if n else noise
     # RANDOM soft: N(0, std) where std is the spread of embedding outputs over a sample of the vocabulary
     std = float(emb(probe.to(device)).float().std())
-    noise = torch.randn(k, emb.weight.shape[1], generator=gen, dtype=torch.float32) * std  # (k, hidden)
-    return noise.to(device)
+    noise = (torch.randn(k, emb.weight.shape[1], generator=gen, dtype=torch.float32) * std).to(device)  # (k, hidden)
+    return torch.cat([emb(lead.to(device)).float(), noise]) if n else noise

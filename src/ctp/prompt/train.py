@@ -269,10 +269,10 @@ def checkpoint_path_for(out_path: str | Path) -> Path:
     return out_path.with_name(f"{stem}.ckpt.safetensors")
 
 
-def _model_identity(model: nn.Module, info) -> dict:
+def _model_identity(model: nn.Module, info, lead: list[int]) -> dict:
     return {"spec": info.spec, "path": info.path, "hidden_size": info.hidden_size,
             "tokenizer_hash": info.tokenizer_hash, "embedding_hash": embedding_fingerprint(model),
-            "compression": info.compression}
+            "compression": info.compression, "lead": list(lead)}
 
 
 def _save_checkpoint(path: Path, prompt: nn.Parameter, best: torch.Tensor, opt: torch.optim.Optimizer,
@@ -306,7 +306,8 @@ def _load_checkpoint(path: Path, identity: dict, prompt_cfg: PromptConfig, train
     except CTPError as e:  # truncated, tampered, another version: the fix is to start over
         raise CTPError(e.problem, fix) from e
     saved_id = meta.get("identity", {})
-    for key in ("hidden_size", "tokenizer_hash", "embedding_hash", "compression"):
+    saved_id = {"lead": [], **saved_id}  # checkpoints from before prompts took the BOS's place: none
+    for key in ("hidden_size", "tokenizer_hash", "embedding_hash", "compression", "lead"):
         if saved_id.get(key) != identity.get(key):
             raise CTPError(f"checkpoint {path} belongs to another model ({key} {saved_id.get(key)!r}, "
                            f"this model has {identity.get(key)!r})", fix)
@@ -348,7 +349,7 @@ def _shared_checkpoint(ckpt: Path | None, resume: bool, identity: dict, prompt_c
 
 
 def _step(model: nn.Module, prompt: nn.Parameter, opt: torch.optim.Optimizer, scaler, teacher: Teacher | None,
-          batch: torch.Tensor, cfg: TrainConfig, lr: float, step: int, amp) -> tuple[float, str | None]:
+          batch: torch.Tensor, cfg: TrainConfig, lr: float, step: int, amp, lead: int = 0) -> tuple[float, str | None]:
     """One optimisation step on ``batch`` (B, T), the global batch: (the batch's mean loss, why to stop or None).
 
     With several processes each scores its share and the prompt's gradient is summed across them.
@@ -358,11 +359,11 @@ def _step(model: nn.Module, prompt: nn.Parameter, opt: torch.optim.Optimizer, sc
         g["lr"] = lr
     if distributed.world()[1] == 1:
         with amp:
-            loss = token_loss(model, batch.to(device), prompt, teacher, cfg).mean()
+            loss = token_loss(model, batch.to(device), prompt, teacher, cfg, lead).mean()
         loss_value = float(loss.detach())
     else:
         with amp:
-            loss = _share_of_mean_loss(model, batch, prompt, device, teacher, cfg)
+            loss = _share_of_mean_loss(model, batch, prompt, device, teacher, cfg, lead)
         loss_value = distributed.sum_across([float(loss.detach())], device)[0]  # the batch's mean
     if not math.isfinite(loss_value):
         return loss_value, f"non-finite loss ({loss_value}) at step {step}"
@@ -403,9 +404,9 @@ def _restore(loaded: tuple[dict, dict], prompt: nn.Parameter, opt: torch.optim.O
     return best, history, start
 
 
-def _evaluate(model, windows, prompt, batch_size, amp) -> tuple[float, float]:
+def _evaluate(model, windows, prompt, batch_size, amp, lead: int = 0) -> tuple[float, float]:
     with amp:
-        total, count = window_nll(model, windows, prompt, batch_size=batch_size)
+        total, count = window_nll(model, windows, prompt, batch_size=batch_size, lead=lead)
     nll = total / count
     return nll, (math.exp(nll) if nll < 700 else math.inf)
 
@@ -425,6 +426,7 @@ class _Run:
     identity: dict
     ckpt: Path | None
     main: bool
+    lead: int = 0  # leading (BOS) tokens of every window, whose place the prompt takes (see ctp.lm)
     history: TrainHistory = field(default_factory=TrainHistory)
     best: torch.Tensor | None = None
     start: int = 0
@@ -437,7 +439,8 @@ class _Run:
     def validate(self, at_step: int) -> float:
         """Validation PPL of the current prompt; keeps it as the best if it is."""
         h = self.history
-        nll, ppl = _evaluate(self.model, self.val_windows, self.prompt.detach(), self.cfg.batch_size, self.amp)
+        nll, ppl = _evaluate(self.model, self.val_windows, self.prompt.detach(), self.cfg.batch_size, self.amp,
+                             self.lead)
         h.evals.append({"step": at_step, "val_ppl": ppl, "val_nll": nll, "seconds": self.seconds()})
         if ppl < h.best_val_ppl or not h.evals[:-1]:
             h.best_val_ppl, h.best_step = ppl, at_step
@@ -506,7 +509,7 @@ def train_prompt(
                     f"prompt ({prompt_cfg.num_tokens}) + seqlen ({cfg.seqlen})", "use a shorter --seqlen or fewer --tokens")
     lead = leading_ids(tokenizer)  # every window starts with the tokenizer's BOS, if it adds one
     train_ids, train_ref, val_ref, val_windows = _training_data(tokenizer, cfg, lead)
-    run = _start_run(model, tokenizer, model_info, prompt_cfg, cfg, val_windows, device,
+    run = _start_run(model, tokenizer, model_info, prompt_cfg, cfg, val_windows, device, lead,
                      Path(checkpoint_path) if checkpoint_path else (checkpoint_path_for(out_path) if out_path else None),
                      resume)
     history = run.history
@@ -519,7 +522,7 @@ def train_prompt(
                 batch = sample_windows(train_ids, cfg.batch_size, cfg.seqlen, seed=step_seed(cfg.seed, step),
                                        lead=lead)
                 loss, history.stopped = _step(model, run.prompt, run.opt, run.scaler, teacher, batch, cfg, lr, step,
-                                              run.amp)
+                                              run.amp, run.lead)
                 if history.stopped:
                     break
                 history.train_loss.append(loss)
@@ -569,20 +572,21 @@ def _frozen(model: nn.Module, teacher: Teacher | None):
 
 
 def _start_run(model: nn.Module, tokenizer, model_info, prompt_cfg: PromptConfig, cfg: TrainConfig,
-               val_windows: torch.Tensor, device: torch.device, ckpt: Path | None, resume: bool) -> _Run:
+               val_windows: torch.Tensor, device: torch.device, lead: list[int], ckpt: Path | None,
+               resume: bool) -> _Run:
     """A fresh run (initial prompt, optimizer, baseline validation) or one restored from its checkpoint."""
     mode = resolve_precision(cfg.precision, device)
     world_size = distributed.world()[1]
-    prompt = nn.Parameter(init_prompt(model, tokenizer, prompt_cfg).to(device=device, dtype=torch.float32))
+    prompt = nn.Parameter(init_prompt(model, tokenizer, prompt_cfg, lead).to(device=device, dtype=torch.float32))
     opt = make_optimizer(prompt, cfg)
-    identity = _model_identity(model, model_info)
+    identity = _model_identity(model, model_info, lead)
     if world_size > 1:  # the initial prompt is a function of the embedding, the tokenizer and the seed
         hashes = distributed.gather(identity["embedding_hash"])
         require(len(set(hashes)) == 1, f"the {world_size} processes hold different models "
                 f"(embedding fingerprints {hashes})", "load the same model in every process")
     run = _Run(model, prompt, opt, torch.amp.GradScaler(device.type, enabled=(mode == "fp16")), cfg, prompt_cfg,
                autocast_context(mode, device), val_windows, identity, ckpt, distributed.world()[0] == 0,
-               best=prompt.detach().clone())
+               lead=len(lead), best=prompt.detach().clone())
     loaded = _shared_checkpoint(ckpt, resume, identity, prompt_cfg, cfg)
     if loaded is not None:
         run.best, run.history, run.start = _restore(loaded, prompt, opt, run.scaler, device)
@@ -590,7 +594,7 @@ def _start_run(model: nn.Module, tokenizer, model_info, prompt_cfg: PromptConfig
     run.seconds_before, run.t_loop = run.history.seconds, time.perf_counter()
     if run.start == 0 and not run.history.evals:
         with _frozen(model, None):
-            run.history.val_ppl_no_prompt = _evaluate(model, val_windows, None, cfg.batch_size, run.amp)[1]
+            run.history.val_ppl_no_prompt = _evaluate(model, val_windows, None, cfg.batch_size, run.amp, run.lead)[1]
             ppl = run.validate(0)
         log.info("validation PPL: no prompt %.3f, initial prompt %.3f", run.history.val_ppl_no_prompt, ppl)
     return run
@@ -610,7 +614,7 @@ def _finish_run(run: _Run, model: nn.Module, model_info, train_ref, val_ref, out
                                               "windows": int(run.val_windows.shape[0])},
         steps=history.steps_done, best_step=history.best_step, best_val_ppl=history.best_val_ppl,
         val_ppl_no_prompt=history.val_ppl_no_prompt, train_config=cfg.to_dict(),
-        prompt_config=run.prompt_cfg.to_dict(),
+        prompt_config=run.prompt_cfg.to_dict(), lead=run.identity["lead"],
     )
     if out_path is not None and run.main:
         save_prompt(out_path, art)
@@ -624,18 +628,18 @@ def _finish_run(run: _Run, model: nn.Module, model_info, train_ref, val_ref, out
 
 
 def token_loss(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor, teacher: nn.Module | Teacher | None,
-               cfg: TrainConfig) -> torch.Tensor:
-    """The training objective per scored token of ``ids`` (b, T), shape (b, T-1); ``teacher`` the model itself or
-    a :class:`~ctp.prompt.teacher.Teacher`."""
+               cfg: TrainConfig, lead: int = 0) -> torch.Tensor:
+    """The training objective per scored token of ``ids`` (b, T), shape (b, T-1-lead); ``teacher`` the model
+    itself or a :class:`~ctp.prompt.teacher.Teacher`; ``lead`` the windows' leading (BOS) tokens (see ctp.lm)."""
     if cfg.objective == "nll":
-        return token_nll(model, ids, prompt)
+        return token_nll(model, ids, prompt, lead=lead)
     logp, idx = as_teacher(teacher, cfg.teacher_topk).targets(ids)
-    kl, nll = token_kl(model, ids, logp, prompt, idx)
+    kl, nll = token_kl(model, ids, logp, prompt, idx, lead)
     return kl if cfg.objective == "kd" else (1 - cfg.kd_weight) * nll + cfg.kd_weight * kl
 
 
 def _share_of_mean_loss(model: nn.Module, batch: torch.Tensor, prompt: nn.Parameter, device: torch.device,
-                        teacher: Teacher | None, cfg: TrainConfig) -> torch.Tensor:
+                        teacher: Teacher | None, cfg: TrainConfig, lead: int = 0) -> torch.Tensor:
     """This process's term of the batch's mean token loss: its share's loss sum over the whole batch's token count.
 
     Summed over processes the terms (and their gradients) are the mean over
@@ -645,7 +649,7 @@ def _share_of_mean_loss(model: nn.Module, batch: torch.Tensor, prompt: nn.Parame
     local = distributed.shard(batch).to(device)  # (b, T), b = B / processes (+1 for the first B % processes)
     if local.shape[0] == 0:
         return prompt.sum() * 0.0
-    return token_loss(model, local, prompt, teacher, cfg).sum() / (batch.shape[0] * (batch.shape[1] - 1))
+    return token_loss(model, local, prompt, teacher, cfg, lead).sum() / (batch.shape[0] * (batch.shape[1] - 1 - lead))
 
 
 __all__ = ["TrainConfig", "TrainHistory", "train_prompt", "make_optimizer", "lr_at", "checkpoint_path_for", "checkpointed_layers",

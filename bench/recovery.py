@@ -49,14 +49,14 @@ def _share(none: dict, prompt: dict, full: dict) -> dict:
     return {"share": s, "share_low": lo, "share_high": hi}
 
 
-def _val_nll(model, windows) -> float:
+def _val_nll(model, windows, lead: int) -> float:
     from ctp.lm import window_nll
 
-    total, count = window_nll(model, windows)
+    total, count = window_nll(model, windows, lead=lead)  # the tokens prompt training validates on
     return total / count
 
 
-def _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir: Path):
+def _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir: Path, lead: int):
     """Full and unprompted perplexities on the test windows and NLLs on validation: cached by what determines them."""
     import hashlib
     import json
@@ -68,6 +68,8 @@ def _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir: P
     key = {"compressed": read_index(args.compressed).get("index_sha256") or str(Path(args.compressed).resolve()),
            "teacher": tspec, "teacher_embedding": info.base_hash, "datasets": datasets, "seqlen": args.seqlen,
            "test_windows": args.test_windows, "eval_windows": args.eval_windows, "eval_version": EVAL_VERSION}
+    if lead:  # windows start with a BOS, and the first text token after it is not scored (ctp.lm)
+        key["lead"] = lead
     path = out_dir / f"baselines-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
     if path.is_file():
         saved = read_json(path, "cached baselines")
@@ -75,7 +77,7 @@ def _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir: P
             log.warning("reusing the baselines in %s", path)
             return saved["base"], saved["val_full"], saved["val_none"]
     base = {d: {"full": _ppl(teacher, tok, d, args), "none": _ppl(model, tok, d, args)} for d in datasets}
-    val_full, val_none = _val_nll(teacher, val), _val_nll(model, val)
+    val_full, val_none = _val_nll(teacher, val, lead), _val_nll(model, val, lead)
     atomic_write_json(path, {"key": key, "base": base, "val_full": val_full, "val_none": val_none})
     return base, val_full, val_none
 
@@ -130,8 +132,9 @@ def main(argv=None) -> dict:
     # baselines on the same test windows, and the validation gap the curves are measured against; they depend on
     # the two models and the windows only, so they are kept beside the JSON and reused by later runs
     val_ids, _ = corpus_ids("c4", "validation", tok)
-    val = eval_windows(val_ids, args.seqlen, args.eval_windows, lead=leading_ids(tok))
-    base, val_full, val_none = _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir)
+    lead = leading_ids(tok)
+    val = eval_windows(val_ids, args.seqlen, args.eval_windows, lead=lead)
+    base, val_full, val_none = _baselines(model, teacher, tok, info, tspec, datasets, val, args, out_dir, len(lead))
 
     rows, curves = [], {}
     for recipe in args.recipes.split(","):

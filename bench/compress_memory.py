@@ -8,6 +8,8 @@ records the child's peak resident set size (``VmHWM``) against the model's fp16 
 * ``blocks``: what ``ctp compress`` does for a local safetensors model, ``load_by_blocks`` (blocks read from
   the shards when compressed) + ``EncodedBlocks`` (finished blocks encoded to disk) + a streamed artifact.
 
+Both run resumable, with a compression checkpoint beside the output, as ``ctp compress`` does.
+
 Both runs store the dense parts in fp16 (``ctp compress --save-dtype auto``). The calibration activations
 (``nsamples x seqlen x hidden`` fp32, twice: inputs and outputs of a block) are reported beside the figures.
 
@@ -71,6 +73,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     """One compression in this (fresh) process; returns its peak RSS and time."""
     torch.set_num_threads(threads)
     from ctp.compress.artifact import default_dense_dtype, save_compressed
+    from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for
     from ctp.compress.config import CompressConfig
     from ctp.compress.driver import compress_model
     from ctp.compress.spill import EncodedBlocks
@@ -87,9 +90,11 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
         model, tok, _, source = load_by_blocks(src)
         assert source is not None
     dense_dtype = default_dense_dtype(model, source)
+    partial = checkpoint_dir_for(out)  # resumable, as `ctp compress` runs it (its memory included)
     if mode == "blocks":
-        spill = EncodedBlocks(Path(out).with_name(Path(out).name + ".spill"), dense_dtype, source)
-    report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill)
+        spill = EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
+    report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill,
+                            checkpoint_dir=partial)
     storage = save_compressed(model, tok, report, out, dense_dtype=dense_dtype, encoded=spill)
     return {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0,
             "peak_rss_bytes": peak_rss(),

@@ -264,18 +264,32 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest_of(list(tensors), tensors.__getitem__)
 
 
-def digest_of(names: list[str], read: Callable[[str], torch.Tensor]) -> str:
-    """:func:`tensors_digest` of tensors read one at a time by ``read(name)``."""
+def digest_of(names: list[str], read: Callable[[str], torch.Tensor | tuple]) -> str:
+    """:func:`tensors_digest` of tensors read one at a time by ``read(name)``: a tensor, or ``(dtype, shape,
+    chunks)`` with the tensor's contiguous values in order as an iterable of tensors (a large tensor then
+    never needs to be whole in memory)."""
     h = hashlib.sha256()
     for name in sorted(names):
-        _digest_update(h, name, read(name).detach().contiguous().cpu())
+        got = read(name)
+        if isinstance(got, torch.Tensor):
+            _digest_update(h, name, got.detach().contiguous().cpu())
+            continue
+        dtype, shape, chunks = got
+        _digest_head(h, name, dtype, tuple(shape))
+        for t in chunks:
+            if t.numel():
+                h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def _digest_update(h, name: str, t: torch.Tensor) -> None:
+def _digest_head(h, name: str, dtype: torch.dtype, shape: tuple) -> None:
     h.update(name.encode())
-    h.update(str(t.dtype).encode())
-    h.update(str(tuple(t.shape)).encode())
+    h.update(str(dtype).encode())
+    h.update(str(shape).encode())
+
+
+def _digest_update(h, name: str, t: torch.Tensor) -> None:
+    _digest_head(h, name, t.dtype, tuple(t.shape))
     h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # 0-d too; no copy
 
 

@@ -213,6 +213,38 @@ def test_cli_compress_killed_then_rerun_resumes_and_cleans_up(tiny_dir, tmp_path
         assert torch.equal(p, q), n
 
 
+def test_a_killed_weights_only_compression_resumes_from_its_encoded_blocks(tiny_dir, tmp_path, monkeypatch):
+    """RTN on a checkpoint read by blocks encodes each linear as it goes; a rerun after a kill takes the finished
+    block's encoded file back (no weights are kept twice in the checkpoint) and ends bit-identical."""
+    from ctp.cli import main
+    from ctp.compress.artifact import load_compressed
+    from ctp.compress.checkpoint import ENCODED_DIR
+
+    argv = ["-q", "compress", "--model", tiny_dir, "--quant-method", "rtn", "--bits", "4", "--group-size", "32"]
+    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
+    out, partial = tmp_path / "m", tmp_path / "m.partial"
+    real, calls = D.compress_weight, {"n": 0}
+
+    def dying(*a, **k):  # a kill at the first linear of block 1 (7 linears per llama block)
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "compress_weight", dying)
+    assert main([*argv, "--out", str(out)]) == 130
+    block0, _ = load_tensors(partial / "block-0000.safetensors", kind="ctp-compress-block")
+    assert block0 == {}  # the checkpoint names the encoded file, it holds no weights
+    assert (partial / ENCODED_DIR / "block-00000.safetensors").is_file()
+    calls["n"] = -10**9
+    assert main([*argv, "--out", str(out)]) == 0
+    assert calls["n"] == -10**9 + 7  # only block 1 was compressed again
+    a, _, _ = load_compressed(tmp_path / "ref")
+    b, _, _ = load_compressed(out)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
 def test_experiment_runner_resumes_a_killed_compression(tiny_dir, tmp_path, monkeypatch):
     from ctp.experiments.config import ExperimentConfig
     from ctp.experiments.runner import Runner

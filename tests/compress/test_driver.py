@@ -300,8 +300,8 @@ def test_activations_kept_in_16_bits_between_blocks(store, tmp_path, monkeypatch
         ({h.dtype for h in inps}, compute)) or real(layer, call, inps, compute))
     saved = []
     real_save = BlockCheckpoint.save_block
-    monkeypatch.setattr(BlockCheckpoint, "save_block", lambda self, i, rec, entry, nxt, sec: saved.append(
-        {h.dtype for h in nxt}) or real_save(self, i, rec, entry, nxt, sec))
+    monkeypatch.setattr(BlockCheckpoint, "save_block", lambda self, i, rec, entry, nxt, sec, **kw: saved.append(
+        {h.dtype for h in nxt}) or real_save(self, i, rec, entry, nxt, sec, **kw))
     ref, low = make_tiny("llama"), make_tiny("llama")
     r_ref = run(ref, GPTQ4)
     r_low = compress_model(low, None, cfg, device="cpu", calib_ids=calib(), progress=False, chunk=3,

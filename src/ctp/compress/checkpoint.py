@@ -135,8 +135,11 @@ class BlockCheckpoint:
         except CTPError as e:
             raise CTPError(e.problem, f"delete {self.root} to start over, or do not resume") from e
 
-    def restore_block(self, i: int, model_layer: nn.Module, prefix: str) -> tuple[dict[str, CompressedWeight], dict]:
-        """Write block ``i``'s saved compressed weights into ``model_layer``; its records and report entry."""
+    def restore_block(self, i: int, model_layer: nn.Module, prefix: str,
+                      spill=None) -> tuple[dict[str, CompressedWeight], dict, bool]:
+        """Write block ``i``'s saved compressed weights into ``model_layer``; its records, report entry, and
+        whether ``spill`` (:class:`ctp.compress.spill.EncodedBlocks`) took back the block's encoded file
+        instead (the weights then stay on disk)."""
         from ctp.models.adapter import set_weight_matrix, weight_matrix
 
         tensors, meta = self._read(load_tensors, _block_file(self.root, i), kind=BLOCK_KIND,
@@ -144,15 +147,25 @@ class BlockCheckpoint:
         if meta.get("key") != self.key or meta.get("index") != i:
             raise CTPError(f"compression checkpoint {self.root} mixes runs (block {i})",
                            f"delete {self.root} to start over")
+        spilled = meta.get("spilled")
+        if spilled is not None:
+            if spill is None:
+                raise CTPError(f"compression checkpoint {self.root} keeps block {i} encoded on disk, which this "
+                               "run cannot use", f"compress with the same command, or delete {self.root}")
+            spill.adopt(i, spilled)
         records: dict[str, CompressedWeight] = {}
         for full, rec in meta["records"].items():
             name = full[len(prefix) + 1:]
             mod = model_layer.get_submodule(name)
+            if spilled is not None:
+                records[full] = CompressedWeight(weight=weight_matrix(mod).detach(), bits=rec["bits"], sym=rec["sym"],
+                                                 stats=rec["stats"])
+                continue
             set_weight_matrix(mod, tensors[f"{full}.weight"])
             parts = {a: tensors.get(f"{full}.{a}") for a in CompressedWeight.PAYLOAD}
             records[full] = CompressedWeight(weight=weight_matrix(mod).detach(), bits=rec["bits"], sym=rec["sym"],
                                              stats=rec["stats"], **parts)
-        return records, meta["layer"]
+        return records, meta["layer"], spilled is not None
 
     def load_inputs(self, device: torch.device) -> list[Tensor]:
         """The saved hidden states that feed ``next_block``, one tensor per chunk."""
@@ -167,18 +180,22 @@ class BlockCheckpoint:
     # ------------------------------------------------------------------ save
 
     def save_block(self, i: int, records: dict[str, CompressedWeight], layer_entry: dict, next_inputs: list[Tensor],
-                   seconds: float) -> None:
-        """Record block ``i`` as done, with the inputs of block ``i + 1`` (state.json last)."""
+                   seconds: float, spilled: dict | None = None) -> None:
+        """Record block ``i`` as done, with the inputs of block ``i + 1`` (state.json last). ``spilled``: the
+        block is already encoded on disk (:meth:`ctp.compress.spill.EncodedBlocks.block_entries`), so only
+        that record is kept, not its weights again."""
         tensors: dict[str, Tensor] = {}
         meta_records = {}
         for full, cw in records.items():
-            for a in _TENSOR_ATTRS:
+            for a in _TENSOR_ATTRS if spilled is None else ():
                 t = getattr(cw, a)
                 if t is not None:
                     tensors[f"{full}.{a}"] = t
             meta_records[full] = {"bits": cw.bits, "sym": cw.sym, "stats": cw.stats}
-        save_tensors(_block_file(self.root, i), tensors,
-                     {"key": self.key, "index": i, "layer": layer_entry, "records": meta_records}, kind=BLOCK_KIND)
+        meta = {"key": self.key, "index": i, "layer": layer_entry, "records": meta_records}
+        if spilled is not None:
+            meta["spilled"] = spilled
+        save_tensors(_block_file(self.root, i), tensors, meta, kind=BLOCK_KIND)
         if i + 1 < self.n_blocks:
             save_tensors(_inputs_file(self.root, i + 1), {f"chunk.{j}": h for j, h in enumerate(next_inputs)},
                          {"key": self.key, "chunks": len(next_inputs)}, kind=INPUTS_KIND)

@@ -54,6 +54,7 @@ from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms
 from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
+from ctp.io import release_memory
 from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
                                 set_weight_matrix, weight_matrix)
 
@@ -298,10 +299,20 @@ def _compress_group(
 
 
 @torch.no_grad()
-def _compress_data_free(layer: nn.Module, cfg: CompressConfig) -> dict[str, tuple[CompressedWeight, dict]]:
-    """Compress every linear of ``layer`` from its weights alone (no inputs, no Hessian)."""
-    out = {}
+def _compress_data_free(layer: nn.Module, cfg: CompressConfig, stream=None):
+    """Compress every linear of ``layer`` from its weights alone (no inputs, no Hessian): ``({name: (payload,
+    stats)}, None)``.
+
+    With ``stream = (source, prefix, device, dtype, spill)`` each linear is read from the checkpoint ``source``
+    just before it is compressed and encoded by ``spill`` (:class:`ctp.compress.spill.EncodedBlocks`) at once,
+    its weight released: memory holds one linear, not the block. The block's encoded tensors then come back
+    second, for ``spill.write``; its other tensors (norms) stay on the meta device, read when the artifact is
+    written."""
+    out, encoded = {}, None if stream is None else {}
     for n, mod in linear_layers(layer).items():
+        if stream is not None:
+            source, prefix, device, dtype, _ = stream
+            source.load_module(mod, f"{prefix}.{n}", device, dtype)
         W = weight_matrix(mod)
         t0 = time.perf_counter()
         cw = compress_weight(W, None, 0, cfg)
@@ -311,7 +322,11 @@ def _compress_data_free(layer: nn.Module, cfg: CompressConfig) -> dict[str, tupl
                  for k, v in cw.stats.items()}
         stats.update(seconds=time.perf_counter() - t0, bits=cw.bits, shape=list(cw.weight.shape), n_samples=0)
         out[n] = (cw, stats)
-    return out
+        if stream is not None:
+            encoded.update(stream[4].encode({f"{stream[1]}.{n}": cw}, layer, stream[1]))
+            del W
+            release_memory()
+    return out, encoded
 
 
 def compress_model(
@@ -377,17 +392,25 @@ def compress_model(
                initial=start, total=len(layers))
     for i in bar:
         t_layer = time.perf_counter()
-        layer = layers[i]
-        with _on_device(layer, device, source, f"{arch.layers}.{i}", dtype):
-            if data:
-                results, inps = _compress_block(model, layer, calls[i], inps, cfg, dtype)
+        layer, prefix = layers[i], f"{arch.layers}.{i}"
+        encoded = None
+        if not data and source is not None and spill is not None:  # one linear in memory at a time, not a block
+            results, encoded = _compress_data_free(layer, cfg, (source, prefix, device, dtype, spill))
+        else:
+            with _on_device(layer, device, source, prefix, dtype):
+                if data:
+                    results, inps = _compress_block(model, layer, calls[i], inps, cfg, dtype)
+                else:
+                    results, _ = _compress_data_free(layer, cfg)
+        records = _record_block(report, prefix, i, results, time.perf_counter() - t_layer)
+        if spill is not None:  # encoded on disk first: a checkpoint only ever names blocks whose file is written
+            if encoded is None:
+                spill.add(i, records, layer, prefix)
             else:
-                results = _compress_data_free(layer, cfg)
-        records = _record_block(report, f"{arch.layers}.{i}", i, results, time.perf_counter() - t_layer)
+                spill.write(i, encoded)
         if ckpt is not None:
-            ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start)
-        if spill is not None:
-            spill.add(i, records, layer, f"{arch.layers}.{i}")
+            ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
+                            spilled=None if spill is None else spill.block_entries(i, list(records)))
         err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
         bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
         log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
@@ -462,12 +485,12 @@ def _resume(model: nn.Module, report: CompressionReport, windows: Tensor, chunk:
     dtype = model.get_input_embeddings().weight.dtype
     for i in range(start):
         prefix = f"{arch.layers}.{i}"
-        if source is not None:  # the block's other tensors (norms) from the checkpoint, its linears from ours
+        if source is not None and spill is None:  # the block's other tensors (norms) from the checkpoint
             source.load_module(layers[i], prefix, "cpu", dtype)
-        records, entry = ckpt.restore_block(i, layers[i], prefix)
+        records, entry, adopted = ckpt.restore_block(i, layers[i], prefix, spill)
         report.compressed.update(records)
         report.layers.append(entry)
-        if spill is not None:
+        if spill is not None and not adopted:  # a checkpoint of an older version: encode the block again
             spill.add(i, records, layers[i], prefix)
     if start:
         log.info("resuming from %s: blocks 0-%d restored", checkpoint_dir, start - 1)

@@ -14,8 +14,12 @@ from torch import Tensor, nn
 
 from ctp.compress.encoding import decode_weight, encode_weight
 from ctp.compress.weight import CompressedWeight
+from ctp.errors import CTPError, require
 from ctp.io import release_memory
 from ctp.models.adapter import weight_matrix
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class EncodedBlocks:
@@ -27,13 +31,17 @@ class EncodedBlocks:
         self.source = source  # where tensors still on the meta device come from (ctp.models.shards.BlockSource)
         self.entries: dict[str, dict] = {}  # linear name -> artifact index entry
         self._files: dict[str, Path] = {}  # tensor name -> block file
+        self._blocks: dict[int, list[str]] = {}  # block index -> the tensors of its file
         self.nbytes = 0
 
     def add(self, index: int, records: dict[str, CompressedWeight], layer: nn.Module, prefix: str) -> None:
         """Encode block ``index``'s linears (``records``, named in the model), check each rebuilds its live weight
         exactly (when stored in the weight's dtype), write them, and release the weights."""
-        from safetensors.torch import save_file
+        self.write(index, self.encode(records, layer, prefix))
 
+    def encode(self, records: dict[str, CompressedWeight], layer: nn.Module, prefix: str) -> dict[str, Tensor]:
+        """The encoded tensors of ``records`` (linears of ``layer``, named in the model), each checked to rebuild
+        its live weight exactly (when stored in the weight's dtype); the weights are released (meta device)."""
         tensors: dict[str, Tensor] = {}
         for name, cw in records.items():
             mod = layer.get_submodule(name[len(prefix) + 1:])
@@ -42,22 +50,58 @@ class EncodedBlocks:
             live = weight_matrix(mod).detach().cpu()
             if live.dtype == self.value_dtype and not torch.equal(decode_weight(name, entry, enc).to(live.dtype), live):
                 raise RuntimeError(f"{name}: the stored payload does not rebuild the model's weight")
+            del live
             tensors.update(enc)
             self.entries[name] = entry
+            mod.weight = nn.Parameter(torch.empty(mod.weight.shape, dtype=mod.weight.dtype, device="meta"),
+                                      requires_grad=False)
+            cw.weight = mod.weight  # the values live in the encoded tensors now
+            for attr in CompressedWeight.PAYLOAD:
+                setattr(cw, attr, None)
+        return tensors
+
+    def write(self, index: int, tensors: dict[str, Tensor]) -> None:
+        """Write block ``index``'s encoded tensors (from :meth:`encode`) to its file."""
+        from safetensors.torch import save_file
+
         self.root.mkdir(parents=True, exist_ok=True)  # (a fresh checkpoint may have cleared its directory)
         path = self.root / f"block-{index:05d}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        self._blocks[index] = sorted(tensors)
         for k, v in tensors.items():
             self._files[k] = path
             self.nbytes += v.numel() * v.element_size()
-        for name, cw in records.items():  # the values live in the file now
-            mod = layer.get_submodule(name[len(prefix) + 1:])
-            mod.weight = nn.Parameter(torch.empty(mod.weight.shape, dtype=mod.weight.dtype, device="meta"),
-                                      requires_grad=False)
-            cw.weight = mod.weight
-            for attr in CompressedWeight.PAYLOAD:
-                setattr(cw, attr, None)
         release_memory()  # the block's freed buffers back to the system, or the heap grows block by block
+
+    def block_entries(self, index: int, names: list[str]) -> dict:
+        """What a compression checkpoint records of block ``index`` (its linears ``names``): their index entries
+        and the tensors of its file, so a resumed run adopts the file instead of encoding the block again."""
+        return {"entries": {n: self.entries[n] for n in names}, "tensors": self._blocks[index]}
+
+    def adopt(self, index: int, recorded: dict) -> None:
+        """Take back block ``index``'s file written before an interruption (``recorded`` from
+        :meth:`block_entries`); raises :class:`CTPError` when the file is missing or holds other tensors."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.root / f"block-{index:05d}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = sorted(f.keys())
+                sizes = {k: f.get_slice(k).get_shape() for k in names}
+                dtypes = {k: f.get_slice(k).get_dtype() for k in names}
+        except (SafetensorError, OSError) as e:
+            raise CTPError(f"the encoded block {path} of the interrupted run cannot be read ({str(e).splitlines()[0]})",
+                           f"delete {self.root.parent} to start over") from e
+        require(names == sorted(recorded["tensors"]), f"the encoded block {path} holds other tensors than its "
+                "checkpoint records", f"delete {self.root.parent} to start over")
+        self.entries.update(recorded["entries"])
+        self._blocks[index] = names
+        for k in names:
+            self._files[k] = path
+            n = 1
+            for d in sizes[k]:
+                n *= d
+            self.nbytes += n * _ITEMSIZE.get(dtypes[k], 4)
 
     def names(self) -> list[str]:
         return list(self._files)

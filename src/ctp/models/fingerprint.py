@@ -17,5 +17,5 @@ def embedding_fingerprint(model) -> str:
     w = emb.weight.detach().contiguous().cpu()
     h = hashlib.sha256()
     h.update(f"{w.dtype}{tuple(w.shape)}".encode())
-    h.update(w.view(torch.uint8).numpy().tobytes())
+    h.update(w.reshape(-1).view(torch.uint8).numpy())  # the bytes in place: no copy of the matrix
     return h.hexdigest()[:16]

@@ -3,8 +3,9 @@
 :func:`load_skeleton` builds the model without weight memory (meta tensors), loads every tensor
 outside the decoder blocks (embeddings, final norm, LM head: small next to the blocks) and returns
 a :class:`BlockSource` from which the compression driver materialises each block just before
-compressing it. Tensors are read through safetensors' memory map, one at a time, in the model's
-dtype, so a block holds the same values as a whole-model load (the results are bit-identical, tested).
+compressing it. Tensors are read with plain file reads (no memory map), one at a time and a chunk of
+rows at a time, straight into the model's dtype, so a block holds the same values as a whole-model
+load (the results are bit-identical, tested) and reading costs no second copy.
 
 Only local directories of ``*.safetensors`` (one file or an index of shards) whose tensor names are
 the model's own parameter names qualify; GGUF files, hub ids and pickles load whole as before.
@@ -70,12 +71,18 @@ class BlockSource:
             return self._scan[1]
         big = [0.0]
 
-        def read(name: str) -> torch.Tensor:
-            t = state[name]
-            t = self.read(name, t.dtype) if t.is_meta else t
+        def largest(t: torch.Tensor) -> torch.Tensor:  # no |t| copy: a 262k-row embedding is 0.5 GB or more
             if t.is_floating_point() and t.numel():
-                big[0] = max(big[0], float(t.detach().abs().max()))
+                lo, hi = torch.aminmax(t.detach())
+                big[0] = max(big[0], -float(lo), float(hi))
             return t
+
+        def read(name: str):
+            t = state[name]
+            if not t.is_meta:
+                return largest(t)
+            dtype = t.dtype if self._entry(name)[2].is_floating_point else self._entry(name)[2]
+            return dtype, tuple(t.shape), (largest(c) for _, c in self.chunks(name, t.dtype))
 
         result = digest_of(list(state), read), big[0]
         self._scan = (key, result)
@@ -83,20 +90,61 @@ class BlockSource:
         return result
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor, cast to ``dtype`` on ``device``."""
-        from safetensors import SafetensorError, safe_open
+        """One tensor, cast to ``dtype`` on ``device``.
 
+        Read with plain file reads, a chunk of rows at a time, straight into the result: no memory map
+        (whose pages would count as resident) and no whole second copy in the stored dtype, so reading
+        a tensor costs its size in ``dtype`` and one chunk.
+        """
+        _, shape, stored, _, _ = self._entry(name)
+        out = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored)
+        flat = out.view(-1, *shape[1:]) if shape else out.view(1)
+        for rows, chunk in self.chunks(name, dtype):
+            flat[rows] = chunk
+        return out.to(device)
+
+    def chunks(self, name: str, dtype: torch.dtype, elements: int = 1 << 22):
+        """``(row slice, rows)`` of tensor ``name`` in ``dtype`` (floating-point tensors; others as stored),
+        about ``elements`` values at a time, in order."""
+        path, shape, stored, start, end = self._entry(name)
+        if not stored.is_floating_point:
+            dtype = stored
+        rows = shape[0] if shape else 1
+        per_row = max(1, (end - start) // max(rows, 1))  # bytes of one row
+        step = max(1, elements * stored.itemsize // per_row) if per_row else rows
+        try:
+            with open(path, "rb") as f:
+                for r in range(0, rows, step):
+                    n = min(step, rows - r)
+                    buf = bytearray(n * per_row)
+                    f.seek(start + r * per_row)
+                    if f.readinto(buf) != len(buf):
+                        raise OSError("unexpected end of file")
+                    t = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)
+                    yield slice(r, r + n), t.view(n, *shape[1:]).to(dtype)
+        except OSError as e:
+            raise CTPError(f"cannot read {name} from {path}: {e}",
+                           "the shard is truncated or damaged: download it again") from e
+
+    def _entry(self, name: str) -> tuple[Path, tuple[int, ...], torch.dtype, int, int]:
+        """(file, shape, stored dtype, first byte, end byte) of tensor ``name``, from its shard's header."""
         path = self.files.get(name)
         if path is None:
             raise CTPError(f"tensor {name} is not in the checkpoint {self.root}",
                            "the checkpoint does not match its config: download it again")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                t = f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CTPError(f"cannot read {name} from {path}: {str(e).splitlines()[0]}",
-                           "the shard is truncated or damaged: download it again") from e
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        header, base = _header(path)
+        meta = header.get(name)
+        if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
+            raise CTPError(f"cannot read {name} from {path}: "
+                           + ("not in the file" if not isinstance(meta, dict) else f"dtype {meta.get('dtype')}"),
+                           "the shard is truncated or damaged: download it again")
+        lo, hi = meta["data_offsets"]
+        stored = _ST_DTYPES[meta["dtype"]]
+        shape = tuple(int(d) for d in meta["shape"])
+        if hi - lo != stored.itemsize * _numel(shape) or base + hi > path.stat().st_size:
+            raise CTPError(f"cannot read {name} from {path}: its bytes run past the end of the file",
+                           "the shard is truncated or damaged: download it again")
+        return path, shape, stored, base + lo, base + hi
 
     def load_module(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
         """Fill every parameter and persistent buffer of ``module`` (named ``prefix`` in the model) from the
@@ -119,6 +167,39 @@ def _names(path: Path) -> list[str]:
     except (SafetensorError, OSError) as e:
         raise CTPError(f"cannot read {path}: {str(e).splitlines()[0]}",
                        "the checkpoint is truncated or damaged: download it again") from e
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+_HEADERS: dict[tuple[str, float, int], tuple[dict, int]] = {}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and where its data begin (cached per file state)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key not in _HEADERS:
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= st.st_size - 8:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise CTPError(f"cannot read the header of {path}: {e}",
+                           "the shard is truncated or damaged: download it again") from e
+        _HEADERS[key] = (header, 8 + n)
+    return _HEADERS[key]
 
 
 def _assign(module: nn.Module, dotted: str, value) -> None:

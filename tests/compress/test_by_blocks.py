@@ -13,6 +13,7 @@ from ctp.compress.driver import compress_model
 from ctp.compress.spill import EncodedBlocks
 from ctp.errors import CTPError
 from ctp.models.adapter import decoder_layers, linear_layers
+from ctp.models.fingerprint import embedding_fingerprint
 from ctp.models.load import load_by_blocks
 
 RECIPES = {
@@ -41,8 +42,12 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
     report = compress_model(whole, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2)
     save_compressed(whole, None, report, tmp_path / "whole")
 
-    model, _, info, source = load_by_blocks(sharded)
+    from ctp.compress.registry import needs_calibration
+
+    model, _, info, source = load_by_blocks(sharded, embeddings=needs_calibration(cfg))
     assert source is not None and info.model_type == "llama"
+    assert info.embedding_hash == embedding_fingerprint(whole)  # read from disk where the embedding stays there
+    assert model.get_input_embeddings().weight.is_meta != needs_calibration(cfg)
     layers = decoder_layers(model)
     assert all(p.is_meta for layer in layers for p in layer.parameters())  # nothing of a block is read yet
     seen = []
@@ -56,8 +61,6 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
     spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
     report2 = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
                              spill=spill)
-    from ctp.compress.registry import needs_calibration
-
     # a calibrated recipe reads a block at a time; one from the weights alone a linear at a time, and then no
     # linear is in memory when the next is read
     assert seen == [0] * (len(layers) if needs_calibration(cfg) else sum(len(linear_layers(x)) for x in layers))
@@ -177,3 +180,39 @@ def test_one_pass_over_the_checkpoint_gives_the_storage_dtype_and_the_cache_key(
                  "--seqlen", "32", "--calib-batch", "2", "--out", str(tmp_path / "out")]) == 0
     linear = "model.layers.1.mlp.down_proj.weight"
     assert reads[linear] == 2  # the scan, then its compression
+
+
+@pytest.mark.parametrize("recipe", ["rtn4g32", "gptq3-act"])
+def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, tmp_path, tokenizer):
+    """Gemma 3 ties its LM head to the embedding: a weights-only run leaves both on disk and the artifact still
+    stores the matrix once, as the whole-model run does; a calibrated run reads it."""
+    from ctp.compress.registry import needs_calibration
+
+    cfg = RECIPES[recipe]
+    src = tmp_path / "g"
+    tiny = make_tiny("gemma3_text")
+    assert tiny.config.tie_word_embeddings
+    tiny.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    whole = make_tiny("gemma3_text")
+    save_compressed(whole, None, compress_model(whole, None, cfg, device="cpu", calib_ids=IDS, progress=False,
+                                                chunk=2), tmp_path / "whole")
+    model, _, info, source = load_by_blocks(str(src), embeddings=needs_calibration(cfg))
+    assert model.get_input_embeddings().weight.is_meta != needs_calibration(cfg)
+    assert info.embedding_hash == embedding_fingerprint(whole)
+    spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
+    report = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
+                            spill=spill)
+    save_compressed(model, None, report, tmp_path / "blocks", encoded=spill)
+    a, _, ca = load_compressed(tmp_path / "whole")
+    b, _, cb = load_compressed(tmp_path / "blocks")
+    # the head stays an alias of the embedding: the files are the same size, the matrix stored once in both
+    assert ca["storage"]["file_bytes"]["dense.safetensors"] == cb["storage"]["file_bytes"]["dense.safetensors"]
+    assert ca["storage"]["compressed_linear_bytes"] == cb["storage"]["compressed_linear_bytes"]
+    assert b.get_output_embeddings().weight.data_ptr() == b.get_input_embeddings().weight.data_ptr()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if not needs_calibration(cfg):  # a calibrated recipe cannot run without the embedding: a one-line error
+        with pytest.raises(CTPError, match="left on disk"):
+            m2, _, _, s2 = load_by_blocks(str(src), embeddings=False)
+            compress_model(m2, None, RECIPES["gptq3-act"], device="cpu", calib_ids=IDS, progress=False, source=s2)

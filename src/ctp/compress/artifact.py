@@ -103,9 +103,8 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        if t.is_meta:  # released weights (a larger-than-memory run) share no storage
-            continue
-        sig = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
+        # a tensor left on the meta device (read from the checkpoint when written) is tied by being the same one
+        sig = ("meta", id(t)) if t.is_meta else (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
         if t.numel() and sig in seen:
             aliases[key] = seen[sig]
         else:

@@ -378,6 +378,9 @@ def compress_model(
              f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
     inps: list[Tensor] = []
+    require(not (data and model.get_input_embeddings().weight.is_meta),
+            "the model's input embedding was left on disk, and this recipe runs calibration data through it",
+            "load it with load_by_blocks(..., embeddings=True)")
     if start < len(layers) and data:
         _check_memory(model, windows, device, cfg)
         inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks

@@ -384,7 +384,7 @@ def load_model(
     return model, tokenizer, _model_info(spec, where, model, tokenizer, compression)
 
 
-def _model_info(spec: str, where: str, model, tokenizer, compression: dict | None) -> ModelInfo:
+def _model_info(spec: str, where: str, model, tokenizer, compression: dict | None, source=None) -> ModelInfo:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     cfg = model.config
@@ -397,16 +397,18 @@ def _model_info(spec: str, where: str, model, tokenizer, compression: dict | Non
         num_layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         compression=compression,
-        embedding_hash=embedding_fingerprint(model),
+        embedding_hash=embedding_fingerprint(model, source),
         runtime="packed" if any(hasattr(m, "dequantized") for m in model.modules()) else "dense",
     )
 
 
 def load_by_blocks(spec: str, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
-                   allow_pickle: bool = False):
+                   allow_pickle: bool = False, embeddings: bool = True):
     """``(model, tokenizer, info, source)`` for compression: from a local safetensors directory, the model with its
     decoder blocks on the meta device and ``source`` (:class:`ctp.models.shards.BlockSource`) to read each block
-    when it is compressed, so memory holds one block at a time; any other model loads whole (``source`` None)."""
+    when it is compressed, so memory holds one block at a time; any other model loads whole (``source`` None).
+    ``embeddings=False`` leaves the input embedding on disk too, for a compression that runs no calibration
+    (:func:`ctp.compress.registry.needs_calibration`)."""
     from ctp.models.shards import block_source, load_skeleton
 
     if isinstance(dtype, str):
@@ -421,7 +423,7 @@ def load_by_blocks(spec: str, dtype: torch.dtype | str = torch.float32, trust_re
     model = None
     if source is not None:
         try:
-            model = load_skeleton(where, source, dtype, trust_remote_code)
+            model = load_skeleton(where, source, dtype, trust_remote_code, embeddings)
         except _load_errors() as e:
             raise _remote_code_error(spec, e) or _load_error(spec, where, "model", e) from e
     if model is None:
@@ -429,7 +431,7 @@ def load_by_blocks(spec: str, dtype: torch.dtype | str = torch.float32, trust_re
                                             allow_pickle=allow_pickle)
         return model, tokenizer, info, None
     tokenizer = _tokenizer_at(spec, where, trust_remote_code)
-    return model, tokenizer, _model_info(spec, where, model, tokenizer, None), source
+    return model, tokenizer, _model_info(spec, where, model, tokenizer, None, source), source
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -221,9 +221,12 @@ def block_source(where: str | Path) -> BlockSource | None:
     return BlockSource(d)
 
 
-def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module | None:
-    """The model with its decoder blocks left on the meta device and everything else loaded; None when the
-    checkpoint's names are not the model's (the caller then loads the whole model)."""
+def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, trust_remote_code: bool = False,
+                  embeddings: bool = True) -> nn.Module | None:
+    """The model with its decoder blocks left on the meta device and everything else loaded (but the input
+    embedding without ``embeddings``: a compression that runs no calibration never reads it, and the artifact
+    takes it from ``source``); None when the checkpoint's names are not the model's (the caller then loads the
+    whole model)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -239,7 +242,7 @@ def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, tr
     if not (wanted - tied) or tied - _tied_names(model) or not in_blocks <= have:
         log.info("%s: tensor names differ from the model's; loading it whole", where)
         return None
-    _load_outside(model, source, block_prefix, dtype)  # the blocks come one at a time, later; an untied head never
+    _load_outside(model, source, block_prefix, dtype, embeddings)  # the blocks come one at a time, later
     model.tie_weights()
     model.eval()
     model.requires_grad_(False)
@@ -262,15 +265,18 @@ def _tied_names(model: nn.Module) -> set[str]:
     return tied | {n for n in model.state_dict() if any(n == k or n.endswith(k) for k in tied_keys)}
 
 
-def _load_outside(model: nn.Module, source: BlockSource, block_prefix: str, dtype: torch.dtype) -> None:
+def _load_outside(model: nn.Module, source: BlockSource, block_prefix: str, dtype: torch.dtype,
+                  embeddings: bool = True) -> None:
     """Load every parameter and buffer whose name is outside ``block_prefix`` (leaving tied copies), except an
     untied LM head: compression never runs it (the calibration pass stops after the last block), so it stays
-    on the meta device and is read from ``source`` when the artifact is written."""
+    on the meta device and is read from ``source`` when the artifact is written; so does the input embedding
+    without ``embeddings``."""
     names = source.names()
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     head = out.weight if out is not None and out.weight is not inp.weight else None
+    left = {id(head), id(None)} | (set() if embeddings else {id(inp.weight)})
     for name, p in list(model.named_parameters(remove_duplicate=False)):
-        if name.startswith(block_prefix + ".") or name not in names or p is head:
+        if name.startswith(block_prefix + ".") or name not in names or id(p) in left:
             continue
         _assign(model, name, nn.Parameter(source.read(name, dtype), requires_grad=False))
     for name, b in list(model.named_buffers()):

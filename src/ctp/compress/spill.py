@@ -16,10 +16,8 @@ from ctp.compress.encoding import decode_weight, encode_weight
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError, require
 from ctp.io import release_memory
+from ctp.models.shards import SAFETENSORS_DTYPES
 from ctp.models.adapter import weight_matrix
-
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class EncodedBlocks:
@@ -101,7 +99,7 @@ class EncodedBlocks:
             n = 1
             for d in sizes[k]:
                 n *= d
-            self.nbytes += n * _ITEMSIZE.get(dtypes[k], 4)
+            self.nbytes += n * SAFETENSORS_DTYPES[dtypes[k]].itemsize
 
     def names(self) -> list[str]:
         return list(self._files)

@@ -134,12 +134,12 @@ class BlockSource:
                            "the checkpoint does not match its config: download it again")
         header, base = _header(path)
         meta = header.get(name)
-        if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
+        if not isinstance(meta, dict) or meta.get("dtype") not in SAFETENSORS_DTYPES:
             raise CTPError(f"cannot read {name} from {path}: "
                            + ("not in the file" if not isinstance(meta, dict) else f"dtype {meta.get('dtype')}"),
                            "the shard is truncated or damaged: download it again")
         lo, hi = meta["data_offsets"]
-        stored = _ST_DTYPES[meta["dtype"]]
+        stored = SAFETENSORS_DTYPES[meta["dtype"]]
         shape = tuple(int(d) for d in meta["shape"])
         if hi - lo != stored.itemsize * _numel(shape) or base + hi > path.stat().st_size:
             raise CTPError(f"cannot read {name} from {path}: its bytes run past the end of the file",
@@ -169,7 +169,8 @@ def _names(path: Path) -> list[str]:
                        "the checkpoint is truncated or damaged: download it again") from e
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors header dtype names
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
@@ -288,4 +289,4 @@ def _load_outside(model: nn.Module, source: BlockSource, block_prefix: str, dtyp
             raise CTPError(f"buffer {name} is neither in the checkpoint nor computable", "load the model whole")
 
 
-__all__ = ["BlockSource", "INDEX_FILE", "block_source", "load_skeleton"]
+__all__ = ["BlockSource", "INDEX_FILE", "SAFETENSORS_DTYPES", "block_source", "load_skeleton"]

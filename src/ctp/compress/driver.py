@@ -298,21 +298,30 @@ def _compress_group(
     return out
 
 
+@dataclass
+class _Stream:
+    """Where a block's linears come from and go to when they pass one at a time (see _compress_data_free)."""
+
+    source: Any  # ctp.models.shards.BlockSource
+    prefix: str  # the block's name in the model
+    device: torch.device
+    dtype: torch.dtype
+    spill: Any  # ctp.compress.spill.EncodedBlocks
+
+
 @torch.no_grad()
-def _compress_data_free(layer: nn.Module, cfg: CompressConfig, stream=None):
+def _compress_data_free(layer: nn.Module, cfg: CompressConfig, stream: _Stream | None = None):
     """Compress every linear of ``layer`` from its weights alone (no inputs, no Hessian): ``({name: (payload,
     stats)}, None)``.
 
-    With ``stream = (source, prefix, device, dtype, spill)`` each linear is read from the checkpoint ``source``
-    just before it is compressed and encoded by ``spill`` (:class:`ctp.compress.spill.EncodedBlocks`) at once,
-    its weight released: memory holds one linear, not the block. The block's encoded tensors then come back
-    second, for ``spill.write``; its other tensors (norms) stay on the meta device, read when the artifact is
-    written."""
+    With ``stream`` each linear is read from the checkpoint ``stream.source`` just before it is compressed and
+    encoded by ``stream.spill`` (:class:`ctp.compress.spill.EncodedBlocks`) at once, its weight released:
+    memory holds one linear, not the block. The block's encoded tensors then come back second, for
+    ``spill.write``; its other tensors (norms) stay on the meta device, read when the artifact is written."""
     out, encoded = {}, None if stream is None else {}
     for n, mod in linear_layers(layer).items():
         if stream is not None:
-            source, prefix, device, dtype, _ = stream
-            source.load_module(mod, f"{prefix}.{n}", device, dtype)
+            stream.source.load_module(mod, f"{stream.prefix}.{n}", stream.device, stream.dtype)
         W = weight_matrix(mod)
         t0 = time.perf_counter()
         cw = compress_weight(W, None, 0, cfg)
@@ -323,7 +332,7 @@ def _compress_data_free(layer: nn.Module, cfg: CompressConfig, stream=None):
         stats.update(seconds=time.perf_counter() - t0, bits=cw.bits, shape=list(cw.weight.shape), n_samples=0)
         out[n] = (cw, stats)
         if stream is not None:
-            encoded.update(stream[4].encode({f"{stream[1]}.{n}": cw}, layer, stream[1]))
+            encoded.update(stream.spill.encode({f"{stream.prefix}.{n}": cw}, layer, stream.prefix))
             del W
             release_memory()
     return out, encoded
@@ -360,7 +369,7 @@ def compress_model(
 
     require(chunk >= 1, f"chunk {chunk} must be at least 1", "pass a positive number of windows per forward")
     device = torch.device(device or default_device())
-    arch = get_arch(model)
+    get_arch(model)  # an architecture ctp does not know is refused before any work
     layers = decoder_layers(model)
     _check_widths(model, cfg)
     t_start = time.perf_counter()
@@ -394,23 +403,8 @@ def compress_model(
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
-        t_layer = time.perf_counter()
-        layer, prefix = layers[i], f"{arch.layers}.{i}"
-        encoded = None
-        if not data and source is not None and spill is not None:  # one linear in memory at a time, not a block
-            results, encoded = _compress_data_free(layer, cfg, (source, prefix, device, dtype, spill))
-        else:
-            with _on_device(layer, device, source, prefix, dtype):
-                if data:
-                    results, inps = _compress_block(model, layer, calls[i], inps, cfg, dtype)
-                else:
-                    results, _ = _compress_data_free(layer, cfg)
-        records = _record_block(report, prefix, i, results, time.perf_counter() - t_layer)
-        if spill is not None:  # encoded on disk first: a checkpoint only ever names blocks whose file is written
-            if encoded is None:
-                spill.add(i, records, layer, prefix)
-            else:
-                spill.write(i, encoded)
+        records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
+                                            source, spill)
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
                             spilled=None if spill is None else spill.block_entries(i, list(records)))
@@ -424,6 +418,32 @@ def compress_model(
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
              len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
     return report
+
+
+def _compress_one_block(model: nn.Module, report: CompressionReport, i: int, call: _BlockCall | None,
+                        inps: list[Tensor], cfg: CompressConfig, device: torch.device, dtype: torch.dtype, source,
+                        spill) -> tuple[dict[str, CompressedWeight], list[Tensor]]:
+    """Compress block ``i`` (from its calibration ``call`` and inputs ``inps``, or from its weights alone when
+    ``call`` is None) and add it to ``report``: (its payloads, the next block's inputs). With ``spill`` the block
+    is encoded on disk when this returns (a checkpoint then only ever names blocks whose file is written)."""
+    t0 = time.perf_counter()
+    layer, prefix = decoder_layers(model)[i], f"{get_arch(model).layers}.{i}"
+    encoded = None
+    if call is None and source is not None and spill is not None:  # one linear in memory at a time, not a block
+        results, encoded = _compress_data_free(layer, cfg, _Stream(source, prefix, device, dtype, spill))
+    else:
+        with _on_device(layer, device, source, prefix, dtype):
+            if call is not None:
+                results, inps = _compress_block(model, layer, call, inps, cfg, dtype)
+            else:
+                results, _ = _compress_data_free(layer, cfg)
+    records = _record_block(report, prefix, i, results, time.perf_counter() - t0)
+    if spill is not None:
+        if encoded is None:
+            spill.add(i, records, layer, prefix)
+        else:
+            spill.write(i, encoded)
+    return records, inps
 
 
 @contextmanager

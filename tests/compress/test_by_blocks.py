@@ -216,3 +216,19 @@ def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, tmp
         with pytest.raises(CTPError, match="left on disk"):
             m2, _, _, s2 = load_by_blocks(str(src), embeddings=False)
             compress_model(m2, None, RECIPES["gptq3-act"], device="cpu", calib_ids=IDS, progress=False, source=s2)
+
+
+def test_block_source_reads_every_shape_and_dtype_in_chunks(tmp_path):
+    """Rows come a chunk at a time straight into the result: empty, 0-d, integer and multi-chunk tensors."""
+    from safetensors.torch import save_file
+
+    from ctp.models.shards import BlockSource
+
+    ts = {"a": torch.randn(7, 5).half(), "empty": torch.zeros(3, 0), "scalar": torch.tensor(2.5),
+          "ints": torch.arange(6, dtype=torch.int64).view(2, 3), "big": torch.randn(3000, 2000).bfloat16()}
+    save_file(ts, str(tmp_path / "model.safetensors"))
+    source = BlockSource(tmp_path)
+    for k, v in ts.items():
+        got = source.read(k, torch.float32)
+        assert got.shape == v.shape and torch.equal(got, v.float() if v.is_floating_point() else v), k
+    assert len(list(source.chunks("big", torch.float32))) > 1  # 6M values: more than one chunk

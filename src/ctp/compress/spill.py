@@ -7,6 +7,7 @@ needs grows with one block, not with the model.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -96,10 +97,7 @@ class EncodedBlocks:
         self._blocks[index] = names
         for k in names:
             self._files[k] = path
-            n = 1
-            for d in sizes[k]:
-                n *= d
-            self.nbytes += n * SAFETENSORS_DTYPES[dtypes[k]].itemsize
+            self.nbytes += math.prod(sizes[k]) * SAFETENSORS_DTYPES[dtypes[k]].itemsize
 
     def names(self) -> list[str]:
         return list(self._files)

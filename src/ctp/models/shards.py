@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -81,7 +82,8 @@ class BlockSource:
             t = state[name]
             if not t.is_meta:
                 return largest(t)
-            dtype = t.dtype if self._entry(name)[2].is_floating_point else self._entry(name)[2]
+            stored = self._entry(name)[2]
+            dtype = t.dtype if stored.is_floating_point else stored
             return dtype, tuple(t.shape), (largest(c) for _, c in self.chunks(name, t.dtype))
 
         result = digest_of(list(state), read), big[0]
@@ -98,6 +100,8 @@ class BlockSource:
         """
         _, shape, stored, _, _ = self._entry(name)
         out = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored)
+        if not out.numel():
+            return out.to(device)
         flat = out.view(-1, *shape[1:]) if shape else out.view(1)
         for rows, chunk in self.chunks(name, dtype):
             flat[rows] = chunk
@@ -109,9 +113,11 @@ class BlockSource:
         path, shape, stored, start, end = self._entry(name)
         if not stored.is_floating_point:
             dtype = stored
+        if end == start:  # no values: nothing to read
+            return
         rows = shape[0] if shape else 1
-        per_row = max(1, (end - start) // max(rows, 1))  # bytes of one row
-        step = max(1, elements * stored.itemsize // per_row) if per_row else rows
+        per_row = (end - start) // rows  # bytes of one row
+        step = max(1, elements * stored.itemsize // per_row)
         try:
             with open(path, "rb") as f:
                 for r in range(0, rows, step):
@@ -120,7 +126,7 @@ class BlockSource:
                     f.seek(start + r * per_row)
                     if f.readinto(buf) != len(buf):
                         raise OSError("unexpected end of file")
-                    t = torch.frombuffer(buf, dtype=stored) if buf else torch.empty(0, dtype=stored)
+                    t = torch.frombuffer(buf, dtype=stored)
                     yield slice(r, r + n), t.view(n, *shape[1:]).to(dtype)
         except OSError as e:
             raise CTPError(f"cannot read {name} from {path}: {e}",
@@ -141,7 +147,7 @@ class BlockSource:
         lo, hi = meta["data_offsets"]
         stored = SAFETENSORS_DTYPES[meta["dtype"]]
         shape = tuple(int(d) for d in meta["shape"])
-        if hi - lo != stored.itemsize * _numel(shape) or base + hi > path.stat().st_size:
+        if hi - lo != stored.itemsize * math.prod(shape) or base + hi > path.stat().st_size:
             raise CTPError(f"cannot read {name} from {path}: its bytes run past the end of the file",
                            "the shard is truncated or damaged: download it again")
         return path, shape, stored, base + lo, base + hi
@@ -171,15 +177,8 @@ def _names(path: Path) -> list[str]:
 
 # safetensors header dtype names
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 _HEADERS: dict[tuple[str, float, int], tuple[dict, int]] = {}

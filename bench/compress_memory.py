@@ -76,7 +76,6 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for
     from ctp.compress.config import CompressConfig
     from ctp.compress.driver import compress_model
-    from ctp.compress.registry import needs_calibration
     from ctp.compress.spill import EncodedBlocks
     from ctp.models.load import load_by_blocks, load_model
 
@@ -88,7 +87,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
         model, tok, _ = load_model(src)
         source = spill = None
     else:
-        model, tok, _, source = load_by_blocks(src, embeddings=needs_calibration(cfg))  # as ctp compress does
+        model, tok, _, source = load_by_blocks(src, embeddings=False)  # as ctp compress does
         assert source is not None
     dense_dtype = default_dense_dtype(model, source)
     partial = checkpoint_dir_for(out)  # resumable, as `ctp compress` runs it (its memory included)

@@ -44,10 +44,13 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
 
     from ctp.compress.registry import needs_calibration
 
-    model, _, info, source = load_by_blocks(sharded, embeddings=needs_calibration(cfg))
+    model, _, info, source = load_by_blocks(sharded, embeddings=False)  # as ctp compress loads it
     assert source is not None and info.model_type == "llama"
     assert info.embedding_hash == embedding_fingerprint(whole)  # read from disk where the embedding stays there
-    assert model.get_input_embeddings().weight.is_meta != needs_calibration(cfg)
+    assert model.get_input_embeddings().weight.is_meta  # a calibration reads the rows of its tokens alone
+    real_rows = source.rows
+    asked = []
+    source.rows = lambda name, index, dtype: asked.append(len(index)) or real_rows(name, index, dtype)
     layers = decoder_layers(model)
     assert all(p.is_meta for layer in layers for p in layer.parameters())  # nothing of a block is read yet
     seen = []
@@ -65,6 +68,8 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
     # linear is in memory when the next is read
     assert seen == [0] * (len(layers) if needs_calibration(cfg) else sum(len(linear_layers(x)) for x in layers))
     assert all(m.weight.is_meta for layer in layers for m in linear_layers(layer).values())  # all released
+    assert asked == ([len(IDS.unique())] if needs_calibration(cfg) else [])  # each token's row, once
+    assert model.get_input_embeddings().weight.is_meta  # and the embedding is left on disk again
     save_compressed(model, None, report2, tmp_path / "blocks", encoded=spill)
 
     a, _, ca = load_compressed(tmp_path / "whole")
@@ -182,12 +187,11 @@ def test_one_pass_over_the_checkpoint_gives_the_storage_dtype_and_the_cache_key(
     assert reads[linear] == 2  # the scan, then its compression
 
 
-@pytest.mark.parametrize("recipe", ["rtn4g32", "gptq3-act"])
-def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, tmp_path, tokenizer):
-    """Gemma 3 ties its LM head to the embedding: a weights-only run leaves both on disk and the artifact still
-    stores the matrix once, as the whole-model run does; a calibrated run reads it."""
-    from ctp.compress.registry import needs_calibration
-
+@pytest.mark.parametrize("recipe,embeddings", [("rtn4g32", False), ("gptq3-act", False), ("gptq3-act", True)])
+def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, embeddings, tmp_path, tokenizer):
+    """Gemma 3 ties its LM head to the embedding (and scales it in the embedding module): a run that leaves both
+    on disk (a calibrated one reads its tokens' rows) and one that loads the embedding write the artifact of the
+    whole-model run, the matrix stored once."""
     cfg = RECIPES[recipe]
     src = tmp_path / "g"
     tiny = make_tiny("gemma3_text")
@@ -197,8 +201,8 @@ def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, tmp
     whole = make_tiny("gemma3_text")
     save_compressed(whole, None, compress_model(whole, None, cfg, device="cpu", calib_ids=IDS, progress=False,
                                                 chunk=2), tmp_path / "whole")
-    model, _, info, source = load_by_blocks(str(src), embeddings=needs_calibration(cfg))
-    assert model.get_input_embeddings().weight.is_meta != needs_calibration(cfg)
+    model, _, info, source = load_by_blocks(str(src), embeddings=embeddings)
+    assert model.get_input_embeddings().weight.is_meta != embeddings
     assert info.embedding_hash == embedding_fingerprint(whole)
     spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
     report = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
@@ -212,10 +216,11 @@ def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, tmp
     assert b.get_output_embeddings().weight.data_ptr() == b.get_input_embeddings().weight.data_ptr()
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-    if not needs_calibration(cfg):  # a calibrated recipe cannot run without the embedding: a one-line error
-        with pytest.raises(CTPError, match="left on disk"):
-            m2, _, _, s2 = load_by_blocks(str(src), embeddings=False)
-            compress_model(m2, None, RECIPES["gptq3-act"], device="cpu", calib_ids=IDS, progress=False, source=s2)
+    if not embeddings:  # a calibration with the embedding on disk and no checkpoint to read it from: one line
+        m2 = load_by_blocks(str(src), embeddings=False)[0]
+        with pytest.raises(CTPError, match="left on disk.*source=") as e:
+            compress_model(m2, None, RECIPES["gptq3-act"], device="cpu", calib_ids=IDS, progress=False)
+        assert "\n" not in str(e.value)
 
 
 def test_block_source_reads_every_shape_and_dtype_in_chunks(tmp_path):
@@ -232,3 +237,9 @@ def test_block_source_reads_every_shape_and_dtype_in_chunks(tmp_path):
         got = source.read(k, torch.float32)
         assert got.shape == v.shape and torch.equal(got, v.float() if v.is_floating_point() else v), k
     assert len(list(source.chunks("big", torch.float32))) > 1  # 6M values: more than one chunk
+    # chosen rows, in any order and repeated, across chunk boundaries: the rows of the whole tensor
+    index = torch.tensor([2999, 0, 1500, 0, 2097, 2098, 7])
+    assert torch.equal(source.rows("big", index, torch.float32), ts["big"].float()[index])
+    assert torch.equal(source.rows("a", torch.tensor([6, 1]), torch.float16), ts["a"][[6, 1]])
+    with pytest.raises(CTPError, match="token id 3000 is outside big's 3000 rows"):
+        source.rows("big", torch.tensor([1, 3000]), torch.float32)

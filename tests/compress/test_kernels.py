@@ -88,11 +88,14 @@ def test_accumulate_hessian_matches_direct_formula(data):
     assert n_s == SEQS
     torch.testing.assert_close(H_s, H, rtol=1e-4, atol=1e-3)
     H_i, n_i = torch.zeros(IN, IN), 0
+    H_o, n_o = torch.zeros(IN, IN), 0
     for seq in X.reshape(SEQS, -1, IN).split(2):  # (2, T, in) = two samples
         H_next, n_i = K.accumulate_hessian(H_i, n_i, seq, inplace=True)
         assert H_next is H_i
+        H_o, n_o = K.accumulate_hessian(H_o, n_o, seq)
     assert n_i == SEQS
     torch.testing.assert_close(H_i, H, rtol=1e-4, atol=1e-3)
+    assert torch.equal(H_i, H_o)  # in place is a memory saving only: the same values bit for bit
     torch.testing.assert_close(K.input_norms_from_hessian(H, n), X.pow(2).sum(0), rtol=1e-4, atol=1e-2)
 
 
@@ -336,10 +339,15 @@ def test_cholesky_failure_retries_with_more_damping_and_warns():
     H = torch.eye(16)
     H[0, 1] = H[1, 0] = 3.0  # eigenvalues -2 and 4
     W = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    H0 = H.clone()
     with pytest.warns(RuntimeWarning, match="not positive definite"):
         res = K.gptq(W, H, 4, blocksize=8)
     assert torch.isfinite(res.weight).all()
     assert res.stats["damp"] > 1
+    assert torch.equal(H, H0)  # the caller's Hessian is left as it was
+    # each retry dampens the undamped Hessian afresh: the same result as that dampening from the start
+    direct = K.gptq(W, H, 4, blocksize=8, percdamp=res.stats["damp"])
+    assert torch.equal(direct.weight, res.weight) and direct.stats["damp"] == res.stats["damp"]
 
 
 def test_hopeless_hessian_raises_ctperror():

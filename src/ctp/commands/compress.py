@@ -206,7 +206,6 @@ def run(args) -> int:
     from ctp.compress.artifact import default_dense_dtype, estimate_bytes, save_compressed
     from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
-    from ctp.compress.registry import needs_calibration
     from ctp.io import check_free_space, check_output
     from ctp.compress.spill import EncodedBlocks
     from ctp.models.load import load_by_blocks, parse_dtype
@@ -225,8 +224,8 @@ def run(args) -> int:
         return 0
     # a local safetensors model is read one block at a time (memory grows with a block, not the model); blocks
     # move to --device one by one
-    # a recipe that reads the weights alone never runs the model: its embedding stays on disk too
-    model, tok, info, source = load_by_blocks(args.model, **load_options(args), embeddings=needs_calibration(cfg))
+    # the embedding stays on disk too: a calibration reads the rows of its tokens alone
+    model, tok, info, source = load_by_blocks(args.model, **load_options(args), embeddings=False)
     _warn_if_long(model, cfg, device_of(args))
     dense_dtype = default_dense_dtype(model, source) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
     # the resumable checkpoint and the artifact both hold the compressed blocks until the artifact is written

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +154,38 @@ def _catchers(layers: nn.ModuleList, calls: list[_BlockCall | None], store: list
                 del layer.forward
 
 
+@contextmanager
+def _embedding_rows(model: nn.Module, windows: Tensor, source) -> Iterator[Tensor]:
+    """The windows as the model should be fed them: unchanged when its input embedding is loaded; when the
+    embedding was left on disk (meta), the rows of the windows' tokens alone are read from ``source`` and stand
+    in for the matrix for the duration, the windows renumbered into them. The lookup gives the same vectors, so
+    the calibration is bit-identical, and memory holds a few thousand rows, not the vocabulary."""
+    emb = model.get_input_embeddings()
+    weight = emb.weight
+    if not weight.is_meta:
+        yield windows
+        return
+    require(source is not None, "the model's input embedding was left on disk, and this recipe runs calibration "
+            "data through it", "pass the checkpoint it came from as source= (load_by_blocks returns it)")
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    used, renumbered = torch.unique(windows, return_inverse=True)  # sorted token ids, and each one's row among them
+    emb._parameters["weight"] = nn.Parameter(source.rows(name, used, weight.dtype), requires_grad=False)
+    try:
+        yield renumbered.view_as(windows)
+    finally:
+        emb._parameters["weight"] = weight
+
+
 @torch.no_grad()
-def _capture_inputs(model: nn.Module, windows: Tensor, chunk: int) -> tuple[list[Tensor], list[_BlockCall]]:
-    """Block-0 hidden states per chunk, and each block's call arguments."""
+def _capture_inputs(model: nn.Module, windows: Tensor, chunk: int, source=None) -> tuple[list[Tensor],
+                                                                                         list[_BlockCall]]:
+    """Block-0 hidden states per chunk, and each block's call arguments (an embedding left on disk is read from
+    ``source``, the rows the windows use)."""
     layers = decoder_layers(model)
     calls: list[_BlockCall | None] = [None] * len(layers)
     store: list[Tensor] = []
-    emb_device = model.get_input_embeddings().weight.device
-    with _catchers(layers, calls, store):
+    with _embedding_rows(model, windows, source) as windows, _catchers(layers, calls, store):
+        emb_device = model.get_input_embeddings().weight.device
         for start in range(0, windows.shape[0], chunk):
             ids = windows[start : start + chunk].to(emb_device)  # (b, T)
             try:
@@ -232,7 +257,8 @@ def _compress_group(
     """
     mods = linear_layers(layer)
     # a recipe that reads only the inputs' norms (Wanda) gets H's diagonal (in,), never the (in, in) matrix
-    accumulate = accumulate_sq_norms if needs_norms_only(cfg) else accumulate_hessian
+    # the running Hessian belongs to this pass alone: it is updated in place (same values, half the memory)
+    accumulate = accumulate_sq_norms if needs_norms_only(cfg) else partial(accumulate_hessian, inplace=True)
     slots: list[list] = []  # [H, n_samples] per distinct input
     slot_of: dict[str, int] = {}
     chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
@@ -387,12 +413,9 @@ def compress_model(
              f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
     inps: list[Tensor] = []
-    require(not (data and model.get_input_embeddings().weight.is_meta),
-            "the model's input embedding was left on disk, and this recipe runs calibration data through it",
-            "load it with load_by_blocks(..., embeddings=True)")
     if start < len(layers) and data:
         _check_memory(model, windows, device, cfg)
-        inps, calls = _capture_inputs(model, windows, chunk)  # block arguments do not depend on earlier blocks
+        inps, calls = _capture_inputs(model, windows, chunk, source)  # block arguments do not depend on earlier blocks
         store = getattr(torch, cfg.activations) if cfg.activations != "float32" else dtype  # between blocks
         if start:
             inps = ckpt.load_inputs(device)

@@ -59,7 +59,8 @@ def accumulate_hessian(
     sample, or (batch, ..., tokens, in) for ``batch * ...`` samples; ``n`` counts
     samples (sequences), not tokens. The old sum is rescaled by n_old / n_new.
     Pass ``H=None`` for the first batch. Returns the new ``(H, n)``; the input H is
-    left untouched unless ``inplace`` (saves an (in, in) copy per batch in a driver).
+    left untouched unless ``inplace``: then the result is written into it, the same values
+    bit for bit, and a batch holds two (in, in) matrices instead of four (a driver's saving).
     """
     if x.dim() == 1:
         x = x[None]  # (1, in)
@@ -69,8 +70,8 @@ def accumulate_hessian(
         H = torch.zeros(xt.shape[0], xt.shape[0], dtype=torch.float32, device=x.device)
     n = nsamples_seen + batch
     xt = math.sqrt(2 / n) * xt
-    if inplace:
-        return H.mul_(nsamples_seen / n).addmm_(xt, xt.t()), n
+    if inplace:  # (H * a) + X X^T in the same two roundings as below, not one fused addmm
+        return H.mul_(nsamples_seen / n).add_(xt @ xt.t()), n
     return H * (nsamples_seen / n) + xt @ xt.t(), n
 
 
@@ -102,16 +103,19 @@ def reconstruction_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     return float(((D @ H.float()) * D).sum())
 
 
-def _chol_inv_upper(H: Tensor) -> Tensor | None:
-    """Upper Cholesky factor of H^-1, or None if H is not (numerically) positive definite."""
-    L, info = torch.linalg.cholesky_ex(H)
+def _chol_inv_upper_(H: Tensor) -> Tensor | None:
+    """Upper Cholesky factor of H^-1, computed in H's own memory (H is overwritten), or None if H is not
+    (numerically) positive definite. LAPACK factors in place anyway: the results are those of the out-of-place
+    calls, and an (in, in) matrix costs two of its size at the peak instead of four."""
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(H, out=(H, info))  # L
     if int(info) != 0:
         return None
-    Hi = torch.cholesky_inverse(L)
-    U, info = torch.linalg.cholesky_ex(Hi, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(U).all()):
+    torch.cholesky_inverse(H, out=H)  # (L L^T)^-1
+    torch.linalg.cholesky_ex(H, upper=True, out=(H, info))  # U
+    if int(info) != 0 or not bool(torch.isfinite(H).all()):
         return None
-    return U
+    return H
 
 
 def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False) -> PreparedHessian:
@@ -121,24 +125,24 @@ def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False) -> Prep
     With ``act_order`` the columns are processed by descending ``diag(H)``. Then
     ``percdamp * mean(diag H)`` is added to the diagonal and the upper Cholesky factor
     of the inverse is taken; if that fails, the dampening is raised 10x (with a
-    warning) up to a few times before raising CTPError.
+    warning) up to a few times before raising CTPError. ``H`` is left as it was; each
+    attempt works on one fresh copy of it.
     """
-    H = H.float().clone()
-    diag = torch.diagonal(H)  # view: writes go into H
-    dead = diag == 0
-    diag[dead] = 1
+    dead = torch.diagonal(H) == 0
     perm = None
     if act_order:
-        perm = torch.argsort(diag, descending=True)
-        H = H[perm][:, perm]  # (in, in) in processing order
-        diag = torch.diagonal(H)
-    mean_diag = float(diag.mean())
-    idx = torch.arange(H.shape[0], device=H.device)
+        perm = torch.argsort(torch.diagonal(H).float().masked_fill(dead, 1), descending=True)
     damp = percdamp
     for attempt in range(_CHOLESKY_TRIES):
-        Hd = H.clone()
-        Hd[idx, idx] += damp * mean_diag
-        U = _chol_inv_upper(Hd)
+        Hd = H.to(torch.float32, copy=True)
+        Hd.diagonal()[dead] = 1
+        if perm is not None:
+            Hd = Hd[perm]
+            Hd = Hd[:, perm]  # (in, in) in processing order
+        diag = torch.diagonal(Hd)  # a strided view: a contiguous copy would sum the mean in another order
+        mean_diag = float(diag.mean())
+        diag.copy_(diag + damp * mean_diag)
+        U = _chol_inv_upper_(Hd)
         if U is not None:
             if attempt > 0:
                 warnings.warn(
@@ -148,6 +152,7 @@ def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False) -> Prep
                     stacklevel=3,
                 )
             return PreparedHessian(U, dead, perm, damp)
+        del Hd, U
         damp = damp * 10 if damp > 0 else 0.01
     raise CTPError(
         f"the Hessian is not positive definite even with percdamp={damp / 10:g}",
@@ -306,7 +311,8 @@ def _obs_compress(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, float]:
     """The blocked OBS column loop shared by SparseGPT and GPTQ.
 
-    ``W`` (rows, cols) fp32 and ``hinv`` (cols, cols) are in processing order. Masks:
+    ``W`` (rows, cols) fp32 and ``hinv`` (cols, cols) are in processing order; ``W`` is updated in place (the
+    caller passes its own copy: one fewer weight-sized matrix). Masks:
     ``fixed_mask`` if given, else N:M (chosen every M columns), else unstructured with
     ``sparsity > 0`` (chosen per block, an exact per-row quota so every row ends at
     ``n_pruned(cols, sparsity)``), else none. With ``grid`` each column is also
@@ -317,7 +323,6 @@ def _obs_compress(
     scale/zero (rows, n_groups) and codes (rows, cols) uint8 (None without grid).
     """
     rows, cols = W.shape
-    W = W.clone()
     Q = torch.zeros_like(W)
     keep = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
@@ -428,7 +433,7 @@ def _obs_kernel(
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     rows, cols = W.shape
     prep = prepare_hessian(H.to(W.device), percdamp, act_order)
-    Wf = W.float().clone()
+    Wf = W.to(torch.float32, copy=True)  # updated in place by _obs_compress
     Wf[:, prep.dead] = 0  # inputs never seen: nothing to reconstruct, drop them
     mask = fixed_mask
     invperm = None

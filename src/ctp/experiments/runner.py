@@ -213,14 +213,13 @@ class Runner:
     def _compress(self, label: str, path: str) -> None:
         from ctp.compress import compress_model, save_compressed
         from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
-        from ctp.compress.registry import needs_calibration
         from ctp.compress.spill import EncodedBlocks
         from ctp.models.load import load_by_blocks
 
         cfg = self.compress_config(label)
         log.info("compressing %s (%s)", label, cfg.label())
-        # one block in memory at a time where it can; the embedding too stays on disk for a weights-only recipe
-        model, tok, info, source = load_by_blocks(self.cfg.model, embeddings=needs_calibration(cfg))
+        # one block in memory at a time where it can; the embedding stays on disk (calibration reads its rows)
+        model, tok, info, source = load_by_blocks(self.cfg.model, embeddings=False)
         partial = checkpoint_dir_for(path)  # an interrupted compression resumes from its last finished block
         spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, model.get_input_embeddings().weight.dtype,
                                                           source)

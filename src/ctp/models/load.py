@@ -407,8 +407,8 @@ def load_by_blocks(spec: str, dtype: torch.dtype | str = torch.float32, trust_re
     """``(model, tokenizer, info, source)`` for compression: from a local safetensors directory, the model with its
     decoder blocks on the meta device and ``source`` (:class:`ctp.models.shards.BlockSource`) to read each block
     when it is compressed, so memory holds one block at a time; any other model loads whole (``source`` None).
-    ``embeddings=False`` leaves the input embedding on disk too, for a compression that runs no calibration
-    (:func:`ctp.compress.registry.needs_calibration`)."""
+    ``embeddings=False`` leaves the input embedding on disk too (``ctp compress`` does): a calibration then reads
+    the rows of its tokens alone from ``source``, and the artifact takes the matrix from it."""
     from ctp.models.shards import block_source, load_skeleton
 
     if isinstance(dtype, str):

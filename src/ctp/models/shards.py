@@ -107,6 +107,23 @@ class BlockSource:
             flat[rows] = chunk
         return out.to(device)
 
+    def rows(self, name: str, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index`` (1-D, in range) of tensor ``name`` in ``dtype``, in that order: ``read(name)[index]``
+        without the whole tensor in memory (one pass over it, a chunk at a time). The calibration of a model whose
+        embedding stays on disk reads the rows of its tokens this way."""
+        shape = self._entry(name)[1]
+        index = index.long().reshape(-1)
+        bad = index[(index < 0) | (index >= shape[0])]
+        if bad.numel():
+            raise CTPError(f"token id {int(bad[0])} is outside {name}'s {shape[0]} rows",
+                           "use a tokenizer that matches the model")
+        out = torch.empty(index.numel(), *shape[1:], dtype=dtype)
+        for span, chunk in self.chunks(name, dtype):
+            hit = (index >= span.start) & (index < span.stop)
+            if hit.any():
+                out[hit] = chunk[index[hit] - span.start]
+        return out
+
     def chunks(self, name: str, dtype: torch.dtype, elements: int = 1 << 22):
         """``(row slice, rows)`` of tensor ``name`` in ``dtype`` (floating-point tensors; others as stored),
         about ``elements`` values at a time, in order."""

@@ -69,7 +69,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int, threads: int) -> dict[str, Any]:
+def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int, threads: int,
+          calib_batch: int = 8) -> dict[str, Any]:
     """One compression in this (fresh) process; returns its peak RSS and time."""
     torch.set_num_threads(threads)
     from ctp.compress.artifact import default_dense_dtype, save_compressed
@@ -94,7 +95,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     if mode == "blocks":
         spill = EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
     report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill,
-                            checkpoint_dir=partial)
+                            checkpoint_dir=partial, chunk=calib_batch)
     storage = save_compressed(model, tok, report, out, dense_dtype=dense_dtype, encoded=spill)
     return {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0,
             "peak_rss_bytes": peak_rss(),
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--modes", default="whole,blocks", help="whole, blocks")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--calib-batch", type=int, default=8,
+                   help="calibration windows per block forward (ctp compress --calib-batch; default 8)")
     p.add_argument("--workdir", default=None, help="where the model and artifacts go (default: a temporary dir)")
     p.add_argument("--child", default=None, help="(internal) JSON arguments of one child run")
     args = p.parse_args(argv)
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in args.modes.split(","):
                 spec = {"mode": mode, "src": str(src), "out": str(Path(tmp) / f"{mode}-{recipe}"),
                         "recipe": recipe, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "threads": args.threads or 1}
+                        "threads": args.threads or 1, "calib_batch": args.calib_batch}
                 proc = subprocess.run([sys.executable, "-m", "bench.compress_memory", "--child", json.dumps(spec)],
                                       capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

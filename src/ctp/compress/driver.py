@@ -553,6 +553,7 @@ def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps: 
     results: dict[str, tuple[CompressedWeight, dict]] = {}
     for names in groups:
         results.update(_compress_group(layer, names, call, inps, cfg, compute))
+        release_memory()  # the group's Hessians and kernel temporaries go back to the system before the next pass
     return results, _run_block(layer, call, inps, compute)
 
 

@@ -201,12 +201,21 @@ def test_a_tied_embedding_left_on_disk_is_written_once_and_identical(recipe, emb
     whole = make_tiny("gemma3_text")
     save_compressed(whole, None, compress_model(whole, None, cfg, device="cpu", calib_ids=IDS, progress=False,
                                                 chunk=2), tmp_path / "whole")
+    from ctp.compress.artifact import default_dense_dtype
+    from ctp.compress.checkpoint import checkpoint_key
+    from ctp.models.load import load_model
+
     model, _, info, source = load_by_blocks(str(src), embeddings=embeddings)
     assert model.get_input_embeddings().weight.is_meta != embeddings
     assert info.embedding_hash == embedding_fingerprint(whole)
+    # the checkpoint holds the tied head only as the embedding: the scan reads it under that name, as loaded whole
+    loaded = load_model(str(src))[0]
+    args = ({"cfg": 1}, IDS, 2, torch.device("cpu"))
+    assert checkpoint_key(model, *args, source) == checkpoint_key(loaded, *args)
+    assert default_dense_dtype(model, source) == default_dense_dtype(loaded)
     spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
     report = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
-                            spill=spill)
+                            spill=spill, checkpoint_dir=tmp_path / "ckpt")
     save_compressed(model, None, report, tmp_path / "blocks", encoded=spill)
     a, _, ca = load_compressed(tmp_path / "whole")
     b, _, cb = load_compressed(tmp_path / "blocks")

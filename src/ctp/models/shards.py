@@ -78,10 +78,13 @@ class BlockSource:
                 big[0] = max(big[0], -float(lo), float(hi))
             return t
 
+        stored_as = self.stored_names(model)
+
         def read(name: str):
             t = state[name]
             if not t.is_meta:
                 return largest(t)
+            name = stored_as.get(name, name)
             stored = self._entry(name)[2]
             dtype = t.dtype if stored.is_floating_point else stored
             return dtype, tuple(t.shape), (largest(c) for _, c in self.chunks(name, t.dtype))
@@ -90,6 +93,16 @@ class BlockSource:
         self._scan = (key, result)
         release_memory()
         return result
+
+    def stored_names(self, model: nn.Module) -> dict[str, str]:
+        """State-dict name -> the name the checkpoint holds it under, for tensors tied to another (a tied LM head
+        saved once, as its embedding)."""
+        live = model.state_dict(keep_vars=True)
+        holder: dict[int, str] = {}
+        for n, t in live.items():
+            if n in self.files:
+                holder.setdefault(id(t), n)
+        return {n: holder[id(t)] for n, t in live.items() if n not in self.files and id(t) in holder}
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor, cast to ``dtype`` on ``device``.

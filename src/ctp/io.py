@@ -386,19 +386,6 @@ def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifac
     return tensors, extra
 
 
-def _libc():
-    """The C library when it is glibc (has ``malloc_trim`` and ``mallopt``), else None."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-
-
 def release_memory() -> None:
     """Hand freed heap pages back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
 
@@ -406,31 +393,15 @@ def release_memory() -> None:
     them in the process heap, so the resident size would stay near its peak. Measured after
     loading the 50% + 4-bit SmolLM2 artifact packed: 913 MB resident before, 366 MB after.
     """
+    import ctypes
+    import ctypes.util
     import gc
 
     gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's adaptive threshold stops growing (64-bit)
-
-
-@contextlib.contextmanager
-def eager_release(threshold: int = 4 << 20) -> Iterator[None]:
-    """Within the block, a freed allocation of ``threshold`` bytes or more goes straight back to the operating
-    system: glibc serves it by ``mmap``. Without this, glibc's adaptive threshold climbs to 32 MiB after the first
-    large free and tensors below it are served from the heap, which keeps their pages after they are freed.
-    Compression allocates and frees many tensors of 4-100 MB; on a 2-block model of hidden 2048 (SparseGPT 50%,
-    8 x 512 calibration tokens) the peak fell from 1.55-1.63 GB to 1.44 GB in the same time. Afterwards the
-    threshold stays at 32 MiB, where the adaptive one settles. A no-op without glibc."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    name = ctypes.util.find_library("c")
     try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass

@@ -55,7 +55,7 @@ from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms
 from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
-from ctp.io import eager_release, release_memory
+from ctp.io import release_memory
 from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
                                 set_weight_matrix, weight_matrix)
 
@@ -425,16 +425,15 @@ def compress_model(
 
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
                initial=start, total=len(layers))
-    with eager_release():  # a block's large temporaries go back to the system as they are freed
-        for i in bar:
-            records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
-                                                source, spill)
-            if ckpt is not None:
-                ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
-                                spilled=None if spill is None else spill.block_entries(i, list(records)))
-            err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
-            bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
-            log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
+    for i in bar:
+        records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
+                                            source, spill)
+        if ckpt is not None:
+            ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
+                            spilled=None if spill is None else spill.block_entries(i, list(records)))
+        err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
+        bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
+        log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
 
     del inps
     model.train(was_training)

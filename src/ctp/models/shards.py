@@ -254,8 +254,8 @@ def block_source(where: str | Path) -> BlockSource | None:
 def load_skeleton(where: str | Path, source: BlockSource, dtype: torch.dtype, trust_remote_code: bool = False,
                   embeddings: bool = True) -> nn.Module | None:
     """The model with its decoder blocks left on the meta device and everything else loaded (but the input
-    embedding without ``embeddings``: a compression that runs no calibration never reads it, and the artifact
-    takes it from ``source``); None when the checkpoint's names are not the model's (the caller then loads the
+    embedding without ``embeddings``: a calibration reads the rows of its tokens alone, and the artifact takes
+    the matrix from ``source``); None when the checkpoint's names are not the model's (the caller then loads the
     whole model)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -67,9 +67,10 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     g.add_argument("--percdamp", type=float, default=None, help="Hessian dampening (default 0.01)")
     g.add_argument("--blocksize", type=int, default=None, help="columns per lazy OBS block (default 128)")
-    g.add_argument("--calib-batch", type=int, default=8, help="calibration windows per block forward (default 8): the forward's intermediates grow with it, "
-                   "so a smaller one lowers peak memory (a changed value sums the Hessians in another order: "
-                   "results differ in the last bits)")
+    g.add_argument("--calib-batch", type=int, default=8,
+                   help="calibration windows per block forward (default 8): the forward's intermediates grow with "
+                        "it, so a smaller one lowers peak memory (a changed value sums the Hessians in another "
+                        "order: results differ in the last bits)")
     g.add_argument("--activations", default=None, choices=("float32", "float16", "bfloat16"),
                    help="dtype the calibration activations are kept in between blocks (each block still computes "
                         "in the model's dtype): float32 (default); float16 halves their memory, for long "

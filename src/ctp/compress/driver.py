@@ -167,8 +167,7 @@ def _embedding_rows(model: nn.Module, windows: Tensor, source) -> Iterator[Tenso
         return
     require(source is not None, "the model's input embedding was left on disk, and this recipe runs calibration "
             "data through it", "pass the checkpoint it came from as source= (load_by_blocks returns it)")
-    name = next(n for n, p in model.named_parameters() if p is weight)
-    name = source.stored_names(model).get(name, name)  # a tied matrix the checkpoint holds under another name
+    name = source.name_of(model, weight)
     used, renumbered = torch.unique(windows, return_inverse=True)  # sorted token ids, and each one's row among them
     emb._parameters["weight"] = nn.Parameter(source.rows(name, used, weight.dtype), requires_grad=False)
     try:

@@ -17,7 +17,7 @@ def embedding_fingerprint(model, source=None) -> str:
         return emb.fingerprint
     h = hashlib.sha256()
     if emb.weight.is_meta:
-        name = next(n for n, p in model.named_parameters() if p is emb.weight)
+        name = source.name_of(model, emb.weight)
         h.update(f"{emb.weight.dtype}{tuple(emb.weight.shape)}".encode())
         for _, rows in source.chunks(name, emb.weight.dtype):
             h.update(rows.contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -104,6 +104,11 @@ class BlockSource:
                 holder.setdefault(id(t), n)
         return {n: holder[id(t)] for n, t in live.items() if n not in self.files and id(t) in holder}
 
+    def name_of(self, model: nn.Module, tensor: torch.Tensor) -> str:
+        """The name the checkpoint holds ``model``'s parameter ``tensor`` under (a tied one under its holder's)."""
+        name = next(n for n, p in model.named_parameters() if p is tensor)
+        return self.stored_names(model).get(name, name)
+
     def read(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor, cast to ``dtype`` on ``device``.
 

@@ -2,8 +2,9 @@
 
 For one compressed model (a ``ctp compress`` directory) and its uncompressed base,
 each recipe {kind} x {objective} x {k} is trained with a wall-clock budget
-(``--minutes``, on ``--threads`` threads: CPU-minutes on one core with the
-default of 1), validating every ``--eval-every`` steps. It reports
+(``--minutes``) or a budget of process CPU time (``--cpu-minutes``: the same
+work however loaded the machine is; with ``--threads 1``, minutes of one
+core), validating every ``--eval-every`` steps. It reports
 
 * the curve: the recovered share of the c4 *validation* gap against training
   minutes (validation included), for the plot;
@@ -89,9 +90,13 @@ def main(argv=None) -> dict:
     p.add_argument("--recipes", default="soft-nll,prefix-nll,prefix-kd",
                    help="comma-separated KIND-OBJECTIVE[-kK] (e.g. prefix-kd-k100); k defaults to --tokens")
     p.add_argument("--tokens", type=int, default=25)
-    p.add_argument("--minutes", type=float, default=10.0,
-                   help="wall-clock training budget per recipe (validation included); the process CPU time is "
-                        "recorded beside it (on a shared machine it is the smaller, the time one free core takes)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock training budget per recipe (validation included; default 10 unless "
+                        "--cpu-minutes is given); the process CPU time is recorded beside it (on a shared machine "
+                        "it is the smaller, the time one free core takes)")
+    p.add_argument("--cpu-minutes", type=float, default=None,
+                   help="training budget per recipe in process CPU time (validation included): the same work "
+                        "whatever else shares the machine; with --threads 1, minutes of one core")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine", "linear"),
                    help="learning-rate schedule after 10 warmup steps; cosine/linear decay over --steps")
@@ -108,6 +113,8 @@ def main(argv=None) -> dict:
                    help="kd/mix recipes: 0 runs the teacher online (exact KL); K reads its top K from the cache "
                         "(~/.cache/ctp/teacher), filling it on first use")
     args = p.parse_args(argv)
+    if args.minutes is None and args.cpu_minutes is None:
+        args.minutes = 10.0
     if args.schedule != "constant" and not args.steps:
         p.error(f"--schedule {args.schedule} decays over --steps: pass --steps N (about the steps --minutes allows)")
     device = setup(args)
@@ -153,9 +160,13 @@ def main(argv=None) -> dict:
         else:
             cpu: dict[int, float] = {}
             cpu0 = time.process_time()
+
+            def clock(step, _h, _p, cpu=cpu, cpu0=cpu0):  # records CPU time; true (stop) once the budget is spent
+                cpu[step] = time.process_time() - cpu0
+                return args.cpu_minutes is not None and cpu[step] >= args.cpu_minutes * 60
+
             art, h = train_prompt(model, tok, info, pcfg, tcfg, out_path=path, progress=False,
-                                  teacher=teacher if objective != "nll" else None,
-                                  callback=lambda step, _h, _p: cpu.__setitem__(step, time.process_time() - cpu0))
+                                  teacher=teacher if objective != "nll" else None, callback=clock)
             hist = {**h.to_dict(), "cpu_seconds": {str(s): c for s, c in cpu.items()}}
             hist_path.write_text(json.dumps(hist) + "\n")
         cpu_at = {int(s): c for s, c in (hist.get("cpu_seconds") or {}).items()}

@@ -178,10 +178,12 @@ def test_recovery_bench_at_toy_size(tiny_dir, tmp_path):
     saved = json.loads(cached[0].read_text())
     saved["base"]["c4"]["full"]["ppl"] = 123.0  # a mark only a reuse can carry over
     cached[0].write_text(json.dumps(saved))
-    again = recovery.main(["--compressed", str(comp), "--recipes", "soft-nll", "--minutes", "0.02", "--seqlen", "32",
-                           "--eval-every", "2", "--eval-windows", "1", "--test-windows", "3", "--datasets", "c4",
-                           "--json", str(out.parent / "again.json")])
+    again = recovery.main(["--compressed", str(comp), "--recipes", "prefix-nll", "--cpu-minutes", "1e-6",
+                           "--seqlen", "32", "--eval-every", "2", "--eval-windows", "1", "--test-windows", "3",
+                           "--datasets", "c4", "--json", str(out.parent / "again.json")])
     assert again["baselines"]["c4"]["full"]["ppl"] == 123.0 and list(out.parent.glob("baselines-*.json")) == cached
+    row = again["rows"][0]  # a CPU-time budget spent at once: one step, validated there
+    assert row["steps"] == 1 and row["cpu_minutes"] > 0 and again["args"]["minutes"] is None
 
 
 def test_inference_runtime_section_smoke():

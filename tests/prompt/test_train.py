@@ -202,6 +202,21 @@ def test_time_limit_stops_with_a_final_validation(tokenizer, info):
     assert [e["step"] for e in hist.evals] == [0, 1] and art.steps == 1
 
 
+def test_a_callback_can_stop_the_run_with_a_final_validation(tokenizer, info):
+    """A true return from the callback ends the run after that step, validated there, and it may win."""
+    cfg = TrainConfig(lr=1e-2, steps=50, eval_every=100, **FAST)
+    seen = []
+
+    def stop_at_3(step, hist, p):
+        seen.append(step)
+        return step == 3
+
+    art, hist = train_prompt(make_tiny("llama"), tokenizer, info, PromptConfig(num_tokens=4), cfg, progress=False,
+                             callback=stop_at_3)
+    assert seen == [1, 2, 3] and hist.steps_done == 3 and "stopped by the caller at step 3" in hist.stopped
+    assert [e["step"] for e in hist.evals] == [0, 3] and hist.best_step in (0, 3)
+
+
 def test_training_with_activation_checkpointing_matches(tokenizer, info):
     model = make_tiny("llama")
     runs = []

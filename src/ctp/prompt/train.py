@@ -460,10 +460,14 @@ class _Run:
         if cfg.max_minutes is None or done >= cfg.steps or \
                 not distributed.any_across(self.history.seconds > cfg.max_minutes * 60, device):
             return False
-        self.history.stopped = f"time limit of {cfg.max_minutes} minutes reached at step {done}"
+        self.stop(done, f"time limit of {cfg.max_minutes} minutes reached at step {done}")
+        return True
+
+    def stop(self, done: int, why: str) -> None:
+        """End the run after step ``done``, validating the prompt there so it can still be the best."""
+        self.history.stopped = why
         if self.history.evals[-1]["step"] != done:
             self.validate(done)
-        return True
 
 
 def train_prompt(
@@ -489,7 +493,9 @@ def train_prompt(
     checkpoint is written every ``checkpoint_every`` steps to ``checkpoint_path``
     (default ``<out>.ckpt.safetensors``); it is removed once the artifact is saved.
     ``callback(step, history, prompt)`` runs after each step (after any eval and checkpoint) with the live
-    fp32 prompt parameter (read it, do not modify it). The objectives ``kd`` and ``mix`` need ``teacher``,
+    fp32 prompt parameter (read it, do not modify it); a true return stops the run there, as the time
+    limit does (the prompt is validated at that step). Under ``torch.distributed`` its answer must be the
+    same on every process. The objectives ``kd`` and ``mix`` need ``teacher``,
     the uncompressed model (frozen, no-grad, on any device; it sees the windows without a prompt).
 
     In a ``torch.distributed`` process group of N > 1 every process calls this with the same model and
@@ -535,8 +541,9 @@ def train_prompt(
                 bar.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{history.evals[-1]['val_ppl']:.2f}",
                                 best=f"{history.best_val_ppl:.2f}", refresh=False)
                 run.checkpoint(done)
-                if callback is not None:
-                    callback(done, history, run.prompt)
+                if callback is not None and callback(done, history, run.prompt) and not history.stopped:
+                    run.stop(done, f"stopped by the caller at step {done}")
+                    break
                 if history.stopped or run.out_of_time(done, device):
                     break
         finally:

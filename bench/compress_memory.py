@@ -8,9 +8,12 @@ records the child's peak resident set size (``VmHWM``) against the model's fp16 
 * ``blocks``: what ``ctp compress`` does for a local safetensors model, ``load_by_blocks`` (blocks read from
   the shards when compressed) + ``EncodedBlocks`` (finished blocks encoded to disk) + a streamed artifact.
 
-Both run resumable, with a compression checkpoint beside the output, as ``ctp compress`` does.
+* ``offload``: ``blocks`` with the calibration activations on disk, one ``--calib-batch`` of windows in memory
+  at a time (``ctp compress --offload-activations``).
 
-Both runs store the dense parts in fp16 (``ctp compress --save-dtype auto``). The calibration activations
+All run resumable, with a compression checkpoint beside the output, as ``ctp compress`` does.
+
+All runs store the dense parts in fp16 (``ctp compress --save-dtype auto``). The calibration activations
 (``nsamples x seqlen x hidden`` fp32, twice: inputs and outputs of a block) are reported beside the figures.
 
     python -m bench.compress_memory --threads 1 --hidden 2048 --layers 24 --recipes rtn,gptq --modes whole,blocks
@@ -74,7 +77,7 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     """One compression in this (fresh) process; returns its peak RSS and time."""
     torch.set_num_threads(threads)
     from ctp.compress.artifact import default_dense_dtype, save_compressed
-    from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for
+    from ctp.compress.checkpoint import ACTIVATIONS_DIR, ENCODED_DIR, checkpoint_dir_for
     from ctp.compress.config import CompressConfig
     from ctp.compress.driver import compress_model
     from ctp.compress.spill import EncodedBlocks
@@ -92,10 +95,11 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
         assert source is not None
     dense_dtype = default_dense_dtype(model, source)
     partial = checkpoint_dir_for(out)  # resumable, as `ctp compress` runs it (its memory included)
-    if mode == "blocks":
+    if mode in ("blocks", "offload"):
         spill = EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
     report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill,
-                            checkpoint_dir=partial, chunk=calib_batch)
+                            checkpoint_dir=partial, chunk=calib_batch,
+                            activations_dir=partial / ACTIVATIONS_DIR if mode == "offload" else None)
     storage = save_compressed(model, tok, report, out, dense_dtype=dense_dtype, encoded=spill)
     return {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0,
             "peak_rss_bytes": peak_rss(),
@@ -107,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--recipes", default="rtn,gptq", help=f"comma separated, of {', '.join(RECIPES)}")
-    p.add_argument("--modes", default="whole,blocks", help="whole, blocks")
+    p.add_argument("--modes", default="whole,blocks",
+                   help="whole, blocks, offload (blocks with the calibration activations on disk: "
+                        "ctp compress --offload-activations)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-batch", type=int, default=8,
@@ -146,15 +152,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 logging.info("%s %s: peak RSS %.2f GB (%.3fx fp16) in %.0f s", mode, recipe,
                              row["peak_rss_bytes"] / 1e9, row["peak_rss_vs_fp16"], row["seconds"])
         result["runs"] = rows
-        if "whole" in args.modes and "blocks" in args.modes:  # the same weights either way
+        modes = args.modes.split(",")
+        if len(modes) > 1:  # the same weights every way
             from ctp.compress.artifact import load_compressed
 
             same = {}
             for recipe in args.recipes.split(","):
-                a = load_compressed(Path(tmp) / f"whole-{recipe}")[0].state_dict()
-                b = load_compressed(Path(tmp) / f"blocks-{recipe}")[0].state_dict()
-                same[recipe] = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-                del a, b
+                a = load_compressed(Path(tmp) / f"{modes[0]}-{recipe}")[0].state_dict()
+                for mode in modes[1:]:
+                    b = load_compressed(Path(tmp) / f"{mode}-{recipe}")[0].state_dict()
+                    same[f"{recipe} ({modes[0]} vs {mode})"] = set(a) == set(b) and all(torch.equal(a[k], b[k])
+                                                                                       for k in a)
+                    del b
+                del a
             result["bit_identical"] = same
     return finish(result, args, t_start, report)
 
@@ -169,8 +179,7 @@ def report(r: dict[str, Any]) -> str:
                                "peak_minus_activations_vs_fp16", "rss_after_imports_bytes", "artifact_bytes"],
                    "peak resident memory of one compression (child process, VmHWM)")]
     if "bit_identical" in r:
-        parts.append("artifacts bit-identical (whole vs blocks): " + ", ".join(f"{k} {v}" for k, v in
-                                                                            r["bit_identical"].items()))
+        parts.append("artifacts bit-identical: " + ", ".join(f"{k} {v}" for k, v in r["bit_identical"].items()))
     parts.append(f"wall time {r['wall_s']:.0f}s")
     return "\n\n".join(parts)
 

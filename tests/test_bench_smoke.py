@@ -285,3 +285,14 @@ def test_prompt_placement_bench_at_toy_size(tiny_dir, tmp_path):
     from ctp.prompt.soft import init_prompt
 
     assert train_mod.leading_ids is leading_ids and train_mod.init_prompt is init_prompt  # put back as they were
+
+
+def test_compress_memory_bench_at_toy_size():
+    """bench.compress_memory end to end: child runs by blocks and with the activations on disk, the same artifact."""
+    from bench import compress_memory
+
+    r = compress_memory.main(["--threads", "1", "--hidden", "128", "--layers", "1", "--recipes", "gptq",
+                              "--modes", "blocks,offload", "--nsamples", "4", "--seqlen", "32", "--calib-batch", "2"])
+    assert [row["mode"] for row in r["runs"]] == ["blocks", "offload"]
+    assert all(row["peak_rss_bytes"] > row["rss_after_imports_bytes"] > 0 for row in r["runs"])
+    assert r["bit_identical"] == {"gptq (blocks vs offload)": True}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ctp.errors import CTPError
-from ctp.io import atomic_dir, atomic_write_text, load_tensors, read_json, save_tensors
+from ctp.io import (atomic_dir, atomic_write_text, load_tensors, open_tensors, read_json, save_tensors,
+                    save_tensors_streaming)
 
 
 def _tensors():
@@ -12,8 +13,21 @@ def _tensors():
     return {"a": torch.randn(4, 3, generator=g), "b": torch.arange(7, dtype=torch.int32)}
 
 
-def test_save_load_identity_with_metadata(tmp_path):
-    p = save_tensors(tmp_path / "x.safetensors", _tensors(), {"k": 3, "name": "p"}, kind="ctp-test")
+def _one_at_a_time(path, kind=None, what="artifact"):
+    """:func:`open_tensors` read whole: what :func:`load_tensors` returns, for the same checks."""
+    names, read, meta = open_tensors(path, kind=kind, what=what)
+    return {n: read(n) for n in names}, meta
+
+
+READERS = pytest.mark.parametrize("load_tensors", [load_tensors, _one_at_a_time], ids=["whole", "one-at-a-time"])
+
+
+@READERS
+@pytest.mark.parametrize("streamed", [False, True])
+def test_save_load_identity_with_metadata(load_tensors, streamed, tmp_path):
+    p = (save_tensors_streaming(tmp_path / "x.safetensors", list(_tensors()), _tensors().__getitem__,
+                                {"k": 3, "name": "p"}, kind="ctp-test") if streamed
+         else save_tensors(tmp_path / "x.safetensors", _tensors(), {"k": 3, "name": "p"}, kind="ctp-test"))
     t, meta = load_tensors(p, kind="ctp-test")
     assert meta == {"k": 3, "name": "p"}
     for name, v in _tensors().items():
@@ -21,7 +35,8 @@ def test_save_load_identity_with_metadata(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_truncated_file_is_a_clear_error(tmp_path):
+@READERS
+def test_truncated_file_is_a_clear_error(load_tensors, tmp_path):
     p = save_tensors(tmp_path / "x.safetensors", _tensors(), kind="ctp-test")
     data = p.read_bytes()
     p.write_bytes(data[: len(data) - 10])
@@ -29,7 +44,8 @@ def test_truncated_file_is_a_clear_error(tmp_path):
         load_tensors(p, kind="ctp-test")
 
 
-def test_tampered_tensor_fails_checksum(tmp_path):
+@READERS
+def test_tampered_tensor_fails_checksum(load_tensors, tmp_path):
     p = save_tensors(tmp_path / "x.safetensors", _tensors(), kind="ctp-test")
     data = bytearray(p.read_bytes())
     data[-1] ^= 0xFF  # flip bits in the last tensor byte
@@ -38,7 +54,8 @@ def test_tampered_tensor_fails_checksum(tmp_path):
         load_tensors(p, kind="ctp-test")
 
 
-def test_wrong_kind_and_missing_file(tmp_path):
+@READERS
+def test_wrong_kind_and_missing_file(load_tensors, tmp_path):
     p = save_tensors(tmp_path / "x.safetensors", _tensors(), kind="ctp-a")
     with pytest.raises(CTPError, match="not a ctp-b"):
         load_tensors(p, kind="ctp-b")

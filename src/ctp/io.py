@@ -365,14 +365,48 @@ def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifac
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
-        raise CTPError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})",
-                       "the file is truncated or damaged: recreate it") from e
+        raise _unreadable(what, path, e) from e
+    return tensors, _checked_meta(path, meta, kind, what, lambda: tensors_digest(tensors))
+
+
+def open_tensors(path: str | Path, kind: str | None = None,
+                 what: str = "artifact") -> tuple[list[str], Callable[[str], torch.Tensor], dict]:
+    """What :func:`load_tensors` checks, with one tensor in memory at a time: (the names, ``read(name)`` giving one
+    tensor, the JSON metadata). The checksum is verified first, reading each tensor once."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CTPError(f"{what} {path} does not exist", "check the path")
+
+    def read(name: str) -> torch.Tensor:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+            raise _unreadable(what, path, e) from e
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, list(f.keys())
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise _unreadable(what, path, e) from e
+    return names, read, _checked_meta(path, meta, kind, what, lambda: digest_of(names, read))
+
+
+def _unreadable(what: str, path: Path, e: Exception) -> CTPError:
+    return CTPError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]})",
+                    "the file is truncated or damaged: recreate it")
+
+
+def _checked_meta(path: Path, meta: dict, kind: str | None, what: str, digest: Callable[[], str]) -> dict:
+    """The ``ctp`` metadata of a file written by :func:`save_tensors`, once its version, kind and checksums hold."""
     if meta.get("format_version") != FORMAT_VERSION:
         raise CTPError(f"{what} {path} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
                        "recreate it with this version of ctp")
     if kind is not None and meta.get("kind") != kind:
         raise CTPError(f"{path} is a '{meta.get('kind')}' file, not a {kind}", f"pass a {kind} file")
-    if meta.get("sha256") != tensors_digest(tensors):
+    if meta.get("sha256") != digest():
         raise CTPError(f"{what} {path} fails its checksum", "the file was modified or damaged: recreate it")
     # files from before the metadata checksum have none; every file written now has one
     if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta.get("kind", ""), meta.get("ctp", "{}")):
@@ -383,7 +417,7 @@ def load_tensors(path: str | Path, kind: str | None = None, what: str = "artifac
         raise CTPError(f"{what} {path} has damaged metadata", "recreate it") from e
     if not isinstance(extra, dict):
         raise CTPError(f"{what} {path} has damaged metadata (not a mapping)", "recreate it")
-    return tensors, extra
+    return extra
 
 
 def release_memory() -> None:

@@ -104,12 +104,20 @@ def test_missing_and_truncated_shards_are_one_line_errors(sharded, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_cli_compress_of_a_sharded_model_matches_the_api(sharded, tmp_path):
+@pytest.mark.parametrize("offload", [False, True], ids=["activations-in-memory", "activations-on-disk"])
+def test_cli_compress_of_a_sharded_model_matches_the_api(offload, sharded, tmp_path, monkeypatch):
+    import ctp.compress.driver as driver
     from ctp.cli import main
 
+    stores = []
+    real = driver._run_block
+    monkeypatch.setattr(driver, "_run_block", lambda layer, call, inps, compute, out=None: stores.append(
+        type(out).__name__) or real(layer, call, inps, compute, out))
     out = tmp_path / "cli"
     assert main(["-q", "compress", "--model", sharded, "--bits", "4", "--group-size", "32", "--nsamples", "4",
-                 "--seqlen", "32", "--calib-batch", "2", "--save-dtype", "float32", "--out", str(out)]) == 0
+                 "--seqlen", "32", "--calib-batch", "2", "--save-dtype", "float32", "--out", str(out),
+                 *(["--offload-activations"] if offload else [])]) == 0
+    assert set(stores) == {"SpilledActivations" if offload else "NoneType"}
     assert not (tmp_path / "cli.partial").exists()
     model, _, comp = load_compressed(out)
     assert comp["storage"]["dense_dtype"] == "float32"

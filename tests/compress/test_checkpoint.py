@@ -122,6 +122,57 @@ def test_killed_run_resumes_to_the_same_result(family, kill_at, tmp_path, monkey
     assert not ckpt.exists()
 
 
+@pytest.mark.parametrize("cfg", [JOINT, CompressConfig.from_dict({**JOINT.to_dict(), "activations": "bfloat16"})],
+                         ids=["fp32", "bf16"])
+def test_activations_on_disk_give_the_same_result_and_resume(cfg, tmp_path, monkeypatch):
+    """With ``activations_dir`` each block's inputs and outputs are files, one chunk read at a time; the weights and
+    report equal the in-memory run's, a killed run resumes from its checkpoint into files, and nothing is left."""
+    from ctp.compress.spill import SpilledActivations
+
+    ref_model = tiny()
+    ref = compress(ref_model, cfg=cfg)
+    ckpt = tmp_path / "out.partial"
+    acts = ckpt / "activations"
+    blocks_seen: list[tuple] = []
+    real_run = D._run_block
+
+    def spy_run(layer, call, inps, compute, out=None):
+        assert isinstance(inps, SpilledActivations) and isinstance(out, SpilledActivations)
+        assert len(inps) == 3 and all(h.dtype == getattr(torch, cfg.activations) for h in inps)  # 7 windows in 3s
+        blocks_seen.append((inps.root.name, out.root.name, sorted(p.name for p in acts.iterdir())))
+        return real_run(layer, call, inps, compute, out)
+
+    monkeypatch.setattr(D, "_run_block", spy_run)
+    model = tiny()
+    _count_blocks(monkeypatch, model, kill_at=2)
+    with pytest.raises(Killed):
+        compress(model, ckpt, cfg=cfg, activations_dir=acts)
+    # block i reads block-i's files and writes block-(i+1)'s; the inputs it read are gone once it is done
+    assert blocks_seen == [("block-0000", "block-0001", ["block-0000", "block-0001"]),
+                           ("block-0001", "block-0002", ["block-0001", "block-0002"])]
+
+    model = tiny()
+    seen = _count_blocks(monkeypatch, model)
+    report = compress(model, ckpt, cfg=cfg, activations_dir=acts)
+    assert seen and set(seen) == {2}
+    assert _no_seconds(report.to_dict()) == _no_seconds(ref.to_dict())
+    for (n, p), (_, q) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert not any(acts.rglob("*.bin"))  # the run removed its activations
+    discard_checkpoint(ckpt)
+    assert not ckpt.exists()
+
+
+def test_activations_on_a_full_disk_are_refused_before_any_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CTPError, match="calibration activations kept on disk needs about"):
+        compress(tiny(), tmp_path / "ckpt", activations_dir=tmp_path / "ckpt" / "activations")
+
+
 def test_other_settings_do_not_match_the_checkpoint(tmp_path, monkeypatch):
     ckpt = tmp_path / "c"
     model = tiny()

@@ -296,8 +296,8 @@ def test_activations_kept_in_16_bits_between_blocks(store, tmp_path, monkeypatch
     assert cfg.to_dict()["activations"] == store and cfg.label() == GPTQ4.label()
     dtypes = []
     real = driver._run_block
-    monkeypatch.setattr(driver, "_run_block", lambda layer, call, inps, compute: dtypes.append(
-        ({h.dtype for h in inps}, compute)) or real(layer, call, inps, compute))
+    monkeypatch.setattr(driver, "_run_block", lambda layer, call, inps, compute, out=None: dtypes.append(
+        ({h.dtype for h in inps}, compute)) or real(layer, call, inps, compute, out))
     saved = []
     real_save = BlockCheckpoint.save_block
     monkeypatch.setattr(BlockCheckpoint, "save_block", lambda self, i, rec, entry, nxt, sec, **kw: saved.append(

@@ -75,6 +75,10 @@ def register(sub) -> None:
                    help="dtype the calibration activations are kept in between blocks (each block still computes "
                         "in the model's dtype): float32 (default); float16 halves their memory, for long "
                         "calibrations of wide models (its effect on the result: bench/README.md)")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations on disk (under OUT.partial/, about 3x their size) with one "
+                        "--calib-batch of them in memory at a time, for calibrations larger than memory; the "
+                        "result is bit-identical")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of resuming from the checkpoint OUT.partial/ an interrupted run left")
     p.add_argument("--save-dtype", default="auto",
@@ -207,7 +211,7 @@ def _mb(n: int) -> str:
 
 def run(args) -> int:
     from ctp.compress.artifact import default_dense_dtype, estimate_bytes, save_compressed
-    from ctp.compress.checkpoint import ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
+    from ctp.compress.checkpoint import ACTIVATIONS_DIR, ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
     from ctp.io import check_free_space, check_output
     from ctp.compress.spill import EncodedBlocks
@@ -235,9 +239,10 @@ def run(args) -> int:
     check_free_space(out, 2 * estimate_bytes(model, cfg, dense_dtype), "the compressed model and its checkpoint")
     partial = check_output(checkpoint_dir_for(out), args.model, flag="--out's checkpoint", directory=True)
     spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
+    acts = partial / ACTIVATIONS_DIR if args.offload_activations else None  # else in memory
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume, source=source,
-                            spill=spill)
+                            spill=spill, activations_dir=acts)
     storage = save_compressed(model, tok, report, report.compressed, out, dense_dtype=dense_dtype,
                               source=info.to_dict(), encoded=spill)
     discard_checkpoint(partial)

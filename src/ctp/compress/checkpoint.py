@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from ctp.compress.config import ALGORITHM_VERSION
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import CTPError
-from ctp.io import atomic_write_json, digest_of, load_tensors, read_json, save_tensors, tensors_digest
+from ctp.io import (atomic_write_json, digest_of, load_tensors, open_tensors, read_json, save_tensors,
+                    save_tensors_streaming, tensors_digest)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def _inputs_file(root: Path, i: int) -> Path:
 
 
 ENCODED_DIR = "encoded"
+ACTIVATIONS_DIR = "activations"  # calibration activations kept on disk (ctp.compress.spill.SpilledActivations)
 
 
 def discard_checkpoint(root: str | Path) -> None:
@@ -92,6 +94,15 @@ def discard_checkpoint(root: str | Path) -> None:
             f.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             encoded.rmdir()
+    acts = root / ACTIVATIONS_DIR
+    if acts.is_dir():
+        for d in acts.glob("block-*"):
+            for f in d.glob("chunk-*.bin"):
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            acts.rmdir()
     for f in root.iterdir():
         name = f.name.lstrip(".")
         if f.is_file() and (name.startswith(("block-", "inputs-", STATE_FILE))):
@@ -167,15 +178,20 @@ class BlockCheckpoint:
                                              stats=rec["stats"], **parts)
         return records, meta["layer"], spilled is not None
 
-    def load_inputs(self, device: torch.device) -> list[Tensor]:
-        """The saved hidden states that feed ``next_block``, one tensor per chunk."""
-        tensors, meta = self._read(load_tensors, _inputs_file(self.root, self.next_block), kind=INPUTS_KIND,
-                                   what="compression checkpoint inputs")
+    def load_inputs(self, device: torch.device, into=None):
+        """The saved hidden states that feed ``next_block``, one tensor per chunk: a list, or appended one at a time
+        to ``into`` (:class:`ctp.compress.spill.SpilledActivations`), the file checked first and never whole in
+        memory."""
+        names, read, meta = self._read(open_tensors, _inputs_file(self.root, self.next_block), kind=INPUTS_KIND,
+                                       what="compression checkpoint inputs")
         n = meta.get("chunks")
-        if meta.get("key") != self.key or not isinstance(n, int) or set(tensors) != {f"chunk.{j}" for j in range(n)}:
+        if meta.get("key") != self.key or not isinstance(n, int) or set(names) != {f"chunk.{j}" for j in range(n)}:
             raise CTPError(f"compression checkpoint {self.root} has inputs from another run",
                            f"delete {self.root} to start over")
-        return [tensors[f"chunk.{j}"].to(device) for j in range(n)]
+        out = [] if into is None else into
+        for j in range(n):
+            out.append(self._read(read, f"chunk.{j}").to(device))
+        return out
 
     # ------------------------------------------------------------------ save
 
@@ -197,8 +213,10 @@ class BlockCheckpoint:
             meta["spilled"] = spilled
         save_tensors(_block_file(self.root, i), tensors, meta, kind=BLOCK_KIND)
         if i + 1 < self.n_blocks:
-            save_tensors(_inputs_file(self.root, i + 1), {f"chunk.{j}": h for j, h in enumerate(next_inputs)},
-                         {"key": self.key, "chunks": len(next_inputs)}, kind=INPUTS_KIND)
+            # streamed: no serialized copy of the activations in memory, and they may be on disk
+            save_tensors_streaming(_inputs_file(self.root, i + 1), [f"chunk.{j}" for j in range(len(next_inputs))],
+                                   lambda name: next_inputs[int(name.split(".")[1])],
+                                   {"key": self.key, "chunks": len(next_inputs)}, kind=INPUTS_KIND)
         self.next_block, self.seconds = i + 1, seconds
         atomic_write_json(self.root / STATE_FILE, {"format_version": FORMAT_VERSION, "key": self.key,
                                                    "next_block": self.next_block, "n_blocks": self.n_blocks,

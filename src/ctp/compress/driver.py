@@ -53,6 +53,7 @@ from ctp.compress.config import CompressConfig
 from ctp.compress.report import CompressionReport
 from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms
 from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
+from ctp.compress.spill import SpilledActivations
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
 from ctp.io import release_memory
@@ -177,13 +178,14 @@ def _embedding_rows(model: nn.Module, windows: Tensor, source) -> Iterator[Tenso
 
 
 @torch.no_grad()
-def _capture_inputs(model: nn.Module, windows: Tensor, chunk: int, source=None) -> tuple[list[Tensor],
-                                                                                         list[_BlockCall]]:
-    """Block-0 hidden states per chunk, and each block's call arguments (an embedding left on disk is read from
-    ``source``, the rows the windows use)."""
+def _capture_inputs(model: nn.Module, windows: Tensor, chunk: int, source=None, store=None) -> tuple[list[Tensor],
+                                                                                                    list[_BlockCall]]:
+    """Block-0 hidden states per chunk (appended to ``store``: a new list, or a
+    :class:`ctp.compress.spill.SpilledActivations` that writes each to disk as it comes), and each block's call
+    arguments (an embedding left on disk is read from ``source``, the rows the windows use)."""
     layers = decoder_layers(model)
     calls: list[_BlockCall | None] = [None] * len(layers)
-    store: list[Tensor] = []
+    store = [] if store is None else store
     with _embedding_rows(model, windows, source) as windows, _catchers(layers, calls, store):
         emb_device = model.get_input_embeddings().weight.device
         for start in range(0, windows.shape[0], chunk):
@@ -234,9 +236,13 @@ def _check_widths(model: nn.Module, cfg: CompressConfig) -> None:
 
 
 @torch.no_grad()
-def _run_block(layer: nn.Module, call: _BlockCall, inps: list[Tensor], compute: torch.dtype) -> list[Tensor]:
-    """The block's outputs for stored inputs ``inps``, computed in ``compute`` and stored in the inputs' dtype."""
-    return [call(layer, h.to(compute)).to(h.dtype) for h in inps]
+def _run_block(layer: nn.Module, call: _BlockCall, inps, compute: torch.dtype, out=None):
+    """The block's outputs for stored inputs ``inps``, computed in ``compute`` and stored in the inputs' dtype,
+    appended to ``out`` (a new list, or activations on disk) chunk by chunk."""
+    out = [] if out is None else out
+    for h in inps:
+        out.append(call(layer, h.to(compute)).to(h.dtype))
+    return out
 
 
 @torch.no_grad()
@@ -377,6 +383,7 @@ def compress_model(
     output_error: bool = False,
     source=None,
     spill=None,
+    activations_dir: str | Path | None = None,
 ) -> CompressionReport:
     """Compress every linear layer of every decoder block of ``model`` in place.
 
@@ -389,7 +396,9 @@ def compress_model(
     Larger than memory: with ``source`` (:func:`ctp.models.load.load_by_blocks`) each block is read
     from the checkpoint just before it is compressed, and with ``spill``
     (:class:`ctp.compress.spill.EncodedBlocks`) each finished block is encoded to disk and released;
-    the weights are bit-identical to a whole-model run.
+    the weights are bit-identical to a whole-model run. With ``activations_dir`` the calibration activations
+    (each block's inputs and outputs) live in files there, one chunk in memory at a time, the results
+    unchanged: for calibrations larger than memory (the directory needs about three times their size).
     """
     from ctp.devices import default_device
 
@@ -412,22 +421,33 @@ def compress_model(
     log.info("compressing %d blocks with %s on %s (%s)", len(layers) - start, cfg.label(), device,
              f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
-    inps: list[Tensor] = []
+    inps: list[Tensor] | SpilledActivations = []
+    store = getattr(torch, cfg.activations) if cfg.activations != "float32" else dtype  # between blocks
+    acts = None if activations_dir is None or not data else Path(activations_dir)
+
+    def new_store(i: int):  # where block i's inputs go: memory, or files under activations_dir
+        return [] if acts is None else SpilledActivations(acts / f"block-{i:04d}", device, store)
+
     if start < len(layers) and data:
-        _check_memory(model, windows, device, cfg)
-        inps, calls = _capture_inputs(model, windows, chunk, source)  # block arguments do not depend on earlier blocks
-        store = getattr(torch, cfg.activations) if cfg.activations != "float32" else dtype  # between blocks
+        _check_memory(model, windows, device, cfg, chunk, acts)
+        # block arguments do not depend on earlier blocks
+        inps, calls = _capture_inputs(model, windows, chunk, source, new_store(0))
         if start:
-            inps = ckpt.load_inputs(device)
-        for j, h in enumerate(inps):  # one chunk at a time: the model-dtype copies are dropped as they go
-            inps[j] = h.to(device, store)
+            _discard(inps)
+            inps = ckpt.load_inputs(device, into=new_store(start) if acts is not None else None)
+        if acts is None:
+            for j, h in enumerate(inps):  # one chunk at a time: the model-dtype copies are dropped as they go
+                inps[j] = h.to(device, store)
         calls = _calls_to(calls, device)
 
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
+        ins = inps
         records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
-                                            source, spill)
+                                            source, spill, new_store(i + 1) if acts is not None else None)
+        if acts is not None:
+            _discard(ins)  # the block's inputs on disk: its outputs replace them
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
                             spilled=None if spill is None else spill.block_entries(i, list(records)))
@@ -435,7 +455,7 @@ def compress_model(
         bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
         log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
 
-    del inps
+    _discard(inps)
     model.train(was_training)
     _finish(report, t_before + time.perf_counter() - t_start)
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
@@ -444,11 +464,12 @@ def compress_model(
 
 
 def _compress_one_block(model: nn.Module, report: CompressionReport, i: int, call: _BlockCall | None,
-                        inps: list[Tensor], cfg: CompressConfig, device: torch.device, dtype: torch.dtype, source,
-                        spill) -> tuple[dict[str, CompressedWeight], list[Tensor]]:
+                        inps, cfg: CompressConfig, device: torch.device, dtype: torch.dtype, source,
+                        spill, out=None) -> tuple[dict[str, CompressedWeight], list[Tensor]]:
     """Compress block ``i`` (from its calibration ``call`` and inputs ``inps``, or from its weights alone when
-    ``call`` is None) and add it to ``report``: (its payloads, the next block's inputs). With ``spill`` the block
-    is encoded on disk when this returns (a checkpoint then only ever names blocks whose file is written)."""
+    ``call`` is None) and add it to ``report``: (its payloads, the next block's inputs, appended to ``out`` when
+    given). With ``spill`` the block is encoded on disk when this returns (a checkpoint then only ever names
+    blocks whose file is written)."""
     t0 = time.perf_counter()
     layer, prefix = decoder_layers(model)[i], f"{get_arch(model).layers}.{i}"
     encoded = None
@@ -457,7 +478,7 @@ def _compress_one_block(model: nn.Module, report: CompressionReport, i: int, cal
     else:
         with _on_device(layer, device, source, prefix, dtype):
             if call is not None:
-                results, inps = _compress_block(model, layer, call, inps, cfg, dtype)
+                results, inps = _compress_block(model, layer, call, inps, cfg, dtype, out)
             else:
                 results, _ = _compress_data_free(layer, cfg)
     records = _record_block(report, prefix, i, results, time.perf_counter() - t0)
@@ -484,17 +505,32 @@ def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtyp
         layer.to(home)
 
 
-def _check_memory(model: nn.Module, windows: Tensor, device: torch.device, cfg: CompressConfig) -> None:
-    """Refuse a calibration that cannot fit before any work: its block inputs and outputs (in their storage dtype),
-    one block's weights and its largest Hessians must fit in the memory ``device`` has left."""
-    from ctp.devices import available_memory
+def _discard(inps) -> None:
+    """Drop stored activations: files on disk are removed, a list is emptied."""
+    if isinstance(inps, SpilledActivations):
+        inps.discard()
+    else:
+        inps.clear()
 
+
+def _check_memory(model: nn.Module, windows: Tensor, device: torch.device, cfg: CompressConfig, chunk: int,
+                  acts_dir: Path | None) -> None:
+    """Refuse a calibration that cannot fit before any work: its block inputs and outputs (in their storage dtype;
+    one chunk of each when they live on disk under ``acts_dir``, which must have room for them), one block's
+    weights and its largest Hessians must fit in the memory ``device`` has left."""
+    from ctp.devices import available_memory
+    from ctp.io import check_free_space
+
+    hidden = model.get_input_embeddings().weight.shape[1]
+    all_acts = 2 * windows.numel() * hidden * (2 if cfg.activations != "float32" else 4)  # inputs and outputs
+    acts = all_acts
+    if acts_dir is not None:  # two stores and the checkpoint's copy of the inputs
+        check_free_space(acts_dir, 3 * all_acts // 2, "the calibration activations kept on disk")
+        acts = all_acts * min(chunk, windows.shape[0]) // windows.shape[0]
     free = available_memory(device)
     if free is None:
         return
     layer = decoder_layers(model)[0]
-    hidden = model.get_input_embeddings().weight.shape[1]
-    acts = 2 * windows.numel() * hidden * (2 if cfg.activations != "float32" else 4)  # a block's inputs, outputs
     block = sum(p.numel() for p in layer.parameters()) * 4
     widths = [weight_matrix(m).shape[1] for m in linear_layers(layer).values()]
     norms_only = needs_norms_only(cfg)  # Wanda: the diagonals alone
@@ -543,18 +579,18 @@ def _resume(model: nn.Module, report: CompressionReport, windows: Tensor, chunk:
     return ckpt, start, ckpt.seconds
 
 
-def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps: list[Tensor], cfg: CompressConfig,
-                    compute: torch.dtype):
+def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps, cfg: CompressConfig,
+                    compute: torch.dtype, out=None):
     """Compress one block from its calibration inputs (one group of linears at a time with true-sequential
     GPTQ; the block runs in ``compute``); returns its results and the block's compressed outputs, the next
-    block's inputs, in the inputs' dtype."""
+    block's inputs, in the inputs' dtype (appended to ``out`` when given)."""
     true_seq = cfg.quant is not None and cfg.quant.true_sequential
     groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
     results: dict[str, tuple[CompressedWeight, dict]] = {}
     for names in groups:
         results.update(_compress_group(layer, names, call, inps, cfg, compute))
         release_memory()  # the group's Hessians and kernel temporaries go back to the system before the next pass
-    return results, _run_block(layer, call, inps, compute)
+    return results, _run_block(layer, call, inps, compute, out)
 
 
 def _record_block(report: CompressionReport, prefix: str, index: int,

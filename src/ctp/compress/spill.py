@@ -3,11 +3,16 @@ stores them (packed codes, masks, kept values), written to a work directory, and
 :func:`ctp.compress.artifact.save_compressed` then streams them into the artifact, one tensor at a time.
 Together with :mod:`ctp.models.shards` (blocks read when they are compressed) the memory a compression
 needs grows with one block, not with the model.
+
+The calibration activations can leave memory too (:class:`SpilledActivations`): a block's inputs and
+outputs on disk, one chunk of windows in memory at a time, for calibrations larger than memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -109,4 +114,59 @@ class EncodedBlocks:
             return f.get_tensor(name)
 
 
-__all__ = ["EncodedBlocks"]
+class SpilledActivations:
+    """A block's calibration hidden states on disk: a sequence of chunks (one tensor per chunk of windows, as the
+    driver's in-memory list holds them), one raw file each under ``root``, read back one at a time.
+
+    ``append`` stores a chunk in ``dtype`` (the exact bytes, so a run gives the same results as with the list);
+    indexing and iteration read a chunk onto ``device``; ``discard`` removes the files.
+    """
+
+    def __init__(self, root: str | Path, device: torch.device | str, dtype: torch.dtype):
+        self.root = Path(root)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._shapes: list[tuple[int, ...]] = []
+        self.nbytes = 0
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, j: int) -> Path:
+        return self.root / f"chunk-{j:05d}.bin"
+
+    def append(self, t: Tensor) -> None:
+        t = t.detach().to("cpu", self.dtype).contiguous()
+        path = self._path(len(self._shapes))
+        try:
+            with open(path, "wb") as f:
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        except OSError as e:
+            raise CTPError(f"cannot write calibration activations to {path} ({e.strerror or e})",
+                           f"free disk space under {self.root.parent}, or compress without offloading them") from e
+        self._shapes.append(tuple(t.shape))
+        self.nbytes += t.numel() * t.element_size()
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __getitem__(self, j: int) -> Tensor:
+        shape = self._shapes[j]
+        n = math.prod(shape)
+        if not n:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        t = torch.from_file(str(self._path(j)), shared=False, size=n * self.dtype.itemsize, dtype=torch.uint8)
+        return t.view(self.dtype).view(shape).to(self.device)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[j] for j in range(len(self)))
+
+    def discard(self) -> None:
+        """Remove the files (and the directory, once empty)."""
+        for j in range(len(self._shapes)):
+            self._path(j).unlink(missing_ok=True)
+        self._shapes.clear()
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+
+
+__all__ = ["EncodedBlocks", "SpilledActivations"]

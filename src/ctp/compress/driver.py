@@ -421,33 +421,25 @@ def compress_model(
     log.info("compressing %d blocks with %s on %s (%s)", len(layers) - start, cfg.label(), device,
              f"{windows.shape[0]} calibration windows of {windows.shape[1]} tokens" if data else "no calibration data")
 
-    inps: list[Tensor] | SpilledActivations = []
-    store = getattr(torch, cfg.activations) if cfg.activations != "float32" else dtype  # between blocks
     acts = None if activations_dir is None or not data else Path(activations_dir)
+    store = getattr(torch, cfg.activations) if cfg.activations != "float32" else dtype  # between blocks
 
     def new_store(i: int):  # where block i's inputs go: memory, or files under activations_dir
         return [] if acts is None else SpilledActivations(acts / f"block-{i:04d}", device, store)
 
+    inps, calls = [], []
     if start < len(layers) and data:
         _check_memory(model, windows, device, cfg, chunk, acts)
-        # block arguments do not depend on earlier blocks
-        inps, calls = _capture_inputs(model, windows, chunk, source, new_store(0))
-        if start:
-            _discard(inps)
-            inps = ckpt.load_inputs(device, into=new_store(start) if acts is not None else None)
-        if acts is None:
-            for j, h in enumerate(inps):  # one chunk at a time: the model-dtype copies are dropped as they go
-                inps[j] = h.to(device, store)
-        calls = _calls_to(calls, device)
+        inps, calls = _block_inputs(model, windows, chunk, source, device, store, ckpt, start, new_store)
 
     bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
         ins = inps
         records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
-                                            source, spill, new_store(i + 1) if acts is not None else None)
-        if acts is not None:
-            _discard(ins)  # the block's inputs on disk: its outputs replace them
+                                            source, spill, new_store(i + 1))
+        if ins is not inps:
+            _discard(ins)  # the block's inputs: its outputs replace them
         if ckpt is not None:
             ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
                             spilled=None if spill is None else spill.block_entries(i, list(records)))
@@ -461,6 +453,22 @@ def compress_model(
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",
              len(report.compressed), report.seconds, report.sparsity, report.mean_recon_error)
     return report
+
+
+def _block_inputs(model: nn.Module, windows: Tensor, chunk: int, source, device: torch.device,
+                  store: torch.dtype, ckpt, start: int, new_store) -> tuple[list[Tensor] | SpilledActivations,
+                                                                      list[_BlockCall]]:
+    """(block ``start``'s inputs, in ``new_store(start)`` as ``store``, on ``device``; every block's call arguments):
+    the capture pass gives the arguments (they do not depend on earlier blocks) and block 0's inputs, which a
+    resumed run replaces by its checkpoint's."""
+    inps, calls = _capture_inputs(model, windows, chunk, source, new_store(0))
+    if start:
+        _discard(inps)
+        inps = ckpt.load_inputs(device, into=new_store(start))
+    if isinstance(inps, list):  # on disk they are stored as store already
+        for j, h in enumerate(inps):  # one chunk at a time: the model-dtype copies are dropped as they go
+            inps[j] = h.to(device, store)
+    return inps, _calls_to(calls, device)
 
 
 def _compress_one_block(model: nn.Module, report: CompressionReport, i: int, call: _BlockCall | None,

@@ -127,7 +127,6 @@ class SpilledActivations:
         self.device = torch.device(device)
         self.dtype = dtype
         self._shapes: list[tuple[int, ...]] = []
-        self.nbytes = 0
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, j: int) -> Path:
@@ -144,7 +143,6 @@ class SpilledActivations:
             raise CTPError(f"cannot write calibration activations to {path} ({e.strerror or e})",
                            f"free disk space under {self.root.parent}, or compress without offloading them") from e
         self._shapes.append(tuple(t.shape))
-        self.nbytes += t.numel() * t.element_size()
 
     def __len__(self) -> int:
         return len(self._shapes)

@@ -31,6 +31,12 @@ Sections:
             each kernel model are compared with those of its fake-quantized twin, with fp32
             activations (exactness of the format) and with bf16 ones (what the fast path costs).
             Embeddings, norms and the (tied) LM head stay dense fp32, as in ctp's artifacts.
+``dequant`` a packed layer's path for long inputs (prefill, scoring, training: ``--tokens`` tokens, 128 by
+            default): its weight dequantized to fp32 for a dense matmul, per shape of ``--dequant-shapes`` and
+            per kind (int4 g64, int8 per row), timed alternately with the dense fp32 matmul of the same weight:
+            ``torch ops`` (the dequantization in torch ops, the whole matrix at once: ctp before the compiled
+            loop), ``compiled`` (ctp.compress.dequant_jit, the whole matrix), ``compiled, tiles`` (ctp's
+            default: ``TILE_BYTES`` of weight at a time), and the dequantization alone both ways.
 ``runtime`` what a user gets from ``ctp``: each artifact of ``--artifacts`` loaded with
             ``load_model(runtime="dense")`` (fp32 rebuild, the baseline) and ``runtime="packed"``
             (int4/int8 kernels, bf16 activations) with the rest of the model in fp32 and in bf16
@@ -197,6 +203,68 @@ def bench_linear(shapes, tokens_list, repeats, min_time, device,
                              "max_rel_err": None if r_out is None else _rel_err(first[k], r_out)})
         del W
     return rows, skipped
+
+
+# --------------------------------------------------------------------------- dequant
+
+
+def bench_dequant(shapes, tokens: int, repeats: int, min_time: float) -> list[dict[str, Any]]:
+    """Per (shape, kind): median ms per call of the long-input path each way, and its speed against dense fp32."""
+    from ctp.compress import packed as P
+
+    def configured(fn, jit, tile_bytes):  # run fn with the module's compiled loop and tile size set as given
+        def run():
+            saved = P._JIT, P.TILE_BYTES
+            P._JIT, P.TILE_BYTES = jit, tile_bytes
+            try:
+                return fn()
+            finally:
+                P._JIT, P.TILE_BYTES = saved
+
+        return run
+
+    jit, whole = P._jit(), 1 << 62
+    rows: list[dict[str, Any]] = []
+    for si, (o, i) in enumerate(shapes):
+        g = torch.Generator().manual_seed(si)
+        x = torch.randn(tokens, i, generator=g)
+        for kind in ("int4", "int8"):
+            if kind == "int4":
+                codes = torch.randint(0, 16, (o, i), generator=g).to(torch.uint8)
+                scale = torch.rand(o, i // INT4_GROUP, generator=g) * 0.01
+                zero = torch.randint(0, 16, (o, i // INT4_GROUP), generator=g).float()
+                lin = P.Int4Linear(codes, scale, zero, torch.arange(i) // INT4_GROUP)
+                deq_torch = lin._weight_t_torch
+            else:
+                codes = torch.randint(0, 256, (o, i), generator=g).to(torch.uint8)
+                scale, zero = torch.rand(o, 1, generator=g) * 0.01, torch.full((o, 1), 128.0)
+                lin = P.Int8Linear(codes, scale, zero)
+                deq_torch = configured(lin.weight_t, None, whole)
+            lin.dense_from = 1
+            W = lin.dequantized()
+            fns = {"dense fp32": lambda: x @ W.T,
+                   "torch ops": configured(lambda: lin(x), None, whole),
+                   "compiled": configured(lambda: lin(x), jit, whole),
+                   "compiled, tiles": configured(lambda: lin(x), jit, P.TILE_BYTES),
+                   "dequantize, torch ops": deq_torch,
+                   "dequantize, compiled": configured(lin.weight_t, jit, whole)}
+            if jit is None:
+                fns = {k: f for k, f in fns.items() if "compiled" not in k}
+            t0 = time.perf_counter()
+            fns["dense fp32"]()
+            n = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+            times, first = interleaved({k: _loop(f, n) for k, f in fns.items()}, repeats, torch.device("cpu"),
+                                       warmup=1)
+            base = median(times["dense fp32"]) / n
+            for k in fns:
+                t = median(times[k]) / n
+                row = {"shape": [o, i], "kind": kind, "tokens": tokens, "path": k, "ms_per_call": t * 1e3,
+                       "vs_dense_matmul": t / base, "tiles": len(lin.tiles()) if k == "compiled, tiles" else 1}
+                if not k.startswith("dequantize") and k != "dense fp32":
+                    row["speed_vs_dense"] = base / t
+                    row["max_rel_err"] = _rel_err(first[k], first["dense fp32"])
+                rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- memory
@@ -543,7 +611,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--decode", type=int, default=16)
     p.add_argument("--model-repeats", type=int, default=3)
-    p.add_argument("--sections", default="memory,linear,model")
+    p.add_argument("--sections", default="memory,linear,model",
+                   help="comma separated, of memory, linear, model, dequant, runtime")
+    p.add_argument("--dequant-shapes", default="576x576,192x576,1536x576,576x1536,5632x2048,2048x5632,49152x576",
+                   help="dequant section: shapes out x in (SmolLM2's, a 2048-wide Llama's MLP, SmolLM2's head)")
     p.add_argument("--fp32-int-max-tokens", type=int, default=1,
                    help="time the int8/int4 kernels' slow fp32-activation path only up to this many tokens")
     p.add_argument("--recipes", default=",".join(RECIPES), help="memory-section recipes, of " + ", ".join(RECIPES))
@@ -565,6 +636,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokens = [int(t) for t in args.tokens.split(",")]
         result["linear"], result["linear_unavailable"] = bench_linear(parse_shapes(args.shapes), tokens, args.repeats,
                                                                       args.min_time, device, args.fp32_int_max_tokens)
+    if "dequant" in sections:
+        tokens = int(args.tokens.split(",")[-1])
+        result["dequant"] = bench_dequant(parse_shapes(args.dequant_shapes), tokens, args.repeats, args.min_time)
     use_model = args.model and args.model.lower() != "none"
     if "memory" in sections and use_model:
         from ctp.models.load import load_model
@@ -603,6 +677,10 @@ def report(r: dict[str, Any]) -> str:
                            "one linear layer, medians (speedup: dense fp32 time / format time, same run)"))
         if r.get("linear_unavailable"):
             parts.append("unavailable here:\n" + "\n".join(f"  {k}: {v}" for k, v in r["linear_unavailable"].items()))
+    if r.get("dequant"):
+        parts.append(table(r["dequant"], ["shape", "kind", "tokens", "path", "ms_per_call", "vs_dense_matmul",
+                                          "speed_vs_dense", "tiles", "max_rel_err"],
+                           "a packed layer's long-input path against the dense fp32 matmul, medians"))
     mo = r.get("model")
     if mo:
         parts.append(table(mo["rows"], ["format", "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_cpu",

@@ -296,3 +296,18 @@ def test_compress_memory_bench_at_toy_size():
     assert [row["mode"] for row in r["runs"]] == ["blocks", "offload"]
     assert all(row["peak_rss_bytes"] > row["rss_after_imports_bytes"] > 0 for row in r["runs"])
     assert r["bit_identical"] == {"gptq (blocks vs offload)": True}
+
+
+def test_inference_dequant_section_smoke():
+    """Every long-input path of a packed layer computes the dense matmul of its weight; the compiled loop's rows
+    are there (numba is a dependency)."""
+    r = inference.main(["--sections", "dequant", "--dequant-shapes", "128x64", "--tokens", "8", "--repeats", "1",
+                        "--min-time", "0.001"])
+    paths = {(row["kind"], row["path"]) for row in r["dequant"]}
+    for kind in ("int4", "int8"):
+        assert {(kind, p) for p in ("dense fp32", "torch ops", "compiled", "compiled, tiles",
+                                    "dequantize, torch ops", "dequantize, compiled")} <= paths
+    for row in r["dequant"]:
+        assert row["ms_per_call"] > 0
+        if "max_rel_err" in row:
+            assert row["max_rel_err"] < 1e-5, row

@@ -99,6 +99,83 @@ def test_cpu_layout_unpacks_to_the_codes():
         assert torch.equal(_cpu_unpack(packed, rows, cols), codes.to(torch.uint8))
 
 
+def _pack_layout(codes: torch.Tensor, block: int, split: bool) -> torch.Tensor:
+    """torch's CPU int4 layout as ``_cpu_unpack_t`` describes it, built from the codes (rows, cols) for any CPU."""
+    rows, cols = codes.shape
+    nfull, tail = divmod(rows, block)
+    parts = []
+    for nb in range(nfull):
+        blk = codes[nb * block:(nb + 1) * block].T  # (cols, block)
+        lo, hi = (blk[:, :block // 2], blk[:, block // 2:]) if split else (blk[:, 0::2], blk[:, 1::2])
+        parts.append((lo | hi << 4).reshape(-1))
+    if tail:
+        blk = codes[nfull * block:].T
+        parts.append((blk[:, 0::2] | blk[:, 1::2] << 4).reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("layout", [(64, True), (32, True), (32, False)], ids=["avx512", "avx2", "default"])
+def test_compiled_dequantization_equals_the_torch_ops_on_every_layout(layout):
+    from ctp.compress import dequant_jit
+    from ctp.compress.packed import _cpu_unpack_t
+
+    g = torch.Generator().manual_seed(0)
+    for rows, cols, group in [(128, 64, 32), (96, 128, 64), (208, 64, 64), (16, 32, 32)]:
+        codes = torch.randint(0, 16, (rows, cols), generator=g).to(torch.uint8)
+        scale_t = torch.rand(cols // group, rows, generator=g) * 0.1  # (groups, rows), as Int4Linear holds them
+        zero_t = torch.randint(0, 16, (cols // group, rows), generator=g).to(torch.uint8)
+        flat = _pack_layout(codes, *layout)
+        assert torch.equal(_cpu_unpack_t(flat, rows, cols, layout), codes.T)
+        want = (codes.T.float() - zero_t.repeat_interleave(group, 0).float()) * scale_t.repeat_interleave(group, 0)
+        out = torch.empty(cols, rows)
+        dequant_jit.int4_weight_t(flat.numpy(), rows, cols, *layout, group, zero_t.numpy(), scale_t.numpy(),
+                                  out.numpy())
+        assert torch.equal(out, want)  # bit for bit: s * (q - z) in fp32, as the torch ops compute it
+        block = layout[0]
+        for r0, r1 in [(block, rows), (0, block), (rows // block * block - block, rows)]:  # tiles, the tail's too
+            if 0 <= r0 < r1 <= rows:
+                part = torch.empty(cols, r1 - r0)
+                dequant_jit.int4_weight_t(flat.numpy(), rows, cols, *layout, group, zero_t.numpy(),
+                                          scale_t.numpy(), part.numpy(), r0, r1)
+                assert torch.equal(part, want[:, r0:r1])
+        with pytest.raises(ValueError, match="do not fall on blocks"):
+            dequant_jit.int4_weight_t(flat.numpy(), rows, cols, *layout, group, zero_t.numpy(), scale_t.numpy(),
+                                      out.numpy(), 1, rows)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_long_inputs_by_tiles_and_without_numba_compute_the_same(kind, monkeypatch):
+    """A long input dequantizes a tile of rows at a time (here 64-row tiles of a 208-row layer); the torch ops
+    (no numba) give the same weights bit for bit; outputs and input gradients match the dense matmul's."""
+    import ctp.compress.packed as packed_mod
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 208, 128
+    if kind == "int4":
+        codes = torch.randint(0, 16, (rows, cols), generator=g).to(torch.uint8)
+        scale, zero = torch.rand(rows, 2, generator=g) * 0.1, torch.randint(0, 16, (rows, 2), generator=g).float()
+        lin = Int4Linear(codes, scale, zero, torch.arange(cols) // 64, act_dtype=torch.float32)
+        w = (codes.float() - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1)
+    else:
+        codes = torch.randint(0, 256, (rows, cols), generator=g).to(torch.uint8)
+        scale, zero = torch.rand(rows, 1, generator=g) * 0.01, torch.randint(100, 156, (rows, 1), generator=g).float()
+        lin = Int8Linear(codes, scale, zero, act_dtype=torch.float32)
+        w = (codes.float() - 128 + (128 - zero)) * scale
+    assert torch.equal(lin.dequantized(), w)
+    monkeypatch.setattr(packed_mod, "TILE_BYTES", 64 * cols * 4)
+    assert lin.tiles() == [(0, 64), (64, 128), (128, 192), (192, 208)]
+    assert torch.equal(torch.cat([lin.weight_t(r0, r1) for r0, r1 in lin.tiles()], 1), w.T)
+    lin.dense_from = 1
+    x = torch.randn(5, cols, generator=g, requires_grad=True)
+    y = lin(x)
+    assert rel(y.detach(), x.detach() @ w.T) < 1e-6
+    y.square().sum().backward()
+    assert rel(x.grad, 2 * (x.detach() @ w.T) @ w) < 1e-5
+    monkeypatch.setattr(packed_mod, "_JIT", None)  # as where numba cannot load
+    assert torch.equal(torch.cat([lin.weight_t(r0, r1) for r0, r1 in lin.tiles()], 1), w.T)
+    assert torch.equal(lin(x.detach()), y.detach())
+
+
 @pytest.mark.parametrize("layout", ["this CPU's", "unknown"])
 def test_partial_blocks_and_unknown_layouts_stay_exact(layout, monkeypatch):
     import ctp.compress.packed as packed_mod

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels accept, largest first
 DENSE_FROM = 48  # tokens per call from which dequantizing + a dense fp32 matmul beats the int4 kernel (bench/README.md)
+TILE_BYTES = 4 << 20  # fp32 weight dequantized at a time for a long input (_PackedLinear.tiles)
 
 
 def default_act_dtype(device: torch.device | str) -> torch.dtype:
@@ -96,16 +97,16 @@ def _cpu_block_rows() -> tuple[int, bool]:
     return (64 if cap.startswith("AVX512") else 32), cap.startswith("AVX")
 
 
-def _cpu_unpack_t(packed: Tensor, rows: int, cols: int) -> Tensor:
+def _cpu_unpack_t(packed: Tensor, rows: int, cols: int, layout: tuple[int, bool] | None = None) -> Tensor:
     """Invert ``torch._convert_weight_to_int4pack_for_cpu``: the (cols, rows) uint8 codes, transposed.
 
     torch lays the codes out in blocks of B rows (64 on AVX-512, 32 otherwise), column-major inside a block:
     in a full block on AVX2 / AVX-512 byte ``k * B/2 + j`` holds row ``j`` in its low nibble and row
     ``j + B/2`` in its high nibble; in the last, shorter block (and in every block without AVX) it holds rows
     ``2j`` and ``2j + 1``. Checked against the codes when a layer is packed (:meth:`Int4Linear.__init__`);
-    a CPU whose layout differs keeps a copy of the codes instead.
+    a CPU whose layout differs keeps a copy of the codes instead. ``layout`` is (B, split), this CPU's by default.
     """
-    B, split = _cpu_block_rows()
+    B, split = layout or _cpu_block_rows()
     nfull, tail = divmod(rows, B)
     flat = packed.reshape(-1)
     parts = []
@@ -125,6 +126,22 @@ def _cpu_unpack(packed: Tensor, rows: int, cols: int) -> Tensor:
     return _cpu_unpack_t(packed, rows, cols).T
 
 
+def _jit():
+    """:mod:`ctp.compress.dequant_jit` (one compiled pass per dequantization), or None where numba cannot load."""
+    global _JIT
+    if _JIT is False:
+        try:
+            from ctp.compress import dequant_jit as _JIT
+        except (ImportError, RuntimeError, OSError) as e:  # numba is a dependency; a platform without its
+            # wheels, or without a writable cache, keeps the torch ops
+            log.info("numba unavailable (%s): packed layers dequantize with torch ops, about 2-3x slower", e)
+            _JIT = None
+    return _JIT
+
+
+_JIT = False  # not tried yet
+
+
 # --------------------------------------------------------------------------- autograd
 
 
@@ -138,8 +155,12 @@ class _WeightOnlyMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        wt = ctx.module.weight_t()  # (in, out) fp32 in the kernel's column order, this layer only
-        return (grad.float() @ wt.T).to(grad.dtype), None
+        m, g = ctx.module, grad.float()
+        dx = None
+        for r0, r1 in m.tiles():  # dy W, a tile of W's rows (in fp32, dequantized from the codes) at a time
+            part = g[:, r0:r1] @ m.weight_t(r0, r1).T
+            dx = part if dx is None else dx.add_(part)
+        return dx.to(grad.dtype), None
 
 
 class _PackedLinear(nn.Module):
@@ -158,9 +179,19 @@ class _PackedLinear(nn.Module):
     def _mm(self, x2: Tensor) -> Tensor:  # (tokens, in) act dtype, columns permuted -> (tokens, out)
         raise NotImplementedError
 
-    def weight_t(self) -> Tensor:
-        """The transposed weight (in, out), fp32, in the kernel's column order (act-order permuted)."""
+    def weight_t(self, r0: int = 0, r1: int | None = None) -> Tensor:
+        """Output rows ``r0:r1`` (all by default; bounds from :meth:`tiles`) of the weight, transposed:
+        (in, r1 - r0) fp32, in the kernel's column order (act-order permuted)."""
         raise NotImplementedError
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """Row ranges to dequantize one at a time for a long input: about ``TILE_BYTES`` of fp32 weight each, in
+        multiples of 64 rows (a whole number of the int4 layout's blocks on every CPU). One tile per layer of
+        SmolLM2's blocks; its 49k-row head and wide layers get several, which spares a fresh allocation of the
+        whole fp32 matrix (page faults) at every call (bench/README.md, "Dequantization")."""
+        rows = self.out_features
+        step = max(64, TILE_BYTES // (4 * self.in_features) // 64 * 64)
+        return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
     def kernel_weight(self) -> Tensor:
         """The (out, in) fp32 weight in the kernel's column order (act-order permuted)."""
@@ -168,11 +199,18 @@ class _PackedLinear(nn.Module):
 
     def _matmul(self, x2: Tensor) -> Tensor:
         """(tokens, in) -> (tokens, out) in x2's dtype. Up to ``dense_from`` tokens (decoding) the low-bit kernel
-        runs; from there on (prefill, scoring, training) this layer's weight is dequantized for one fp32 matmul,
-        which is faster on CPU once the matmul outweighs the dequantization (bench/README.md)."""
-        if x2.shape[0] >= self.dense_from:
-            return (x2.float() @ self.weight_t()).to(x2.dtype)
-        return self._mm(x2.to(self.act_dtype).contiguous()).to(x2.dtype)
+        runs; from there on (prefill, scoring, training) this layer's weight is dequantized, a tile at a time, for
+        fp32 matmuls, which is faster on CPU once the matmul outweighs the dequantization (bench/README.md)."""
+        if x2.shape[0] < self.dense_from:
+            return self._mm(x2.to(self.act_dtype).contiguous()).to(x2.dtype)
+        x = x2.float()
+        tiles = self.tiles()
+        if len(tiles) == 1:
+            return (x @ self.weight_t()).to(x2.dtype)
+        y = x.new_empty(x.shape[0], self.out_features)
+        for r0, r1 in tiles:
+            y[:, r0:r1] = x @ self.weight_t(r0, r1)
+        return y.to(x2.dtype)
 
     def dequantized(self) -> Tensor:
         """The (out, in) fp32 weight in the model's column order: what the dense rebuild holds."""
@@ -260,7 +298,21 @@ class Int4Linear(_PackedLinear):
             return torch._weight_int4pack_mm(x2, self.packed, self.group, self.scale_zero)
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
 
-    def weight_t(self) -> Tensor:
+    def weight_t(self, r0: int = 0, r1: int | None = None) -> Tensor:
+        rows, cols, G = self.out_features, self.in_features, self.group
+        r1 = rows if r1 is None else r1
+        jit = _jit() if self.codes_copy is None else None
+        if jit is not None:  # the CPU layout, in one compiled pass: the same values as the torch ops below
+            B, split = _cpu_block_rows()
+            out = torch.empty(cols, r1 - r0, dtype=torch.float32)
+            jit.int4_weight_t(self.packed.reshape(-1).numpy(), rows, cols, B, split, G, self.zero_t.numpy(),
+                              self.scale_t.numpy(), out.numpy(), r0, r1)
+            return out
+        w = self._weight_t_torch()
+        return w if (r0, r1) == (0, rows) else w[:, r0:r1]
+
+    def _weight_t_torch(self) -> Tensor:
+        """:meth:`weight_t` in torch ops (CUDA, a layout kept as a copy of the codes, or no numba)."""
         rows, cols, G = self.out_features, self.in_features, self.group
         if self.codes_copy is None:  # the CPU layout: dequantize straight into (in, out)
             ct = _cpu_unpack_t(self.packed, rows, cols)  # (in, out) uint8
@@ -301,9 +353,17 @@ class Int8Linear(_PackedLinear):
             y = (y.float() + x2.float().sum(1, keepdim=True) * self.shift).to(y.dtype)
         return y
 
-    def weight_t(self) -> Tensor:
-        w = self.weight_int8.T.to(torch.float32)  # (in, out)
-        return w.add_(128 - self.zero_fp32).mul_(self.scale_fp32)
+    def weight_t(self, r0: int = 0, r1: int | None = None) -> Tensor:
+        r1 = self.out_features if r1 is None else r1
+        codes, s = self.weight_int8[r0:r1], self.scale_fp32[r0:r1]  # (rows, in) int8, (rows,)
+        shift = 128 - self.zero_fp32[r0:r1]
+        jit = _jit() if codes.device.type == "cpu" else None
+        if jit is not None:  # one compiled pass: the same values as the torch ops below
+            w = torch.empty(codes.shape, dtype=torch.float32)
+            jit.int8_weight(codes.numpy(), shift.numpy(), s.numpy(), w.numpy())
+        else:
+            w = codes.to(torch.float32).add_(shift[:, None]).mul_(s[:, None])
+        return w.T  # (in, rows), a transposed view: the matmul reads it as it is
 
 
 def quantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -131,6 +131,16 @@ def test_cli_compress_of_a_sharded_model_matches_the_api(offload, sharded, tmp_p
     assert report.label == comp["label"] and all(torch.equal(ref[k], got[k]) for k in got)
 
 
+def test_offloading_a_recipe_without_calibration_says_there_is_nothing_to_offload(sharded, tmp_path, caplog):
+    from ctp.cli import main
+
+    out = tmp_path / "rtn"
+    assert main(["-q", "compress", "--model", sharded, "--bits", "4", "--group-size", "32", "--quant-method", "rtn",
+                 "--offload-activations", "--out", str(out)]) == 0
+    assert "runs no calibration: --offload-activations has nothing to keep on disk" in caplog.text
+    assert load_compressed(out)[2]["label"] and not (tmp_path / "rtn.partial").exists()
+
+
 def test_a_calibration_larger_than_memory_is_refused_before_any_work(monkeypatch):
     import ctp.compress.driver as driver
     import ctp.devices

@@ -213,6 +213,7 @@ def run(args) -> int:
     from ctp.compress.artifact import default_dense_dtype, estimate_bytes, save_compressed
     from ctp.compress.checkpoint import ACTIVATIONS_DIR, ENCODED_DIR, checkpoint_dir_for, discard_checkpoint
     from ctp.compress.driver import compress_model
+    from ctp.compress.registry import needs_calibration
     from ctp.io import check_free_space, check_output
     from ctp.compress.spill import EncodedBlocks
     from ctp.models.load import load_by_blocks, parse_dtype
@@ -240,6 +241,9 @@ def run(args) -> int:
     partial = check_output(checkpoint_dir_for(out), args.model, flag="--out's checkpoint", directory=True)
     spill = None if source is None else EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
     acts = partial / ACTIVATIONS_DIR if args.offload_activations else None  # else in memory
+    if acts is not None and not needs_calibration(cfg):
+        logging.getLogger("ctp").warning("%s runs no calibration: --offload-activations has nothing to keep on disk",
+                                         cfg.label())
     report = compress_model(model, tok, cfg, device=device_of(args), progress=not args.quiet,
                             chunk=args.calib_batch, checkpoint_dir=partial, resume=args.resume, source=source,
                             spill=spill, activations_dir=acts)

@@ -188,10 +188,17 @@ class _PackedLinear(nn.Module):
         """Row ranges to dequantize one at a time for a long input: about ``TILE_BYTES`` of fp32 weight each, in
         multiples of 64 rows (a whole number of the int4 layout's blocks on every CPU). One tile per layer of
         SmolLM2's blocks; its 49k-row head and wide layers get several, which spares a fresh allocation of the
-        whole fp32 matrix (page faults) at every call (bench/README.md, "Dequantization")."""
+        whole fp32 matrix (page faults) at every call (bench/README.md, "Dequantization"). On CPU only: on CUDA,
+        and for int4 codes that only the torch ops can unpack (they unpack the whole matrix), one tile."""
         rows = self.out_features
+        if not self._by_tiles():
+            return [(0, rows)]
         step = max(64, TILE_BYTES // (4 * self.in_features) // 64 * 64)
         return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+    def _by_tiles(self) -> bool:
+        """Whether a tile can be dequantized alone (on CPU); otherwise :meth:`tiles` gives the whole matrix."""
+        raise NotImplementedError
 
     def kernel_weight(self) -> Tensor:
         """The (out, in) fp32 weight in the kernel's column order (act-order permuted)."""
@@ -311,6 +318,9 @@ class Int4Linear(_PackedLinear):
         w = self._weight_t_torch()
         return w if (r0, r1) == (0, rows) else w[:, r0:r1]
 
+    def _by_tiles(self) -> bool:
+        return self.packed.device.type == "cpu" and self.codes_copy is None and _jit() is not None
+
     def _weight_t_torch(self) -> Tensor:
         """:meth:`weight_t` in torch ops (CUDA, a layout kept as a copy of the codes, or no numba)."""
         rows, cols, G = self.out_features, self.in_features, self.group
@@ -352,6 +362,9 @@ class Int8Linear(_PackedLinear):
         if self.shift is not None:
             y = (y.float() + x2.float().sum(1, keepdim=True) * self.shift).to(y.dtype)
         return y
+
+    def _by_tiles(self) -> bool:
+        return self.weight_int8.device.type == "cpu"
 
     def weight_t(self, r0: int = 0, r1: int | None = None) -> Tensor:
         r1 = self.out_features if r1 is None else r1

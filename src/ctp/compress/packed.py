@@ -308,17 +308,16 @@ class Int4Linear(_PackedLinear):
     def weight_t(self, r0: int = 0, r1: int | None = None) -> Tensor:
         rows, cols, G = self.out_features, self.in_features, self.group
         r1 = rows if r1 is None else r1
-        jit = _jit() if self.codes_copy is None else None
-        if jit is not None:  # the CPU layout, in one compiled pass: the same values as the torch ops below
+        if self._by_tiles():  # the CPU layout, in one compiled pass: the same values as the torch ops below
             B, split = _cpu_block_rows()
             out = torch.empty(cols, r1 - r0, dtype=torch.float32)
-            jit.int4_weight_t(self.packed.reshape(-1).numpy(), rows, cols, B, split, G, self.zero_t.numpy(),
+            _jit().int4_weight_t(self.packed.reshape(-1).numpy(), rows, cols, B, split, G, self.zero_t.numpy(),
                               self.scale_t.numpy(), out.numpy(), r0, r1)
             return out
         w = self._weight_t_torch()
         return w if (r0, r1) == (0, rows) else w[:, r0:r1]
 
-    def _by_tiles(self) -> bool:
+    def _by_tiles(self) -> bool:  # the compiled pass reads the CPU layout, a tile alone
         return self.packed.device.type == "cpu" and self.codes_copy is None and _jit() is not None
 
     def _weight_t_torch(self) -> Tensor:

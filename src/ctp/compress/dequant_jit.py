@@ -1,9 +1,10 @@
 """Compiled dequantization of packed weights on CPU, one pass over memory (numba).
 
-A packed linear given a long input (prefill, scoring, training) dequantizes its weight for one fp32 matmul.
+A packed linear given a long input (prefill, scoring, training) dequantizes its weight for fp32 matmuls.
 In torch ops that takes five or six passes (unpack nibbles, interleave, transpose, cast, subtract the zero point,
-scale), about 0.6-0.75x of the 128-token matmul's own time on SmolLM2's layers; this loop writes each fp32 weight
-once and takes 0.2-0.35x (``bench/README.md``, "Dequantization"). The values are bit for bit those of
+scale); this loop writes each fp32 weight once, 1.3-2.6x faster (``bench/README.md``, "Dequantization for long
+inputs": on SmolLM2's four int4 shapes, 0.46-1.3x of the 128-token matmul's own time in torch ops, 0.25-0.59x
+here). The values are bit for bit those of
 :meth:`ctp.compress.packed.Int4Linear.weight_t`'s torch path, ``s * (q - z)`` in fp32: the tests compare both on
 every CPU layout.
 

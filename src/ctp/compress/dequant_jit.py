@@ -2,7 +2,7 @@
 
 A packed linear given a long input (prefill, scoring, training) dequantizes its weight for fp32 matmuls.
 In torch ops that takes five or six passes (unpack nibbles, interleave, transpose, cast, subtract the zero point,
-scale); this loop writes each fp32 weight once, 1.3-2.6x faster (``bench/README.md``, "Dequantization for long
+scale); this loop writes each fp32 weight once, 1.4-2.6x faster (``bench/README.md``, "Dequantization for long
 inputs": on SmolLM2's four int4 shapes, 0.46-1.3x of the 128-token matmul's own time in torch ops, 0.25-0.59x
 here). The values are bit for bit those of
 :meth:`ctp.compress.packed.Int4Linear.weight_t`'s torch path, ``s * (q - z)`` in fp32: the tests compare both on

@@ -134,7 +134,7 @@ def _jit():
             from ctp.compress import dequant_jit as _JIT
         except (ImportError, RuntimeError, OSError) as e:  # numba is a dependency; a platform without its
             # wheels, or without a writable cache, keeps the torch ops
-            log.info("numba unavailable (%s): packed layers dequantize with torch ops, 1.3-2.6x slower (bench/README.md)", e)
+            log.info("numba unavailable (%s): packed layers dequantize with torch ops, 1.4-2.6x slower (bench/README.md)", e)
             _JIT = None
     return _JIT
 

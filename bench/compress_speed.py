@@ -60,8 +60,13 @@ def parse_shapes(s: str) -> list[tuple[int, int]]:
         return []
     out = []
     for part in s.split(","):
-        o, i = part.lower().split("x")
-        out.append((int(o), int(i)))
+        try:
+            o, i = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"shape {part!r} is not OUTxIN: write e.g. 576x1536 (comma separated)") from None
+        if o < 1 or i < 1:
+            raise SystemExit(f"shape {part!r} has an empty side: both OUT and IN must be at least 1")
+        out.append((o, i))
     return out
 
 

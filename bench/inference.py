@@ -223,6 +223,10 @@ def bench_dequant(shapes, tokens: int, repeats: int, min_time: float) -> list[di
 
         return run
 
+    bad = [f"{o}x{i}" for o, i in shapes if o % 16 or i % INT4_GROUP]
+    if bad:
+        raise SystemExit(f"--dequant-shapes {', '.join(bad)}: the int4 kernel takes OUT a multiple of 16 and IN a "
+                         f"multiple of the group ({INT4_GROUP}), e.g. 576x576")
     jit, whole = P._jit(), 1 << 62
     rows: list[dict[str, Any]] = []
     for si, (o, i) in enumerate(shapes):

@@ -311,3 +311,11 @@ def test_inference_dequant_section_smoke():
         assert row["ms_per_call"] > 0
         if "max_rel_err" in row:
             assert row["max_rel_err"] < 1e-5, row
+
+
+@pytest.mark.parametrize("shapes, message", [("12x", "is not OUTxIN"), ("0x64", "empty side"),
+                                              ("100x64", "multiple of 16")])
+def test_bad_dequant_shapes_are_one_line_errors(shapes, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        inference.main(["--sections", "dequant", "--dequant-shapes", shapes, "--tokens", "8"])
+    assert "\n" not in str(e.value)

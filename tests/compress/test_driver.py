@@ -318,3 +318,55 @@ def test_activations_kept_in_16_bits_between_blocks(store, tmp_path, monkeypatch
 def test_unknown_activation_dtype_is_a_one_line_error():
     with pytest.raises(CTPError, match="activations 'int8' is not a storage dtype.*float16"):
         CompressConfig.from_dict({**GPTQ4.to_dict(), "activations": "int8"})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("cfg", [GPTQ4, SPARSE50, CompressConfig(prune=PruneConfig(sparsity=0.5),
+                                                                  quant=QuantConfig(bits=3, group_size=16))],
+                         ids=["gptq4", "sparsegpt50", "joint"])
+def test_compressed_linears_wait_as_codes_with_the_same_result(family, cfg, monkeypatch):
+    """While a block is at work its compressed linears hold no fp32 weight (codes, or kept values beside the mask)
+    and are rebuilt for each forward; every weight and statistic equals a run that keeps the weights."""
+    import ctp.compress.driver as D
+
+    ids = calib()
+    plain = make_tiny(family)
+    with monkeypatch.context() as m:
+        m.setattr(D._AsCodes, "add", lambda self, results: None)  # the weights stay in the modules
+        want = run(plain, cfg, ids)
+    model = make_tiny(family)
+    waited = []
+    real_add = D._AsCodes.add
+
+    def add(self, results):
+        real_add(self, results)
+        waited.extend(n for n in results if self.mods[n].weight.is_meta)
+
+    monkeypatch.setattr(D._AsCodes, "add", add)
+    got = run(model, cfg, ids)
+    n_linears = len(linear_layers(decoder_layers(model)[0]))
+    assert len(waited) == n_linears * len(decoder_layers(model))  # every compressed linear waited without weights
+    for (name, a), b in zip(all_linears(plain).items(), all_linears(model).values()):
+        assert not b.weight.is_meta, name
+        assert torch.equal(a.weight, b.weight) and torch.equal(torch.signbit(a.weight), torch.signbit(b.weight)), name
+        assert torch.equal(got.compressed[name].weight, weight_matrix(b)), name
+    assert [lay["recon_error"] for lay in got.layers] == [lay["recon_error"] for lay in want.layers]
+    assert torch.equal(logits(model, ids[:2]), logits(plain, ids[:2]))
+
+
+def test_default_calibration_batch_is_a_token_budget(monkeypatch):
+    """Unless told, a block forward takes CHUNK_TOKENS tokens of windows (at least one window); the run equals one
+    given that many windows per forward."""
+    import ctp.compress.driver as D
+
+    assert (D.default_chunk(512), D.default_chunk(2048), D.default_chunk(2 * D.CHUNK_TOKENS)) == (8, 2, 1)
+    chunks = []
+    real = D._capture_inputs
+    monkeypatch.setattr(D, "_capture_inputs", lambda model, windows, chunk, *a: chunks.append(chunk) or
+                        real(model, windows, chunk, *a))
+    ids = calib(n=20, seqlen=D.CHUNK_TOKENS // 16)  # 16 windows per forward by default: chunks of 16 and 4
+    a, b = make_tiny("llama"), make_tiny("llama")
+    run(a, GPTQ4, ids, chunk=None)
+    run(b, GPTQ4, ids, chunk=16)
+    assert chunks == [16, 16]
+    assert all(torch.equal(x.weight, y.weight) for x, y in zip(all_linears(a).values(), all_linears(b).values()))

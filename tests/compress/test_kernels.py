@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctp.compress import kernels as K
+from ctp.compress import weight as weight_module
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
 from ctp.compress.quant import (
     dequantize,
@@ -96,6 +97,13 @@ def test_accumulate_hessian_matches_direct_formula(data):
     assert n_i == SEQS
     torch.testing.assert_close(H_i, H, rtol=1e-4, atol=1e-3)
     assert torch.equal(H_i, H_o)  # in place is a memory saving only: the same values bit for bit
+    # consuming the input (scaled in place, no copy) gives the same values bit for bit and overwrites x
+    H_c, n_c = torch.zeros(IN, IN), 0
+    for seq in X.reshape(SEQS, -1, IN).split(2):
+        x = seq.clone()
+        H_c, n_c = K.accumulate_hessian(H_c, n_c, x, inplace=True, consume=True)
+        assert torch.equal(x, seq * math.sqrt(2 / n_c))  # x itself was scaled: no copy of it was made
+    assert n_c == SEQS and torch.equal(H_c, H_o)
     torch.testing.assert_close(K.input_norms_from_hessian(H, n), X.pow(2).sum(0), rtol=1e-4, atol=1e-2)
 
 
@@ -254,7 +262,7 @@ REBUILD_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", REBUILD_CONFIGS, ids=lambda c: c.label())
-def test_compressed_weight_rebuilds_bitwise(data, cfg):
+def test_compressed_weight_rebuilds_bitwise(data, cfg, monkeypatch):
     W, X, H, n = data
     cw = compress_weight(W, H, n, cfg)
     assert cw.weight.dtype == W.dtype and cw.weight.shape == W.shape
@@ -265,6 +273,8 @@ def test_compressed_weight_rebuilds_bitwise(data, cfg):
         if cw.mask is not None:
             rebuilt = rebuilt * cw.mask
         assert bitwise_equal(rebuilt, cw.weight)
+        monkeypatch.setattr(weight_module, "_REBUILD_ELEMENTS", 3 * IN + 1)  # by 3 rows, a shorter last step
+        assert bitwise_equal(cw.rebuild(), cw.weight)
         assert cw.bits == cfg.quant.bits and int(cw.codes.max()) < 2**cw.bits
     if cfg.prune is not None:
         k = K.n_pruned(IN, cfg.prune.sparsity)

@@ -67,10 +67,11 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     g.add_argument("--percdamp", type=float, default=None, help="Hessian dampening (default 0.01)")
     g.add_argument("--blocksize", type=int, default=None, help="columns per lazy OBS block (default 128)")
-    g.add_argument("--calib-batch", type=int, default=8,
-                   help="calibration windows per block forward (default 8): the forward's intermediates grow with "
-                        "it, so a smaller one lowers peak memory (a changed value sums the Hessians in another "
-                        "order: results differ in the last bits)")
+    g.add_argument("--calib-batch", type=int, default=None,
+                   help="calibration windows per block forward (default: as many as make 4,096 tokens, at least 1: "
+                        "8 windows of 512 tokens, 2 of 2048): the forward's intermediates grow with it, so a smaller "
+                        "one lowers peak memory (a changed value sums the Hessians in another order: results differ "
+                        "in the last bits)")
     g.add_argument("--activations", default=None, choices=("float32", "float16", "bfloat16"),
                    help="dtype the calibration activations are kept in between blocks (each block still computes "
                         "in the model's dtype): float32 (default); float16 halves their memory, for long "
@@ -221,7 +222,8 @@ def run(args) -> int:
 
     require(args.save_dtype in _SAVE_DTYPES, f"unknown --save-dtype {args.save_dtype!r}",
             f"use one of {', '.join(_SAVE_DTYPES)}")
-    require(args.calib_batch >= 1, f"--calib-batch {args.calib_batch} must be at least 1", "use e.g. 8")
+    require(args.calib_batch is None or args.calib_batch >= 1, f"--calib-batch {args.calib_batch} must be at least 1",
+            "use e.g. 8, or leave it out")
     cfg = build_config(args)
     out = check_output(args.out, args.model, directory=True)
     require(not (out.exists() and any(out.iterdir()) and not is_compressed_artifact(out)),

@@ -62,7 +62,13 @@ from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linea
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 8  # calibration windows per block forward
+CHUNK_TOKENS = 4096  # calibration tokens per block forward by default (8 windows of 512, 2 of 2048)
+
+
+def default_chunk(seqlen: int) -> int:
+    """Calibration windows per block forward unless told: as many as make :data:`CHUNK_TOKENS` tokens, at least
+    one. The forward's intermediates grow with the tokens, not the windows, so long windows take fewer at a time."""
+    return max(1, CHUNK_TOKENS // max(seqlen, 1))
 
 
 class _StopForward(Exception):
@@ -253,9 +259,10 @@ def _compress_group(
     inps: list[Tensor],
     cfg: CompressConfig,
     compute: torch.dtype,
+    done=None,
 ) -> dict[str, tuple[CompressedWeight, dict]]:
     """Collect the Hessians of ``names`` from one pass over ``inps`` (stored block inputs, run in ``compute``),
-    then compress them.
+    then compress them (each handed to ``done`` as ``{name: (payload, stats)}`` as soon as it is).
 
     Two savings, neither changing any number: linears that read the very same input tensor
     (q/k/v, gate/up) share one Hessian, accumulated once; and each chunk's block forward
@@ -264,7 +271,9 @@ def _compress_group(
     mods = linear_layers(layer)
     # a recipe that reads only the inputs' norms (Wanda) gets H's diagonal (in,), never the (in, in) matrix
     # the running Hessian belongs to this pass alone: it is updated in place (same values, half the memory)
-    accumulate = accumulate_sq_norms if needs_norms_only(cfg) else partial(accumulate_hessian, inplace=True)
+    norms_only = needs_norms_only(cfg)
+    accumulate = accumulate_sq_norms if norms_only else partial(accumulate_hessian, inplace=True)
+    block_input: Tensor | None = None  # this chunk's block input as the block gets it
     slots: list[list] = []  # [H, n_samples] per distinct input
     slot_of: dict[str, int] = {}
     chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
@@ -283,7 +292,11 @@ def _compress_group(
                     raise RuntimeError(f"{name} no longer shares its input with the linears it shared it with")
             else:
                 chunk_inputs[s] = x
-                slots[s][0], slots[s][1] = accumulate(slots[s][0], slots[s][1], x.detach())
+                last = all(n in slot_of and slot_of[n] in chunk_inputs for n in names)
+                # the forward stops right after the group's last input: that input, unless it is the stored block
+                # input itself, is scaled in place instead of copied (the same H; one (tokens, in) matrix less)
+                kw = {"consume": True} if last and not norms_only and not _shares_memory(x, block_input) else {}
+                slots[s][0], slots[s][1] = accumulate(slots[s][0], slots[s][1], x.detach(), **kw)
             if all(n in slot_of and slot_of[n] in chunk_inputs for n in names):
                 raise _StopForward  # the rest of the block is not needed for these Hessians
 
@@ -293,10 +306,12 @@ def _compress_group(
     try:
         for h in inps:
             chunk_inputs.clear()
+            block_input = h.to(compute)
             try:
-                call(layer, h.to(compute))
+                call(layer, block_input)
             except _StopForward:
                 pass
+            block_input = None
     finally:
         chunk_inputs.clear()
         for h in handles:
@@ -327,7 +342,14 @@ def _compress_group(
             stats["rel_error"] = stats["recon_error"] / base
         out[n] = (cw, stats)
         del H
+        if done is not None:
+            done({n: out[n]})
     return out
+
+
+def _shares_memory(x: Tensor, other: Tensor | None) -> bool:
+    """Whether ``x`` is (a view of) the same memory as ``other``."""
+    return other is not None and x.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
 
 
 @dataclass
@@ -377,7 +399,7 @@ def compress_model(
     device: str | torch.device | None = None,
     calib_ids: Tensor | None = None,
     progress: bool = True,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     output_error: bool = False,
@@ -389,7 +411,7 @@ def compress_model(
 
     ``device`` is where each block is compressed (default: cuda if available), one block at a time.
     ``calib_ids`` (n, seqlen) replaces the windows drawn from ``cfg.calib_dataset`` (train split);
-    ``chunk`` windows go through a block at a time. ``checkpoint_dir`` makes the run resumable
+    ``chunk`` windows go through a block at a time (default :func:`default_chunk`). ``checkpoint_dir`` makes the run resumable
     (a call with the same model, config, data, ``chunk`` and device type continues after the last
     saved block; ``resume=False`` starts over). Magnitude pruning and round-to-nearest run without
     calibration (their weight error is reported; ``output_error=True`` runs it for the output error).
@@ -402,7 +424,8 @@ def compress_model(
     """
     from ctp.devices import default_device
 
-    require(chunk >= 1, f"chunk {chunk} must be at least 1", "pass a positive number of windows per forward")
+    require(chunk is None or chunk >= 1, f"chunk {chunk} must be at least 1",
+            "pass a positive number of windows per forward")
     device = torch.device(device or default_device())
     get_arch(model)  # an architecture ctp does not know is refused before any work
     layers = decoder_layers(model)
@@ -411,6 +434,7 @@ def compress_model(
 
     dtype = model.get_input_embeddings().weight.dtype
     data, windows, calib = _calibration_windows(model, tokenizer, cfg, calib_ids, output_error)
+    chunk = chunk or default_chunk(windows.shape[1])
     was_training = model.training
     model.eval()
     report = CompressionReport(config=cfg.to_dict(), label=cfg.label(), model_type=model.config.model_type,
@@ -595,10 +619,75 @@ def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps, 
     true_seq = cfg.quant is not None and cfg.quant.true_sequential
     groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
     results: dict[str, tuple[CompressedWeight, dict]] = {}
-    for names in groups:
-        results.update(_compress_group(layer, names, call, inps, cfg, compute))
-        release_memory()  # the group's Hessians and kernel temporaries go back to the system before the next pass
-    return results, _run_block(layer, call, inps, compute, out)
+    with _AsCodes(layer) as as_codes:
+        for names in groups:
+            results.update(_compress_group(layer, names, call, inps, cfg, compute, as_codes.add))
+            release_memory()  # the group's Hessians and kernel temporaries go back to the system before the next pass
+        outs = _run_block(layer, call, inps, compute, out)
+    return results, outs
+
+
+class _AsCodes:
+    """While a block is at work, its compressed linears wait in a smaller form than their fp32 weights: quantized
+    ones as their integer codes (a quarter of the bytes), pruned ones as their kept values beside the mask (half).
+    Each forward rebuilds the weight just before the linear runs and drops it after. Only where the rebuilt weight
+    equals the compressed one bit for bit (checked), so no number changes; on exit, normal or not, every weight is
+    back in its module. This lowers the peak while a block's last linears are calibrated and compressed."""
+
+    def __init__(self, layer: nn.Module):
+        self.mods = linear_layers(layer)
+        self.waiting: dict[str, tuple[CompressedWeight, list]] = {}
+
+    def __enter__(self) -> "_AsCodes":
+        return self
+
+    def add(self, results: dict[str, tuple[CompressedWeight, dict]]) -> None:
+        for n, (cw, _) in results.items():
+            mod = self.mods[n]
+            if cw.quantized:
+                kept = None
+            elif cw.mask is not None and cw.weight.dtype == torch.float32:  # pruned: the kept values alone
+                kept = cw.weight[cw.mask]
+            else:
+                continue
+            if not _same_bits(_rebuilt(cw, kept).to(cw.weight.dtype), cw.weight):
+                continue
+            _drop_weight(mod)
+            cw.weight = mod.weight  # (meta) the codes or kept values are the only copy now
+            handles = [mod.register_forward_pre_hook(lambda m, _i, cw=cw, kept=kept: _rebuild_weight(m, cw, kept)),
+                       mod.register_forward_hook(lambda m, _i, _o: _drop_weight(m))]
+            self.waiting[n] = (cw, kept, handles)
+
+    def __exit__(self, *exc) -> None:
+        for n, (cw, kept, handles) in self.waiting.items():
+            for h in handles:
+                h.remove()
+            _rebuild_weight(self.mods[n], cw, kept)
+            cw.weight = weight_matrix(self.mods[n]).detach()
+        self.waiting.clear()
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Equal values and signs of zero (``torch.equal`` alone takes -0.0 for 0.0)."""
+    return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+def _rebuilt(cw: CompressedWeight, kept: Tensor | None) -> Tensor:
+    """``cw``'s fp32 weight from its codes, or from its mask and ``kept`` values (zeros elsewhere)."""
+    if kept is None:
+        return cw.rebuild()
+    return torch.zeros(cw.mask.shape, dtype=kept.dtype, device=kept.device).masked_scatter_(cw.mask, kept)
+
+
+def _drop_weight(mod: nn.Module) -> None:
+    """Release a linear's weight memory: a meta tensor of its shape and dtype takes its place."""
+    w = mod.weight
+    mod.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=w.requires_grad)
+
+
+def _rebuild_weight(mod: nn.Module, cw: CompressedWeight, kept: Tensor | None) -> None:
+    """Put ``cw``'s weight, rebuilt (:func:`_rebuilt`), back into ``mod`` (whose weight is on the meta device)."""
+    set_weight_matrix(mod, _rebuilt(cw, kept))
 
 
 def _record_block(report: CompressionReport, prefix: str, index: int,
@@ -635,4 +724,4 @@ def _finish(report: CompressionReport, seconds: float) -> None:
     report.mean_rel_error = sum(rels) / len(rels) if rels else float("nan")
 
 
-__all__ = ["CompressionReport", "DEFAULT_CHUNK", "compress_model"]
+__all__ = ["CHUNK_TOKENS", "CompressionReport", "compress_model", "default_chunk"]

@@ -51,7 +51,7 @@ class PreparedHessian(NamedTuple):
 
 
 def accumulate_hessian(
-    H: Tensor | None, nsamples_seen: int, x: Tensor, inplace: bool = False
+    H: Tensor | None, nsamples_seen: int, x: Tensor, inplace: bool = False, consume: bool = False
 ) -> tuple[Tensor, int]:
     """Fold a batch of layer inputs into the running ``H = 2/n * sum x x^T`` (fp32).
 
@@ -61,6 +61,8 @@ def accumulate_hessian(
     Pass ``H=None`` for the first batch. Returns the new ``(H, n)``; the input H is
     left untouched unless ``inplace``: then the result is written into it, the same values
     bit for bit, and a batch holds two (in, in) matrices instead of four (a driver's saving).
+    With ``consume`` the caller gives up ``x``: it is scaled in place (an fp32 ``x`` is overwritten) instead of
+    copied, the same values bit for bit, one (tokens, in) matrix less at the update.
     """
     if x.dim() == 1:
         x = x[None]  # (1, in)
@@ -69,7 +71,7 @@ def accumulate_hessian(
     if H is None:
         H = torch.zeros(xt.shape[0], xt.shape[0], dtype=torch.float32, device=x.device)
     n = nsamples_seen + batch
-    xt = math.sqrt(2 / n) * xt
+    xt = xt.mul_(math.sqrt(2 / n)) if consume else math.sqrt(2 / n) * xt  # same layout and values either way
     if inplace:  # (H * a) + X X^T in the same two roundings as below, not one fused addmm
         return H.mul_(nsamples_seen / n).add_(xt @ xt.t()), n
     return H * (nsamples_seen / n) + xt @ xt.t(), n
@@ -311,8 +313,9 @@ def _obs_compress(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, float]:
     """The blocked OBS column loop shared by SparseGPT and GPTQ.
 
-    ``W`` (rows, cols) fp32 and ``hinv`` (cols, cols) are in processing order; ``W`` is updated in place (the
-    caller passes its own copy: one fewer weight-sized matrix). Masks:
+    ``W`` (rows, cols) fp32 and ``hinv`` (cols, cols) are in processing order; ``W`` is updated in place and
+    ends as Q, each finished block of columns overwritten by its result (the caller passes its own copy: two
+    fewer weight-sized matrices). Masks:
     ``fixed_mask`` if given, else N:M (chosen every M columns), else unstructured with
     ``sparsity > 0`` (chosen per block, an exact per-row quota so every row ends at
     ``n_pruned(cols, sparsity)``), else none. With ``grid`` each column is also
@@ -323,7 +326,6 @@ def _obs_compress(
     scale/zero (rows, n_groups) and codes (rows, cols) uint8 (None without grid).
     """
     rows, cols = W.shape
-    Q = torch.zeros_like(W)
     keep = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
     nm = prune_n > 0 and fixed_mask is None
@@ -398,14 +400,14 @@ def _obs_compress(
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update within the block
             Err1[:, i] = err
 
-        Q[:, i1:i2] = Q1
+        W[:, i1:i2] = Q1  # a finished block's columns are never read again: W becomes Q, no second matrix
         keep[:, i1:i2] = keep1
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]  # lazy update of all later columns
 
     if grid is not None:
         scale = torch.cat(scales, dim=1)  # (rows, n_groups)
         zero = torch.cat(zeros, dim=1)
-    return Q, keep, codes, scale, zero, float(loss.sum()) / 2
+    return W, keep, codes, scale, zero, float(loss.sum()) / 2
 
 
 def _unpermute(x: Tensor | None, invperm: Tensor | None) -> Tensor | None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ctp.compress.quant import dequantize
+
+
+_REBUILD_ELEMENTS = 1 << 20  # weights rebuilt per step (4 MB of fp32)
 
 
 @dataclass
@@ -39,14 +43,22 @@ class CompressedWeight:
         return self.codes is not None
 
     def rebuild(self) -> Tensor:
-        """The fp32 weight recomputed from the stored payload (codes/mask, or weight)."""
+        """The fp32 weight recomputed from the stored payload (codes/mask, or weight). Quantized weights are
+        rebuilt a few rows at a time into the result (the same values: every step is elementwise), so the
+        temporaries stay small beside it."""
         if self.codes is None:
             w = self.weight.float()
             return w if self.mask is None else w * self.mask
         assert self.scale is not None and self.zero is not None and self.g_idx is not None
         g = self.g_idx.long()
-        w = dequantize(self.codes, self.scale[:, g], self.zero[:, g])  # (out, in)
-        return w if self.mask is None else w * self.mask
+        rows, cols = self.codes.shape
+        out = torch.empty(rows, cols, dtype=torch.float32, device=self.codes.device)
+        step = max(1, _REBUILD_ELEMENTS // max(cols, 1))
+        for r in range(0, rows, step):
+            s = slice(r, r + step)
+            w = dequantize(self.codes[s], self.scale[s][:, g], self.zero[s][:, g])  # (step, in)
+            out[s] = w if self.mask is None else w * self.mask[s]
+        return out
 
 
 __all__ = ["CompressedWeight"]

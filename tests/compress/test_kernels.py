@@ -403,6 +403,23 @@ def test_pack_unpack_round_trip(bits, numel):
     assert torch.equal(unpack_int(packed, bits, numel), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 7])
+def test_pack_by_steps_gives_the_same_stream(bits, monkeypatch):
+    """Packing and unpacking go a bounded number of values at a time; the stream is the one the whole-tensor
+    formula gives (each 8-value group packs on its own), for a shorter last step and padding too."""
+    from ctp.compress import quant
+
+    numel = 8 * 23 + 5
+    codes = torch.randint(0, 2**bits, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    v = torch.cat([codes, codes.new_zeros(3)]).to(torch.int64).view(-1, 8)
+    acc = (v << (torch.arange(8) * bits)).sum(dim=1)
+    whole = ((acc[:, None] >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)[: math.ceil(numel * bits / 8)]
+    monkeypatch.setattr(quant, "_PACK_GROUPS", 5)  # 5 groups of 8 values per step: 5 steps
+    packed = pack_int(codes, bits)
+    assert torch.equal(packed, whole)
+    assert torch.equal(unpack_int(packed, bits, numel), codes)
+
+
 def test_pack_layout_is_lsb_first_bit_stream():
     # 3-bit codes 1, 2, 3 -> stream 100 010 110 (LSB first) -> bytes 0b11010001, 0b0.
     packed = pack_int(torch.tensor([1, 2, 3], dtype=torch.uint8), 3)

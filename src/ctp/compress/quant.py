@@ -75,6 +75,9 @@ def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 # int64 accumulator (8 * 7 = 56 bits fit; 8-bit codes are stored as they are).
 
 
+_PACK_GROUPS = 1 << 17  # groups of 8 values packed or unpacked per step (1M values: 8-16 MB of int64)
+
+
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes needed to store ``numel`` values of ``bits`` bits: ceil(numel*bits/8)."""
     return (numel * bits + 7) // 8
@@ -93,11 +96,15 @@ def pack_int(codes: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return flat.clone()
     pad = (-numel) % 8
-    v = torch.cat([flat, flat.new_zeros(pad)]).to(torch.int64).view(-1, 8)  # (G, 8) values
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
     shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits  # (8,)
-    acc = (v << shifts).sum(dim=1)  # (G,) 8*bits-bit words; fields do not overlap
     byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8  # (bits,)
-    out = ((acc[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)  # (G*bits,)
+    out = torch.empty(flat.numel() // 8 * bits, dtype=torch.uint8, device=flat.device)
+    for g0 in range(0, flat.numel() // 8, _PACK_GROUPS):  # by groups of 8 values: int64 temporaries stay small
+        v = flat[g0 * 8 : (g0 + _PACK_GROUPS) * 8].to(torch.int64).view(-1, 8)  # (G, 8) values
+        acc = (v << shifts).sum(dim=1)  # (G,) 8*bits-bit words; fields do not overlap
+        out[g0 * bits : g0 * bits + acc.numel() * bits] = ((acc[:, None] >> byte_shifts) & 0xFF).reshape(-1)
     return out[: packed_nbytes(numel, bits)]  # drop bytes holding only padding
 
 
@@ -112,12 +119,17 @@ def unpack_int(packed: Tensor, bits: int, numel: int) -> Tensor:
     if bits == 8:
         return packed[:numel].clone()
     pad = (-packed.numel()) % bits
-    b = torch.cat([packed, packed.new_zeros(pad)]).to(torch.int64).view(-1, bits)  # (G, bits) bytes
+    if pad:
+        packed = torch.cat([packed, packed.new_zeros(pad)])
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8  # (bits,)
-    acc = (b << byte_shifts).sum(dim=1)  # (G,) words of 8 values
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits  # (8,)
-    v = (acc[:, None] >> shifts) & max_code(bits)  # (G, 8)
-    return v.reshape(-1)[:numel].to(torch.uint8)
+    groups = packed.numel() // bits
+    out = torch.empty(groups * 8, dtype=torch.uint8, device=packed.device)
+    for g0 in range(0, groups, _PACK_GROUPS):  # by groups of 8 values: int64 temporaries stay small
+        b = packed[g0 * bits : (g0 + _PACK_GROUPS) * bits].to(torch.int64).view(-1, bits)  # (G, bits) bytes
+        acc = (b << byte_shifts).sum(dim=1)  # (G,) words of 8 values
+        out[g0 * 8 : g0 * 8 + acc.numel() * 8] = ((acc[:, None] >> shifts) & max_code(bits)).reshape(-1)
+    return out[:numel]
 
 
 def pack_mask(mask: Tensor) -> Tensor:

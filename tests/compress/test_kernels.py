@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -358,6 +359,48 @@ def test_cholesky_failure_retries_with_more_damping_and_warns():
     # each retry dampens the undamped Hessian afresh: the same result as that dampening from the start
     direct = K.gptq(W, H, 4, blocksize=8, percdamp=res.stats["damp"])
     assert torch.equal(direct.weight, res.weight) and direct.stats["damp"] == res.stats["damp"]
+
+
+def test_a_lent_hessian_is_factored_in_place_and_restored_with_the_same_result(data):
+    """A lent H (LentHessian) is factored where it lies: the OBS loop then reads H's own memory, one (in, in)
+    matrix less, and restore() puts every value back; the result is the copying path's bit for bit, on the
+    retry path too (an indefinite H: the first, in-place attempt fails and H is restored before the next)."""
+    W, _, H, n = data
+    for h in (H, _indefinite(W.shape[1])):
+        lent = K.LentHessian.of(h)
+        assert lent is not None and lent.H is h
+        h0 = h.clone()
+        seen = []
+        real = K._obs_compress
+
+        def spy(Wk, hinv, *a, **kw):
+            seen.append(hinv.untyped_storage().data_ptr() == h.untyped_storage().data_ptr())
+            return real(Wk, hinv, *a, **kw)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(K, "_obs_compress", spy)
+            if h is H:
+                got = K.gptq(W, h, 4, 32, lent=lent)
+            else:
+                with pytest.warns(RuntimeWarning, match="not positive definite"):
+                    got = K.gptq(W, h, 4, 32, lent=lent)
+        assert seen == [h is H]  # factored in place, unless a retry needed a fresh copy
+        lent.restore()
+        assert torch.equal(h, h0) and torch.equal(torch.signbit(h), torch.signbit(h0))
+        want = K.gptq(W, h, 4, 32) if h is H else K.gptq(W, h, 4, 32, percdamp=got.stats["damp"])
+        assert torch.equal(got.weight, want.weight) and torch.equal(got.codes, want.codes)
+    assert K.LentHessian.of(H + torch.triu(torch.full_like(H, 1e-3), 1)) is None  # not symmetric: not lent
+    # through the registry: the same payload and statistics, H intact on return
+    for cfg in REBUILD_CONFIGS:
+        h0 = H.clone()
+        a, b = compress_weight(W, H, n, cfg), compress_weight(W, H, n, cfg, lend_h=True)
+        assert torch.equal(a.weight, b.weight) and a.stats == b.stats and torch.equal(H, h0), cfg.label()
+
+
+def _indefinite(n: int) -> Tensor:
+    H = torch.eye(n)
+    H[0, 1] = H[1, 0] = 3.0  # eigenvalues -2 and 4: needs damping > 2 * mean(diag H)
+    return H
 
 
 def test_hopeless_hessian_raises_ctperror():

@@ -332,7 +332,7 @@ def _compress_group(
         base = float(((Wf * Wf) @ H).sum()) if H.dim() == 1 else float(((Wf @ H) * Wf).sum())
         del Wf
         t0 = time.perf_counter()
-        cw = compress_weight(W, H, count, cfg)
+        cw = compress_weight(W, H, count, cfg, lend_h=True)  # H is factored in its own memory, then restored
         set_weight_matrix(mod, cw.weight)
         cw.weight = weight_matrix(mod).detach()  # the module's own tensor: no second copy of the block
         stats = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v

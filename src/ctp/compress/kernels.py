@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -120,7 +121,8 @@ def _chol_inv_upper_(H: Tensor) -> Tensor | None:
     return H
 
 
-def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False) -> PreparedHessian:
+def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False,
+                    restore: Callable[[], None] | None = None) -> PreparedHessian:
     """Shared set-up of SparseGPT and GPTQ: dead inputs, act-order, dampening, H^-1.
 
     Dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1`` (the caller zeroes ``W[:, i]``).
@@ -128,15 +130,20 @@ def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False) -> Prep
     ``percdamp * mean(diag H)`` is added to the diagonal and the upper Cholesky factor
     of the inverse is taken; if that fails, the dampening is raised 10x (with a
     warning) up to a few times before raising CTPError. ``H`` is left as it was; each
-    attempt works on one fresh copy of it.
+    attempt works on one fresh copy of it. With ``restore`` the caller lends H (see :class:`LentHessian`):
+    the first attempt works in H's own memory instead of a copy (fp32, no act-order), and ``restore()`` puts
+    H's values back before a retry.
     """
     dead = torch.diagonal(H) == 0
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(H).float().masked_fill(dead, 1), descending=True)
     damp = percdamp
+    in_place = restore is not None and perm is None and H.dtype == torch.float32 and H.is_contiguous()
     for attempt in range(_CHOLESKY_TRIES):
-        Hd = H.to(torch.float32, copy=True)
+        if in_place and attempt > 0:
+            restore()  # the first attempt factored H itself
+        Hd = H if in_place and attempt == 0 else H.to(torch.float32, copy=True)
         Hd.diagonal()[dead] = 1
         if perm is not None:
             Hd = Hd[perm]
@@ -160,6 +167,37 @@ def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False) -> Prep
         f"the Hessian is not positive definite even with percdamp={damp / 10:g}",
         "check the calibration inputs for NaN/inf and use more calibration samples or a larger percdamp",
     )
+
+
+class LentHessian:
+    """A Hessian lent to one kernel call, which may then factor in its memory instead of a copy of it (one
+    (in, in) matrix less at the peak); :meth:`restore` puts the values back from an exact copy of the lower
+    triangle (half a matrix). Only for an exactly symmetric H (:meth:`of` gives None otherwise)."""
+
+    def __init__(self, H: Tensor, lower: Tensor):
+        self.H = H
+        self._lower = lower  # the rows of H's lower triangle, diagonal included, one after another
+
+    @classmethod
+    def of(cls, H: Tensor) -> LentHessian | None:
+        if H.dim() != 2 or H.shape[0] != H.shape[1] or not H.is_contiguous() or not torch.equal(H, H.mT):
+            return None
+        n = H.shape[0]
+        lower = torch.empty(n * (n + 1) // 2, dtype=H.dtype, device=H.device)
+        off = 0
+        for i in range(n):
+            lower[off : off + i + 1] = H[i, : i + 1]
+            off += i + 1
+        return cls(H, lower)
+
+    def restore(self) -> None:
+        """Write H's original values back into its memory."""
+        off = 0
+        for i in range(self.H.shape[0]):
+            row = self._lower[off : off + i + 1]
+            self.H[i, : i + 1] = row
+            self.H[:i, i] = row[:i]
+            off += i + 1
 
 
 # --------------------------------------------------------------------------- masks
@@ -428,13 +466,18 @@ def _obs_kernel(
     prune_m: int = 0,
     fixed_mask: Tensor | None = None,
     grid: _Grid | None = None,
+    lent: LentHessian | None = None,
 ) -> CompressedWeight:
-    """Prepare H, permute, run the OBS loop, un-permute and package the result."""
+    """Prepare H, permute, run the OBS loop, un-permute and package the result. With ``lent`` (H's
+    :class:`LentHessian`), H may be factored in its own memory: the caller restores it afterwards."""
     _check_w(W, H)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     rows, cols = W.shape
-    prep = prepare_hessian(H.to(W.device), percdamp, act_order)
+    Hk = H.to(W.device)
+    restore = lent.restore if lent is not None and Hk is H and lent.H is H else None  # a copy is the kernel's own
+    prep = prepare_hessian(Hk, percdamp, act_order, restore)
+    del Hk
     Wf = W.to(torch.float32, copy=True)  # updated in place by _obs_compress
     Wf[:, prep.dead] = 0  # inputs never seen: nothing to reconstruct, drop them
     mask = fixed_mask
@@ -483,6 +526,7 @@ def sparsegpt(
     percdamp: float = 0.01,
     quant: tuple[int, int, bool] | None = None,
     act_order: bool = False,
+    lent: LentHessian | None = None,
 ) -> CompressedWeight:
     """SparseGPT: prune (unstructured or N:M) with blocked OBS weight reconstruction.
 
@@ -510,7 +554,7 @@ def sparsegpt(
         _check_group(cols, grid.group_size)
     return _obs_kernel(
         W, H, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
-        sparsity=0.0 if nm else sparsity, prune_n=prune_n, prune_m=prune_m, grid=grid,
+        sparsity=0.0 if nm else sparsity, prune_n=prune_n, prune_m=prune_m, grid=grid, lent=lent,
     )  # fmt: skip
 
 
@@ -524,6 +568,7 @@ def gptq(
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask: Tensor | None = None,
+    lent: LentHessian | None = None,
 ) -> CompressedWeight:
     """GPTQ: quantize column by column with lazy-batch OBS error compensation.
 
@@ -541,5 +586,5 @@ def gptq(
         raise ValueError(f"mask shape {tuple(mask.shape)} != W shape {tuple(W.shape)}")
     return _obs_kernel(
         W, H, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
-        fixed_mask=None if mask is None else mask.bool(), grid=_Grid(bits, group_size, sym),
+        fixed_mask=None if mask is None else mask.bool(), grid=_Grid(bits, group_size, sym), lent=lent,
     )  # fmt: skip

@@ -59,9 +59,9 @@ def _need_h(H: Tensor | None, method: str) -> Tensor:
 
 
 @register_pruner("sparsegpt")
-def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedWeight:
+def _sparsegpt(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig, lent=None) -> CompressedWeight:
     return K.sparsegpt(
-        W, _need_h(H, "sparsegpt"), cfg.sparsity, cfg.prune_n, cfg.prune_m, cfg.blocksize, cfg.percdamp
+        W, _need_h(H, "sparsegpt"), cfg.sparsity, cfg.prune_n, cfg.prune_m, cfg.blocksize, cfg.percdamp, lent=lent
     )
 
 
@@ -77,10 +77,10 @@ def _wanda(W: Tensor, H: Tensor | None, n: int, cfg: PruneConfig) -> CompressedW
 
 
 @register_quantizer("gptq")
-def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None) -> CompressedWeight:
+def _gptq(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | None, lent=None) -> CompressedWeight:
     return K.gptq(
         W, _need_h(H, "gptq"), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.blocksize, cfg.percdamp,
-        mask=mask,
+        mask=mask, lent=lent,
     )  # fmt: skip
 
 
@@ -90,13 +90,17 @@ def _rtn(W: Tensor, H: Tensor | None, n: int, cfg: QuantConfig, mask: Tensor | N
 
 
 @register_joint("sparsegpt", "gptq")
-def _sparsegpt_gptq(W: Tensor, H: Tensor | None, n: int, cfg: CompressConfig) -> CompressedWeight:
+def _sparsegpt_gptq(W: Tensor, H: Tensor | None, n: int, cfg: CompressConfig, lent=None) -> CompressedWeight:
     """SparseGPT's joint mode: each column is masked, then quantized, and the error of both is propagated."""
     p, q = cfg.prune, cfg.quant
     return K.sparsegpt(
         W, _need_h(H, "sparsegpt"), p.sparsity, p.prune_n, p.prune_m, p.blocksize, p.percdamp,
-        quant=(q.bits, q.group_size, q.sym), act_order=q.act_order,
+        quant=(q.bits, q.group_size, q.sym), act_order=q.act_order, lent=lent,
     )  # fmt: skip
+
+
+# the built-in kernels that can take a lent Hessian (compress_weight(..., lend_h=True))
+_TAKE_LENT_H = (_sparsegpt, _gptq, _sparsegpt_gptq)
 
 
 @contextmanager
@@ -118,12 +122,28 @@ def _cpu_threads(device, n: int = 1) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressConfig) -> CompressedWeight:
+def compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressConfig,
+                    lend_h: bool = False) -> CompressedWeight:
+    """See :func:`_compress_weight`. With ``lend_h`` the caller lends H's memory for the call: a recipe of one
+    built-in OBS kernel (GPTQ, SparseGPT, or both jointly) then factors H where it lies instead of in a copy,
+    and H holds its own values again when this returns (an exactly symmetric H only; the result is the same
+    bit for bit). At the 5632-wide down projection of a 2,048-wide Llama that is 63 MB less at the peak."""
     with _cpu_threads(W.device):
-        return _compress_weight(W, H, n_samples, cfg)
+        return _compress_weight(W, H, n_samples, cfg, lend_h)
 
 
-def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressConfig) -> CompressedWeight:
+def _one_kernel(cfg: CompressConfig) -> Callable | None:
+    """The one registered method a recipe runs, or None when it runs two (prune, then quantize)."""
+    p, q = cfg.prune, cfg.quant
+    if cfg.joint:
+        return methods.JOINT[(p.method, q.method)]
+    if q is None:
+        return methods.PRUNERS[p.method]
+    return methods.QUANTIZERS[q.method] if p is None else None
+
+
+def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressConfig,
+                     lend_h: bool = False) -> CompressedWeight:
     """Compress one (out, in) weight by ``cfg`` given its input Hessian ``H`` (in, in).
 
     ``H``/``n_samples`` come from :func:`ctp.compress.kernels.accumulate_hessian`;
@@ -138,19 +158,27 @@ def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressC
     cfg.check_width(W.shape[1])
     Wf = W.float()
     p, q = cfg.prune, cfg.quant
+    # act-order factors a permuted copy anyway: nothing to lend
+    lend_h = lend_h and H is not None and _one_kernel(cfg) in _TAKE_LENT_H and not (q is not None and q.act_order)
+    lent = K.LentHessian.of(H) if lend_h else None
+    kw = {} if lent is None else {"lent": lent}
     if cfg.joint:
-        res = methods.JOINT[(p.method, q.method)](Wf, H, n_samples, cfg)
+        res = methods.JOINT[(p.method, q.method)](Wf, H, n_samples, cfg, **kw)
     else:
         res = None
         mask = None
         if p is not None:
-            res = methods.PRUNERS[p.method](Wf, H, n_samples, p)
+            res = methods.PRUNERS[p.method](Wf, H, n_samples, p, **kw)
             Wf, mask = res.weight, res.mask  # quantize what the pruner left (fp32)
         if q is not None:
             prune_stats = {} if res is None else res.stats or {}
-            res = methods.QUANTIZERS[q.method](Wf, H, n_samples, q, mask)
+            res = methods.QUANTIZERS[q.method](Wf, H, n_samples, q, mask, **kw)
             res.stats = {**{f"prune_{k}": v for k, v in prune_stats.items()}, **(res.stats or {})}
     assert res is not None
+    if lent is not None:
+        lent.restore()  # the kernel may have factored H where it lies
+        kw.clear()
+        del lent  # its copy of the lower triangle
 
     weight = res.weight.to(W.dtype)
     stats = dict(res.stats or {})

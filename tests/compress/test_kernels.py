@@ -361,7 +361,7 @@ def test_cholesky_failure_retries_with_more_damping_and_warns():
     assert torch.equal(direct.weight, res.weight) and direct.stats["damp"] == res.stats["damp"]
 
 
-def test_a_lent_hessian_is_factored_in_place_and_restored_with_the_same_result(data):
+def test_a_lent_hessian_is_factored_in_place_and_restored_with_the_same_result(data, monkeypatch):
     """A lent H (LentHessian) is factored where it lies: the OBS loop then reads H's own memory, one (in, in)
     matrix less, and restore() puts every value back; the result is the copying path's bit for bit, on the
     retry path too (an indefinite H: the first, in-place attempt fails and H is restored before the next)."""
@@ -391,10 +391,17 @@ def test_a_lent_hessian_is_factored_in_place_and_restored_with_the_same_result(d
         assert torch.equal(got.weight, want.weight) and torch.equal(got.codes, want.codes)
     assert K.LentHessian.of(H + torch.triu(torch.full_like(H, 1e-3), 1)) is None  # not symmetric: not lent
     # through the registry: the same payload and statistics, H intact on return
-    for cfg in REBUILD_CONFIGS:
+    import ctp.compress.registry as R
+
+    monkeypatch.setattr(R, "LEND_MIN_BYTES", 0)  # this H is small
+    lent_calls = []
+    monkeypatch.setattr(K.LentHessian, "restore", lambda self, real=K.LentHessian.restore: lent_calls.append(1)
+                        or real(self))
+    for cfg in [*REBUILD_CONFIGS, CompressConfig(quant=QuantConfig(bits=4, group_size=32))]:
         h0 = H.clone()
         a, b = compress_weight(W, H, n, cfg), compress_weight(W, H, n, cfg, lend_h=True)
         assert torch.equal(a.weight, b.weight) and a.stats == b.stats and torch.equal(H, h0), cfg.label()
+    assert len(lent_calls) == 4  # lent to the one-kernel OBS recipes without act-order: gptq, sparsegpt, 2 joint
 
 
 def _indefinite(n: int) -> Tensor:

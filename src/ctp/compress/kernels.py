@@ -172,32 +172,43 @@ def prepare_hessian(H: Tensor, percdamp: float, act_order: bool = False,
 class LentHessian:
     """A Hessian lent to one kernel call, which may then factor in its memory instead of a copy of it (one
     (in, in) matrix less at the peak); :meth:`restore` puts the values back from an exact copy of the lower
-    triangle (half a matrix). Only for an exactly symmetric H (:meth:`of` gives None otherwise)."""
+    triangle (a little over half a matrix, kept by blocks of rows). Only for an H equal to its transpose bit for
+    bit (:meth:`of` gives None otherwise). Every step copies values, none computes them."""
 
-    def __init__(self, H: Tensor, lower: Tensor):
+    ROWS = 256  # rows per block
+
+    def __init__(self, H: Tensor, blocks: list[Tensor]):
         self.H = H
-        self._lower = lower  # the rows of H's lower triangle, diagonal included, one after another
+        self._blocks = blocks  # block k: H[r0:r1, :r1], the rows' lower triangle and their diagonal block
 
     @classmethod
     def of(cls, H: Tensor) -> LentHessian | None:
-        if H.dim() != 2 or H.shape[0] != H.shape[1] or not H.is_contiguous() or not torch.equal(H, H.mT):
+        if H.dim() != 2 or H.shape[0] != H.shape[1] or not H.is_contiguous():
             return None
-        n = H.shape[0]
-        lower = torch.empty(n * (n + 1) // 2, dtype=H.dtype, device=H.device)
-        off = 0
-        for i in range(n):
-            lower[off : off + i + 1] = H[i, : i + 1]
-            off += i + 1
-        return cls(H, lower)
+        blocks = []
+        for r0, r1 in cls._spans(H.shape[0]):
+            row, col = H[r0:r1, r0:], H[r0:, r0:r1].mT  # rows r0:r1 right of r0, against the columns below
+            if not torch.equal(_bits(row), _bits(col)):
+                return None
+            blocks.append(H[r0:r1, :r1].clone())
+        return cls(H, blocks)
+
+    @classmethod
+    def _spans(cls, n: int) -> list[tuple[int, int]]:
+        return [(r0, min(r0 + cls.ROWS, n)) for r0 in range(0, n, cls.ROWS)]
 
     def restore(self) -> None:
         """Write H's original values back into its memory."""
-        off = 0
-        for i in range(self.H.shape[0]):
-            row = self._lower[off : off + i + 1]
-            self.H[i, : i + 1] = row
-            self.H[:i, i] = row[:i]
-            off += i + 1
+        spans = self._spans(self.H.shape[0])
+        for (r0, r1), block in zip(spans, self._blocks):
+            self.H[r0:r1, :r1] = block
+        for r0, r1 in spans:  # the upper triangle right of each diagonal block, from the lower one below it
+            self.H[r0:r1, r1:] = self.H[r1:, r0:r1].mT
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t``'s bit patterns as integers of its width: equal bits, not just equal values (-0.0 is not 0.0)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 # --------------------------------------------------------------------------- masks

@@ -101,6 +101,9 @@ def _sparsegpt_gptq(W: Tensor, H: Tensor | None, n: int, cfg: CompressConfig, le
 
 # the built-in kernels that can take a lent Hessian (compress_weight(..., lend_h=True))
 _TAKE_LENT_H = (_sparsegpt, _gptq, _sparsegpt_gptq)
+# lent only from this size (2048 inputs in fp32): the copy it saves below is at most 8 MB, and lending and
+# restoring cost about 1-3% of a small layer's compression time
+LEND_MIN_BYTES = 16 << 20
 
 
 @contextmanager
@@ -158,8 +161,9 @@ def _compress_weight(W: Tensor, H: Tensor | None, n_samples: int, cfg: CompressC
     cfg.check_width(W.shape[1])
     Wf = W.float()
     p, q = cfg.prune, cfg.quant
-    # act-order factors a permuted copy anyway: nothing to lend
-    lend_h = lend_h and H is not None and _one_kernel(cfg) in _TAKE_LENT_H and not (q is not None and q.act_order)
+    # act-order factors a permuted copy anyway: nothing to lend; nor for a small H, whose copy costs little
+    lend_h = (lend_h and H is not None and H.numel() * H.element_size() >= LEND_MIN_BYTES
+              and _one_kernel(cfg) in _TAKE_LENT_H and not (q is not None and q.act_order))
     lent = K.LentHessian.of(H) if lend_h else None
     kw = {} if lent is None else {"lent": lent}
     if cfg.joint:

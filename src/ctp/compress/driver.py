@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from ctp.compress.config import CompressConfig
 from ctp.compress.report import CompressionReport
-from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms
+from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms, same_bits
 from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
 from ctp.compress.spill import SpilledActivations
 from ctp.compress.weight import CompressedWeight
@@ -287,17 +287,17 @@ def _compress_group(
                 if not same:
                     slots.append([None, 0])
             s = slot_of[name]
-            if s in chunk_inputs:
-                if chunk_inputs[s] is not x:
-                    raise RuntimeError(f"{name} no longer shares its input with the linears it shared it with")
-            else:
-                chunk_inputs[s] = x
-                last = all(n in slot_of and slot_of[n] in chunk_inputs for n in names)
+            fresh = s not in chunk_inputs
+            if not fresh and chunk_inputs[s] is not x:
+                raise RuntimeError(f"{name} no longer shares its input with the linears it shared it with")
+            chunk_inputs[s] = x
+            complete = all(n in slot_of and slot_of[n] in chunk_inputs for n in names)
+            if fresh:
                 # the forward stops right after the group's last input: that input, unless it is the stored block
                 # input itself, is scaled in place instead of copied (the same H; one (tokens, in) matrix less)
-                kw = {"consume": True} if last and not norms_only and not _shares_memory(x, block_input) else {}
+                kw = {"consume": True} if complete and not norms_only and not _shares_memory(x, block_input) else {}
                 slots[s][0], slots[s][1] = accumulate(slots[s][0], slots[s][1], x.detach(), **kw)
-            if all(n in slot_of and slot_of[n] in chunk_inputs for n in names):
+            if complete:
                 raise _StopForward  # the rest of the block is not needed for these Hessians
 
         return fn
@@ -411,8 +411,8 @@ def compress_model(
 
     ``device`` is where each block is compressed (default: cuda if available), one block at a time.
     ``calib_ids`` (n, seqlen) replaces the windows drawn from ``cfg.calib_dataset`` (train split);
-    ``chunk`` windows go through a block at a time (default :func:`default_chunk`). ``checkpoint_dir`` makes the run resumable
-    (a call with the same model, config, data, ``chunk`` and device type continues after the last
+    ``chunk`` windows go through a block at a time (default :func:`default_chunk`). ``checkpoint_dir`` makes the
+    run resumable (a call with the same model, config, data, ``chunk`` and device type continues after the last
     saved block; ``resume=False`` starts over). Magnitude pruning and round-to-nearest run without
     calibration (their weight error is reported; ``output_error=True`` runs it for the output error).
     Larger than memory: with ``source`` (:func:`ctp.models.load.load_by_blocks`) each block is read
@@ -636,7 +636,7 @@ class _AsCodes:
 
     def __init__(self, layer: nn.Module):
         self.mods = linear_layers(layer)
-        self.waiting: dict[str, tuple[CompressedWeight, list]] = {}
+        self.waiting: dict[str, tuple[CompressedWeight, Tensor | None, list]] = {}  # payload, kept values, hooks
 
     def __enter__(self) -> "_AsCodes":
         return self
@@ -650,7 +650,7 @@ class _AsCodes:
                 kept = cw.weight[cw.mask]
             else:
                 continue
-            if not _same_bits(_rebuilt(cw, kept).to(cw.weight.dtype), cw.weight):
+            if not same_bits(_rebuilt(cw, kept).to(cw.weight.dtype), cw.weight):
                 continue
             _drop_weight(mod)
             cw.weight = mod.weight  # (meta) the codes or kept values are the only copy now
@@ -665,11 +665,6 @@ class _AsCodes:
             _rebuild_weight(self.mods[n], cw, kept)
             cw.weight = weight_matrix(self.mods[n]).detach()
         self.waiting.clear()
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    """Equal values and signs of zero (``torch.equal`` alone takes -0.0 for 0.0)."""
-    return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
 
 
 def _rebuilt(cw: CompressedWeight, kept: Tensor | None) -> Tensor:

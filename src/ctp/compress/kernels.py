@@ -188,7 +188,7 @@ class LentHessian:
         blocks = []
         for r0, r1 in cls._spans(H.shape[0]):
             row, col = H[r0:r1, r0:], H[r0:, r0:r1].mT  # rows r0:r1 right of r0, against the columns below
-            if not torch.equal(_bits(row), _bits(col)):
+            if not same_bits(row, col):
                 return None
             blocks.append(H[r0:r1, :r1].clone())
         return cls(H, blocks)
@@ -206,9 +206,13 @@ class LentHessian:
             self.H[r0:r1, r1:] = self.H[r1:, r0:r1].mT
 
 
-def _bits(t: Tensor) -> Tensor:
-    """``t``'s bit patterns as integers of its width: equal bits, not just equal values (-0.0 is not 0.0)."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two float tensors of one dtype hold the same bit patterns, not just equal values: -0.0 is not 0.0,
+    a NaN equals the same NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(as_int), b.view(as_int))
 
 
 # --------------------------------------------------------------------------- masks

@@ -329,7 +329,7 @@ def _compress_group(
         W = weight_matrix(mod)  # (out, in), a view of the module's weight
         Wf = W.float()
         # trace(W H W^T): the output energy, for a relative error (its diagonal part when H is a diagonal)
-        base = float(((Wf * Wf) @ H).sum()) if H.dim() == 1 else float(((Wf @ H) * Wf).sum())
+        base = float(((Wf * Wf) @ H).sum()) if H.dim() == 1 else float((Wf @ H).mul_(Wf).sum())
         del Wf
         t0 = time.perf_counter()
         cw = compress_weight(W, H, count, cfg, lend_h=True)  # H is factored in its own memory, then restored

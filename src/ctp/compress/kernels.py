@@ -103,7 +103,7 @@ def reconstruction_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     D = W.float() - W_new.float()  # (out, in)
     if H.dim() == 1:
         return float((D * D * H.float()).sum())
-    return float(((D @ H.float()) * D).sum())
+    return float((D @ H.float()).mul_(D).sum())  # the product scaled in place: one (out, in) matrix less
 
 
 def _chol_inv_upper_(H: Tensor) -> Tensor | None:

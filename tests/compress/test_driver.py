@@ -370,3 +370,41 @@ def test_default_calibration_batch_is_a_token_budget(monkeypatch):
     run(b, GPTQ4, ids, chunk=16)
     assert chunks == [16, 16]
     assert all(torch.equal(x.weight, y.weight) for x, y in zip(all_linears(a).values(), all_linears(b).values()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hessian_inputs_scaled_in_place_give_the_same_result(family, monkeypatch):
+    """The input that completes a group's Hessians is scaled in place (no copy) unless it is the block's own input
+    or one of its arguments; every family, and OPT without the leading layer norm, whose q/k/v read the block
+    input itself, compress exactly as with a copy every time."""
+    import ctp.compress.driver as D
+    from ctp.compress import kernels as K
+
+    def build():
+        model = make_tiny(family)
+        if family == "opt":
+            model.config.do_layer_norm_before = False
+            for layer in decoder_layers(model):
+                layer.do_layer_norm_before = False
+        return model
+
+    ids = calib()
+    consumed = []
+    real = K.accumulate_hessian
+
+    def spy(H, n, x, inplace=False, consume=False):
+        consumed.append(consume)
+        return real(H, n, x, inplace=inplace, consume=consume)
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "accumulate_hessian", lambda H, n, x, inplace=False, consume=False: real(H, n, x, inplace))
+        want = build()
+        run(want, GPTQ4, ids)
+    monkeypatch.setattr(D, "accumulate_hessian", spy)
+    got = build()
+    run(got, GPTQ4, ids)
+    assert any(consumed)
+    if family == "opt":  # q/k/v read the block input: never scaled in place
+        assert not all(consumed)
+    for (name, a), b in zip(all_linears(want).items(), all_linears(got).values()):
+        assert torch.equal(a.weight, b.weight), name

@@ -273,7 +273,9 @@ def _compress_group(
     # the running Hessian belongs to this pass alone: it is updated in place (same values, half the memory)
     norms_only = needs_norms_only(cfg)
     accumulate = accumulate_sq_norms if norms_only else partial(accumulate_hessian, inplace=True)
-    block_input: Tensor | None = None  # this chunk's block input as the block gets it
+    args: set[int] = set()
+    _map_tensors((call.args, call.kwargs), lambda t: args.add(t.untyped_storage().data_ptr()))
+    kept = set(args)  # storages a hook must not scale in place: the chunk's block input, the call's arguments
     slots: list[list] = []  # [H, n_samples] per distinct input
     slot_of: dict[str, int] = {}
     chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
@@ -293,9 +295,11 @@ def _compress_group(
             chunk_inputs[s] = x
             complete = all(n in slot_of and slot_of[n] in chunk_inputs for n in names)
             if fresh:
-                # the forward stops right after the group's last input: that input, unless it is the stored block
-                # input itself, is scaled in place instead of copied (the same H; one (tokens, in) matrix less)
-                kw = {"consume": True} if complete and not norms_only and not _shares_memory(x, block_input) else {}
+                # the forward stops right after the group's last input: that input, unless it is the block's input
+                # or one of its arguments, is scaled in place instead of copied (the same H; one (tokens, in) matrix
+                # less)
+                own = x.untyped_storage().data_ptr() not in kept
+                kw = {"consume": True} if complete and own and not norms_only else {}
                 slots[s][0], slots[s][1] = accumulate(slots[s][0], slots[s][1], x.detach(), **kw)
             if complete:
                 raise _StopForward  # the rest of the block is not needed for these Hessians
@@ -307,11 +311,12 @@ def _compress_group(
         for h in inps:
             chunk_inputs.clear()
             block_input = h.to(compute)
+            kept = args | {block_input.untyped_storage().data_ptr()}
             try:
                 call(layer, block_input)
             except _StopForward:
                 pass
-            block_input = None
+            del block_input
     finally:
         chunk_inputs.clear()
         for h in handles:
@@ -345,11 +350,6 @@ def _compress_group(
         if done is not None:
             done({n: out[n]})
     return out
-
-
-def _shares_memory(x: Tensor, other: Tensor | None) -> bool:
-    """Whether ``x`` is (a view of) the same memory as ``other``."""
-    return other is not None and x.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
 
 
 @dataclass

@@ -145,3 +145,38 @@ def test_edited_metadata_fails_its_checksum(tmp_path):
     _rewrite_metadata(p, lambda m: m.update(format_version="99"))
     with pytest.raises(CTPError, match="format version '99'"):
         load_tensors(p, kind="ctp-test")
+
+
+_HEAP_PROBE = r"""
+import re, sys, torch
+from ctp.io import map_large_allocations
+def anon():
+    return int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read()).group(1)) << 10
+if sys.argv[1] == "map" and not map_large_allocations(1 << 20):
+    print("no-glibc")
+    sys.exit()
+x = torch.empty(4 << 20).fill_(1)
+del x  # 16 MB freed: glibc's own threshold rises to it
+base = anon()
+big, pins = [], []
+for _ in range(100):
+    big.append(torch.empty(512 << 10).fill_(1))  # 2 MB each
+    pins.append(torch.empty(64).fill_(1))  # small and kept: holds the heap's top
+del big
+print(anon() - base)
+"""
+
+
+def test_large_allocations_leave_the_process_when_freed():
+    """After map_large_allocations, freed tensors from the threshold up go back to the system at once, although
+    an earlier free raised glibc's own threshold above them and small allocations sit between them."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc")
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, "map"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    if out == "no-glibc":
+        pytest.skip("needs glibc")
+    assert int(out) < 4e6  # of 200 MB allocated and freed

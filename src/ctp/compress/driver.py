@@ -252,17 +252,10 @@ def _run_block(layer: nn.Module, call: _BlockCall, inps, compute: torch.dtype, o
 
 
 @torch.no_grad()
-def _compress_group(
-    layer: nn.Module,
-    names: list[str],
-    call: _BlockCall,
-    inps: list[Tensor],
-    cfg: CompressConfig,
-    compute: torch.dtype,
-    done=None,
-) -> dict[str, tuple[CompressedWeight, dict]]:
-    """Collect the Hessians of ``names`` from one pass over ``inps`` (stored block inputs, run in ``compute``),
-    then compress them (each handed to ``done`` as ``{name: (payload, stats)}`` as soon as it is).
+def _collect_hessians(layer: nn.Module, names: list[str], call: _BlockCall, inps: list[Tensor],
+                      cfg: CompressConfig, compute: torch.dtype) -> dict[str, list]:
+    """``{name: [H, n_samples]}`` for the linears ``names``, from one pass over ``inps`` (stored block inputs, run
+    in ``compute``).
 
     Two savings, neither changing any number: linears that read the very same input tensor
     (q/k/v, gate/up) share one Hessian, accumulated once; and each chunk's block forward
@@ -275,7 +268,7 @@ def _compress_group(
     accumulate = accumulate_sq_norms if norms_only else partial(accumulate_hessian, inplace=True)
     args: set[int] = set()
     _map_tensors((call.args, call.kwargs), lambda t: args.add(t.untyped_storage().data_ptr()))
-    kept = set(args)  # storages a hook must not scale in place: the chunk's block input, the call's arguments
+    kept = args  # storages a hook must not scale in place: the chunk's block input, the call's arguments
     slots: list[list] = []  # [H, n_samples] per distinct input
     slot_of: dict[str, int] = {}
     chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
@@ -324,9 +317,24 @@ def _compress_group(
     missing = [n for n in names if n not in slot_of]
     if missing:
         raise RuntimeError(f"linear layers {missing} never ran in the block forward")
-    hess = {n: slots[slot_of[n]] for n in names}  # shared H tensors: the kernels never modify H
+    hess = {n: slots[slot_of[n]] for n in names}  # shared H tensors: the kernels leave H as it was
     slots.clear()  # hess holds the only references now
+    return hess
 
+
+def _compress_group(
+    layer: nn.Module,
+    names: list[str],
+    call: _BlockCall,
+    inps: list[Tensor],
+    cfg: CompressConfig,
+    compute: torch.dtype,
+    done=None,
+) -> dict[str, tuple[CompressedWeight, dict]]:
+    """Collect the Hessians of ``names`` from one pass over ``inps`` (:func:`_collect_hessians`), then compress
+    them (each handed to ``done`` as ``{name: (payload, stats)}`` as soon as it is)."""
+    mods = linear_layers(layer)
+    hess = _collect_hessians(layer, names, call, inps, cfg, compute)
     out: dict[str, tuple[CompressedWeight, dict]] = {}
     for n in names:
         H, count = hess.pop(n)  # a shared H is freed with its last user

@@ -108,6 +108,34 @@ def test_accumulate_hessian_matches_direct_formula(data):
     torch.testing.assert_close(K.input_norms_from_hessian(H, n), X.pow(2).sum(0), rtol=1e-4, atol=1e-2)
 
 
+def test_accumulate_hessian_in_bands(monkeypatch):
+    """A wide in-place update goes a band of rows at a time (one band buffer beside H, not the whole X X^T) and
+    gives the rows of the whole product: forced here to bands of 48 rows of a 200-wide H (the last band short)."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 64, 200, generator=g) * torch.rand(200, generator=g) for _ in range(3)]
+    whole, nw = torch.zeros(200, 200), 0
+    for x in xs:
+        whole, nw = K.accumulate_hessian(whole, nw, x, inplace=True)  # 200 <= 512 rows: one product
+    monkeypatch.setattr(K, "_PRODUCT_ELEMENTS", 48 * 200)
+    monkeypatch.setattr(K, "_PRODUCT_MIN_ROWS", 48)
+    bands_seen = []
+    real_mm = torch.mm
+
+    def mm(a, b, out=None):
+        bands_seen.append(a.shape[0])
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(K.torch, "mm", mm)
+    H, n = torch.zeros(200, 200), 0
+    for x in xs:
+        H_next, n = K.accumulate_hessian(H, n, x, inplace=True)
+        assert H_next is H
+    assert n == nw == 6 and bands_seen == [48, 48, 48, 48, 8] * 3
+    torch.testing.assert_close(H, whole, rtol=1e-6, atol=1e-6)  # a BLAS may round a narrower product apart
+    direct = sum(2 / 6 * x.reshape(-1, 200).double().T @ x.reshape(-1, 200).double() for x in xs)
+    torch.testing.assert_close(H.double(), direct, rtol=1e-5, atol=1e-4)
+
+
 def test_reconstruction_error_is_scaled_output_error(data):
     W, X, H, n = data
     W2 = K.magnitude_prune(W, 0.5).weight

@@ -36,7 +36,9 @@ def sharded(tmp_path_factory, tokenizer) -> str:
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
+def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path, monkeypatch):
+    import ctp.compress.driver as D
+
     cfg = RECIPES[recipe]
     whole = make_tiny("llama")
     report = compress_model(whole, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2)
@@ -56,11 +58,16 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
     seen = []
     real_load = source.load_module
 
-    def load_module(module, prefix, device, dtype):  # at most one block holds its linears at any time
+    def load_module(module, prefix, device, dtype, **kw):  # at most one block holds its linears at any time
         seen.append(sum(not m.weight.is_meta for layer in layers for m in linear_layers(layer).values()))
-        real_load(module, prefix, device, dtype)
+        real_load(module, prefix, device, dtype, **kw)
 
     source.load_module = load_module
+    held, reads = [], []  # linears of a Hessian pass that hold a weight when it starts; weights read
+    real_collect, real_read = D._collect_hessians, D._OnDisk._read
+    monkeypatch.setattr(D, "_collect_hessians", lambda layer, names, *a: held.extend(
+        n for n in names if not linear_layers(layer)[n].weight.is_meta) or real_collect(layer, names, *a))
+    monkeypatch.setattr(D._OnDisk, "_read", lambda self, n: reads.append(n) or real_read(self, n))
     spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
     report2 = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
                              spill=spill)
@@ -69,6 +76,11 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path):
     assert seen == [0] * (len(layers) if needs_calibration(cfg) else sum(len(linear_layers(x)) for x in layers))
     assert all(m.weight.is_meta for layer in layers for m in linear_layers(layer).values())  # all released
     assert asked == ([len(IDS.unique())] if needs_calibration(cfg) else [])  # each token's row, once
+    # a linear not compressed yet waits in the checkpoint: read for each forward (two chunks of windows here) and
+    # once more to be compressed
+    assert held == []
+    n_linears = sum(len(linear_layers(x)) for x in layers)
+    assert len(reads) > n_linears * 2 if needs_calibration(cfg) else reads == []
     assert model.get_input_embeddings().weight.is_meta  # and the embedding is left on disk again
     save_compressed(model, None, report2, tmp_path / "blocks", encoded=spill)
 
@@ -202,7 +214,9 @@ def test_one_pass_over_the_checkpoint_gives_the_storage_dtype_and_the_cache_key(
     assert main(["-q", "compress", "--model", sharded, "--bits", "4", "--group-size", "32", "--nsamples", "4",
                  "--seqlen", "32", "--calib-batch", "2", "--out", str(tmp_path / "out")]) == 0
     linear = "model.layers.1.mlp.down_proj.weight"
-    assert reads[linear] == 2  # the scan, then its compression
+    # the scan; then, waiting in the checkpoint, once for each of the two forwards (chunks of windows) of its
+    # Hessian pass, the only pass that reaches it before it is compressed, and once to be compressed
+    assert reads[linear] == 4
 
 
 @pytest.mark.parametrize("recipe,embeddings", [("rtn4g32", False), ("gptq3-act", False), ("gptq3-act", True)])

@@ -373,6 +373,30 @@ def test_dead_inputs_are_handled(data):
     assert out_err(W, q.weight, X) < out_err(W, K.rtn_quantize(W, 4, 32).weight, X)
 
 
+@pytest.mark.parametrize("n", [7, 300, 600])  # one band, a short last band, several bands of 256 rows
+def test_inverse_factor_in_place_equals_torchs_copying_calls(n):
+    """``_chol_inv_upper_`` runs the three LAPACK calls on H's column-major view when H is symmetric bit for bit,
+    then transposes by bands: the same bits as torch's calls on a row-major H (which each work in a copy), here
+    checked against them out of place. A not quite symmetric H takes the row-major calls themselves."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g) * torch.rand(n, generator=g)
+    H = X.T @ X / n
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    assert K._symmetric(H)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    got = H.clone()
+    assert K._chol_inv_upper_(got) is got
+    assert torch.equal(got, want) and torch.equal(got, got.triu())
+    skew = H.clone()
+    skew[0, n - 1] = torch.nextafter(skew[0, n - 1], torch.tensor(1.0))  # one bit off symmetric
+    assert not K._symmetric(skew)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(skew)), upper=True)
+    got = skew.clone()
+    assert torch.equal(K._chol_inv_upper_(got), want)
+    A = torch.arange(float(n * n)).reshape(n, n)
+    assert torch.equal(K._transpose_(A.clone()), A.T)
+
+
 def test_cholesky_failure_retries_with_more_damping_and_warns():
     # Positive diagonal but indefinite: needs damping > 2 * mean(diag H).
     H = torch.eye(16)

@@ -330,15 +330,19 @@ def _compress_group(
     cfg: CompressConfig,
     compute: torch.dtype,
     done=None,
+    take=None,
 ) -> dict[str, tuple[CompressedWeight, dict]]:
     """Collect the Hessians of ``names`` from one pass over ``inps`` (:func:`_collect_hessians`), then compress
-    them (each handed to ``done`` as ``{name: (payload, stats)}`` as soon as it is)."""
+    them (each handed to ``done`` as ``{name: (payload, stats)}`` as soon as it is; ``take(name)`` first puts a
+    linear's weight in its module when it waits elsewhere)."""
     mods = linear_layers(layer)
     hess = _collect_hessians(layer, names, call, inps, cfg, compute)
     out: dict[str, tuple[CompressedWeight, dict]] = {}
     for n in names:
         H, count = hess.pop(n)  # a shared H is freed with its last user
         mod = mods[n]
+        if take is not None:
+            take(n)
         W = weight_matrix(mod)  # (out, in), a view of the module's weight
         Wf = W.float()
         # trace(W H W^T): the output energy, for a relative error (its diagonal part when H is a diagonal)
@@ -519,9 +523,10 @@ def _compress_one_block(model: nn.Module, report: CompressionReport, i: int, cal
     if call is None and source is not None and spill is not None:  # one linear in memory at a time, not a block
         results, encoded = _compress_data_free(layer, cfg, _Stream(source, prefix, device, dtype, spill))
     else:
-        with _on_device(layer, device, source, prefix, dtype):
+        stream = _Stream(source, prefix, device, dtype, spill) if source is not None and call is not None else None
+        with _on_device(layer, device, source, prefix, dtype, wait=stream is not None):
             if call is not None:
-                results, inps = _compress_block(model, layer, call, inps, cfg, dtype, out)
+                results, inps = _compress_block(model, layer, call, inps, cfg, dtype, out, stream)
             else:
                 results, _ = _compress_data_free(layer, cfg)
     records = _record_block(report, prefix, i, results, time.perf_counter() - t0)
@@ -534,18 +539,25 @@ def _compress_one_block(model: nn.Module, report: CompressionReport, i: int, cal
 
 
 @contextmanager
-def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtype: torch.dtype) -> Iterator[None]:
+def _on_device(layer: nn.Module, device: torch.device, source, prefix: str, dtype: torch.dtype,
+               wait: bool = False) -> Iterator[None]:
     """The block on the compute device for the duration (read from ``source`` first when it is still on the meta
-    device), then back where it lives (the CPU for a block read from ``source``), whether or not its work ends
-    normally."""
+    device; with ``wait`` its linears' weights are left there, for :class:`_OnDisk`), then back where it lives
+    (the CPU for a block read from ``source``), whether or not its work ends normally."""
     home = torch.device("cpu") if source is not None else next(layer.parameters()).device
     if source is not None:
-        source.load_module(layer, prefix, device, dtype)
-    layer.to(device)
+        skip = {f"{n}.weight" for n in linear_layers(layer)} if wait else ()
+        source.load_module(layer, prefix, device, dtype, skip=skip)
+    _move(layer, device)
     try:
         yield
     finally:  # also when compression fails or is interrupted: the GPU's memory is not left holding the block
-        layer.to(home)
+        _move(layer, home)
+
+
+def _move(layer: nn.Module, device: torch.device) -> None:
+    """``layer.to(device)``, passing over tensors still on the meta device (weights that wait elsewhere)."""
+    layer._apply(lambda t: t if t.is_meta else t.to(device))
 
 
 def _discard(inps) -> None:
@@ -623,19 +635,59 @@ def _resume(model: nn.Module, report: CompressionReport, windows: Tensor, chunk:
 
 
 def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps, cfg: CompressConfig,
-                    compute: torch.dtype, out=None):
+                    compute: torch.dtype, out=None, stream: _Stream | None = None):
     """Compress one block from its calibration inputs (one group of linears at a time with true-sequential
     GPTQ; the block runs in ``compute``); returns its results and the block's compressed outputs, the next
-    block's inputs, in the inputs' dtype (appended to ``out`` when given)."""
+    block's inputs, in the inputs' dtype (appended to ``out`` when given). With ``stream`` (the checkpoint the
+    block was read from) its linears wait there until they are compressed (:class:`_OnDisk`)."""
     true_seq = cfg.quant is not None and cfg.quant.true_sequential
     groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
     results: dict[str, tuple[CompressedWeight, dict]] = {}
-    with _AsCodes(layer) as as_codes:
+    with _AsCodes(layer) as as_codes, _OnDisk(layer, stream) as on_disk:
         for names in groups:
-            results.update(_compress_group(layer, names, call, inps, cfg, compute, as_codes.add))
+            results.update(_compress_group(layer, names, call, inps, cfg, compute, as_codes.add, on_disk.take))
             release_memory()  # the group's Hessians and kernel temporaries go back to the system before the next pass
         outs = _run_block(layer, call, inps, compute, out)
     return results, outs
+
+
+class _OnDisk:
+    """While a block read from a checkpoint is calibrated, its linears not compressed yet wait in the checkpoint,
+    not in memory: each forward reads a weight just before its linear runs and drops it after, and :meth:`take`
+    reads it back for good before the linear is compressed. A read gives the values the block was loaded with
+    (the same bytes, the same conversion), so no number changes; on exit, normal or not, every weight is back in
+    its module. With ``stream`` None (a model already in memory) nothing waits. This lowers the peak of the
+    forwards and, for a recipe with one pass (SparseGPT), of the whole block: one fp32 linear instead of all."""
+
+    def __init__(self, layer: nn.Module, stream: _Stream | None):
+        self.stream, self.mods = stream, linear_layers(layer)
+        self.waiting: dict[str, list] = {}  # name -> hooks
+        if stream is None:
+            return
+        for n, mod in self.mods.items():
+            _drop_weight(mod)  # (left unread by _on_device: a meta tensor already)
+            self.waiting[n] = [mod.register_forward_pre_hook(lambda m, _i, n=n: self._read(n)),
+                               mod.register_forward_hook(lambda m, _i, _o: _drop_weight(m))]
+
+    def __enter__(self) -> "_OnDisk":
+        return self
+
+    def _read(self, n: str) -> None:
+        mod, s = self.mods[n], self.stream
+        mod.weight = nn.Parameter(s.source.read(f"{s.prefix}.{n}.weight", s.dtype, s.device),
+                                  requires_grad=mod.weight.requires_grad)
+
+    def take(self, n: str) -> None:
+        """Linear ``n``'s weight in its module for good (a no-op when it was never waiting)."""
+        hooks = self.waiting.pop(n, None)
+        if hooks is not None:
+            for h in hooks:
+                h.remove()
+            self._read(n)
+
+    def __exit__(self, *exc) -> None:
+        for n in list(self.waiting):
+            self.take(n)
 
 
 class _AsCodes:

@@ -128,15 +128,47 @@ def reconstruction_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 def _chol_inv_upper_(H: Tensor) -> Tensor | None:
     """Upper Cholesky factor of H^-1, computed in H's own memory (H is overwritten), or None if H is not
     (numerically) positive definite. LAPACK factors in place anyway: the results are those of the out-of-place
-    calls, and an (in, in) matrix costs two of its size at the peak instead of four."""
+    calls. Given a row-major H, torch's calls would each work in a column-major copy of it; for an H equal to its
+    transpose bit for bit, ``H.mT`` already is that column-major matrix, so the three calls run in H's memory (the
+    same LAPACK calls on the same values: the same bits) and one blockwise transpose (copies only) gives the
+    row-major factor. An (in, in) matrix then costs itself plus a band of rows at the peak, not two of its size."""
     info = torch.empty((), dtype=torch.int32, device=H.device)
-    torch.linalg.cholesky_ex(H, out=(H, info))  # L
+    col = H.mT if H.is_contiguous() and _symmetric(H) else H  # column-major view, or torch's own copies
+    torch.linalg.cholesky_ex(col, out=(col, info))  # L
     if int(info) != 0:
         return None
-    torch.cholesky_inverse(H, out=H)  # (L L^T)^-1
-    torch.linalg.cholesky_ex(H, upper=True, out=(H, info))  # U
-    if int(info) != 0 or not bool(torch.isfinite(H).all()):
+    torch.cholesky_inverse(col, out=col)  # (L L^T)^-1
+    torch.linalg.cholesky_ex(col, upper=True, out=(col, info))  # U
+    if int(info) != 0:
         return None
+    if col is not H:
+        _transpose_(H)  # H held U^T
+    if not all(bool(torch.isfinite(H[r0:r1]).all()) for r0, r1 in _row_spans(H.shape[0])):
+        return None
+    return H
+
+
+_SPAN_ROWS = 256  # rows per band where a square matrix is checked, copied or transposed by bands
+
+
+def _row_spans(n: int) -> list[tuple[int, int]]:
+    return [(r0, min(r0 + _SPAN_ROWS, n)) for r0 in range(0, n, _SPAN_ROWS)]
+
+
+def _symmetric(H: Tensor) -> bool:
+    """Whether a square H equals its transpose bit for bit, checked a band of rows at a time (no full copy)."""
+    return all(same_bits(H[r0:r1, r0:], H[r0:, r0:r1].mT) for r0, r1 in _row_spans(H.shape[0]))
+
+
+def _transpose_(H: Tensor) -> Tensor:
+    """Transpose a square H in its own memory, by bands of rows (copies only: the values are exact)."""
+    for r0, r1 in _row_spans(H.shape[0]):
+        diag = H[r0:r1, r0:r1]
+        diag.copy_(diag.mT.clone())
+        right, below = H[r0:r1, r1:], H[r1:, r0:r1]
+        band = right.clone()
+        right.copy_(below.mT)
+        below.copy_(band.mT)
     return H
 
 
@@ -194,8 +226,6 @@ class LentHessian:
     triangle (a little over half a matrix, kept by blocks of rows). Only for an H equal to its transpose bit for
     bit (:meth:`of` gives None otherwise). Every step copies values, none computes them."""
 
-    ROWS = 256  # rows per block
-
     def __init__(self, H: Tensor, blocks: list[Tensor]):
         self.H = H
         self._blocks = blocks  # block k: H[r0:r1, :r1], the rows' lower triangle and their diagonal block
@@ -204,21 +234,13 @@ class LentHessian:
     def of(cls, H: Tensor) -> LentHessian | None:
         if H.dim() != 2 or H.shape[0] != H.shape[1] or not H.is_contiguous():
             return None
-        blocks = []
-        for r0, r1 in cls._spans(H.shape[0]):
-            row, col = H[r0:r1, r0:], H[r0:, r0:r1].mT  # rows r0:r1 right of r0, against the columns below
-            if not same_bits(row, col):
-                return None
-            blocks.append(H[r0:r1, :r1].clone())
-        return cls(H, blocks)
-
-    @classmethod
-    def _spans(cls, n: int) -> list[tuple[int, int]]:
-        return [(r0, min(r0 + cls.ROWS, n)) for r0 in range(0, n, cls.ROWS)]
+        if not _symmetric(H):
+            return None
+        return cls(H, [H[r0:r1, :r1].clone() for r0, r1 in _row_spans(H.shape[0])])
 
     def restore(self) -> None:
         """Write H's original values back into its memory."""
-        spans = self._spans(self.H.shape[0])
+        spans = _row_spans(self.H.shape[0])
         for (r0, r1), block in zip(spans, self._blocks):
             self.H[r0:r1, :r1] = block
         for r0, r1 in spans:  # the upper triangle right of each diagonal block, from the lower one below it

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -187,11 +188,15 @@ class BlockSource:
                            "the shard is truncated or damaged: download it again")
         return path, shape, stored, base + lo, base + hi
 
-    def load_module(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    def load_module(self, module: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype,
+                    skip: Collection[str] = ()) -> None:
         """Fill every parameter and persistent buffer of ``module`` (named ``prefix`` in the model) from the
-        checkpoint, on ``device``; buffers the checkpoint does not hold (rotary tables) are left as they are (the
-        driver moves the block to its device)."""
+        checkpoint, on ``device``, except the parameters named in ``skip`` (left as they are); buffers the
+        checkpoint does not hold (rotary tables) are left as they are (the driver moves the block to its
+        device)."""
         for name, p in list(module.named_parameters(recurse=True)):
+            if name in skip:
+                continue
             _assign(module, name, nn.Parameter(self.read(f"{prefix}.{name}", dtype, device),
                                                requires_grad=p.requires_grad))
         for name, _ in list(module.named_buffers(recurse=True)):

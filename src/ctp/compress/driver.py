@@ -361,6 +361,7 @@ def _compress_group(
         del H
         if done is not None:
             done({n: out[n]})
+        release_memory()  # the kernel's freed temporaries back to the system before the next linear's
     return out
 
 

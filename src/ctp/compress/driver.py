@@ -646,8 +646,8 @@ def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps, 
     results: dict[str, tuple[CompressedWeight, dict]] = {}
     with _AsCodes(layer) as as_codes, _OnDisk(layer, stream) as on_disk:
         for names in groups:
+            # (each linear's Hessian and kernel temporaries went back to the system as it finished)
             results.update(_compress_group(layer, names, call, inps, cfg, compute, as_codes.add, on_disk.take))
-            release_memory()  # the group's Hessians and kernel temporaries go back to the system before the next pass
         outs = _run_block(layer, call, inps, compute, out)
     return results, outs
 

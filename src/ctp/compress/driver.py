@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ctp.compress.config import CompressConfig
 from ctp.compress.report import CompressionReport
-from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms, same_bits
+from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms, output_energy, same_bits
 from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
 from ctp.compress.spill import SpilledActivations
 from ctp.compress.weight import CompressedWeight
@@ -271,21 +272,23 @@ def _collect_hessians(layer: nn.Module, names: list[str], call: _BlockCall, inps
     kept = args  # storages a hook must not scale in place: the chunk's block input, the call's arguments
     slots: list[list] = []  # [H, n_samples] per distinct input
     slot_of: dict[str, int] = {}
-    chunk_inputs: dict[int, Tensor] = {}  # slot -> the input tensor it took in this chunk (held: no address reuse)
+    # slot -> the input tensor it took in this chunk, weakly: an input the forward has done with is freed (at the
+    # MLP two (tokens, hidden) matrices less), and a dead reference matches no tensor, so ids never mix
+    chunk_inputs: dict[int, weakref.ref] = {}
 
     def hook(name: str):
         def fn(_mod, inp, _out):
             x = inp[0]  # (b, T, in): Linear and Conv1D alike
             if name not in slot_of:  # first chunk: share a slot with a linear fed the same tensor object
-                same = [s for s, t in chunk_inputs.items() if t is x]
+                same = [s for s, t in chunk_inputs.items() if t() is x]
                 slot_of[name] = same[0] if same else len(slots)
                 if not same:
                     slots.append([None, 0])
             s = slot_of[name]
             fresh = s not in chunk_inputs
-            if not fresh and chunk_inputs[s] is not x:
+            if not fresh and chunk_inputs[s]() is not x:
                 raise RuntimeError(f"{name} no longer shares its input with the linears it shared it with")
-            chunk_inputs[s] = x
+            chunk_inputs[s] = weakref.ref(x)
             complete = all(n in slot_of and slot_of[n] in chunk_inputs for n in names)
             if fresh:
                 # the forward stops right after the group's last input: that input, unless it is the block's input
@@ -344,10 +347,7 @@ def _compress_group(
         if take is not None:
             take(n)
         W = weight_matrix(mod)  # (out, in), a view of the module's weight
-        Wf = W.float()
-        # trace(W H W^T): the output energy, for a relative error (its diagonal part when H is a diagonal)
-        base = float(((Wf * Wf) @ H).sum()) if H.dim() == 1 else float((Wf @ H).mul_(Wf).sum())
-        del Wf
+        base = output_energy(W, H)  # trace(W H W^T), for a relative error (its diagonal part when H is a diagonal)
         t0 = time.perf_counter()
         cw = compress_weight(W, H, count, cfg, lend_h=True)  # H is factored in its own memory, then restored
         set_weight_matrix(mod, cw.weight)

@@ -119,10 +119,24 @@ def input_norms_from_hessian(H: Tensor, n: int) -> Tensor:
 def reconstruction_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     """``trace((W - W') H (W - W')^T)``: equals ``2/n ||W X - W' X||^2`` for H of X. With only H's diagonal (in,)
     it is the part of that error the diagonal holds (exact when the input channels are uncorrelated)."""
-    D = W.float() - W_new.float()  # (out, in)
-    if H.dim() == 1:
-        return float((D * D * H.float()).sum())
-    return float((D @ H.float()).mul_(D).sum())  # the product scaled in place: one (out, in) matrix less
+    return output_energy(W, H, W_new)
+
+
+def output_energy(W: Tensor, H: Tensor, W_new: Tensor | None = None) -> float:
+    """``trace(D H D^T)`` for ``D = W - W_new`` (``D = W`` without ``W_new``), in fp32: for H of inputs X, the
+    energy ``2/n ||D X||^2`` of D's outputs (H's diagonal (in,) gives the part the diagonal holds).
+
+    A band of rows at a time (about ``_PRODUCT_ELEMENTS`` values), so it holds two band-sized matrices instead of
+    two the size of W beside W and W_new; each band's sum is added in double precision."""
+    rows = max(1, _PRODUCT_ELEMENTS // max(1, W.shape[1]))
+    Hf = H.float()
+    total = 0.0
+    for r0 in range(0, W.shape[0], rows):
+        D = W[r0:r0 + rows].float()
+        if W_new is not None:
+            D = D - W_new[r0:r0 + rows].float()
+        total += float((D * D * Hf).sum()) if H.dim() == 1 else float((D @ Hf).mul_(D).sum())
+    return total
 
 
 def _chol_inv_upper_(H: Tensor) -> Tensor | None:

@@ -57,7 +57,7 @@ from ctp.compress.registry import compress_weight, needs_calibration, needs_norm
 from ctp.compress.spill import SpilledActivations
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
-from ctp.io import map_large_allocations, release_memory
+from ctp.io import map_large_allocations, release_memory, trimmed_heap
 from ctp.models.adapter import (check_positions, decoder_layers, get_arch, linear_layers, sequential_groups,
                                 set_weight_matrix, weight_matrix)
 
@@ -467,27 +467,28 @@ def compress_model(
     def new_store(i: int):  # where block i's inputs go: memory, or files under activations_dir
         return [] if acts is None else SpilledActivations(acts / f"block-{i:04d}", device, store)
 
-    inps, calls = [], []
-    if start < len(layers) and data:
-        _check_memory(model, windows, device, cfg, chunk, acts)
-        inps, calls = _block_inputs(model, windows, chunk, source, device, store, ckpt, start, new_store)
+    with trimmed_heap():  # free heap pages go back every 50 ms, not only after each linear: no creep with depth
+        inps, calls = [], []
+        if start < len(layers) and data:
+            _check_memory(model, windows, device, cfg, chunk, acts)
+            inps, calls = _block_inputs(model, windows, chunk, source, device, store, ckpt, start, new_store)
 
-    bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
-               initial=start, total=len(layers))
-    for i in bar:
-        ins = inps
-        records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
-                                            source, spill, new_store(i + 1))
-        if ins is not inps:
-            _discard(ins)  # the block's inputs: its outputs replace them
-        if ckpt is not None:
-            ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
-                            spilled=None if spill is None else spill.block_entries(i, list(records)))
-        err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
-        bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
-        log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
+        bar = tqdm(range(start, len(layers)), desc=f"compress {cfg.label()}", unit="block", disable=not progress,
+                   initial=start, total=len(layers))
+        for i in bar:
+            ins = inps
+            records, inps = _compress_one_block(model, report, i, calls[i] if data else None, inps, cfg, device, dtype,
+                                                source, spill, new_store(i + 1))
+            if ins is not inps:
+                _discard(ins)  # the block's inputs: its outputs replace them
+            if ckpt is not None:
+                ckpt.save_block(i, records, report.layers[-1], inps, t_before + time.perf_counter() - t_start,
+                                spilled=None if spill is None else spill.block_entries(i, list(records)))
+            err, seconds = report.layers[-1]["recon_error"], report.layers[-1]["seconds"]
+            bar.set_postfix(err=f"{err:.3g}", s=f"{seconds:.1f}", refresh=False)
+            log.debug("block %d: %.1fs, recon error %.4g", i, seconds, err)
 
-    _discard(inps)
+        _discard(inps)
     model.train(was_training)
     _finish(report, t_before + time.perf_counter() - t_start)
     log.info("compressed %d linears in %.1fs: sparsity %.4f, mean recon error %.4g",

@@ -13,6 +13,7 @@ checked on load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -423,8 +424,10 @@ def _checked_meta(path: Path, meta: dict, kind: str | None, what: str, digest: C
 MMAP_THRESHOLD = 4 << 20  # bytes: from this size up, glibc serves an allocation from its own mapping
 
 
+@functools.lru_cache(maxsize=None)
 def _libc_function(name: str):
-    """glibc's function ``name`` through ctypes (the GIL released while it runs), or None without glibc."""
+    """glibc's function ``name`` through ctypes (the GIL released while it runs), or None without glibc; looked up
+    once (finding the C library may run ``ldconfig``), not at every trim."""
     import ctypes
     import ctypes.util
 
@@ -475,17 +478,8 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     is no glibc). glibc's default raises that threshold up to 32 MB as large blocks are freed, so a long
     compression, which frees and allocates tensors of many sizes, keeps a fragmented heap at its peak: measured on
     a 24-block, 2,048-wide Llama compressed with GPTQ, see bench/README.md."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is None or not hasattr(libc, "mallopt"):
-            return False
-        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
-    except OSError:
-        return False
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
 
 
 def release_memory() -> None:
@@ -495,15 +489,9 @@ def release_memory() -> None:
     them in the process heap, so the resident size would stay near its peak. Measured after
     loading the 50% + 4-bit SmolLM2 artifact packed: 913 MB resident before, 366 MB after.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)

@@ -10,7 +10,9 @@ from conftest import make_tiny
 from ctp.compress.artifact import load_compressed, save_compressed
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
 from ctp.compress.driver import compress_model
-from ctp.compress.spill import EncodedBlocks
+from ctp.compress.checkpoint import PARKED_DIR
+from ctp.compress.kernels import same_bits
+from ctp.compress.spill import EncodedBlocks, ParkedTensors
 from ctp.errors import CTPError
 from ctp.models.adapter import decoder_layers, linear_layers
 from ctp.models.fingerprint import embedding_fingerprint
@@ -68,6 +70,10 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path, monkeyp
     monkeypatch.setattr(D, "_collect_hessians", lambda layer, names, *a: held.extend(
         n for n in names if not linear_layers(layer)[n].weight.is_meta) or real_collect(layer, names, *a))
     monkeypatch.setattr(D._OnDisk, "_read", lambda self, n: reads.append(n) or real_read(self, n))
+    parked, unparked = [], []  # finished linears written to disk while their block is at work; read back
+    real_put, real_get = ParkedTensors.put, ParkedTensors.get
+    monkeypatch.setattr(ParkedTensors, "put", lambda self, k, t: parked.append(k) or real_put(self, k, t))
+    monkeypatch.setattr(ParkedTensors, "get", lambda self, k: unparked.append(k) or real_get(self, k))
     spill = EncodedBlocks(tmp_path / "spill", torch.float32, source)
     report2 = compress_model(model, None, cfg, device="cpu", calib_ids=IDS, progress=False, chunk=2, source=source,
                              spill=spill)
@@ -82,6 +88,15 @@ def test_by_blocks_equals_the_whole_model_run(recipe, sharded, tmp_path, monkeyp
     n_linears = sum(len(linear_layers(x)) for x in layers)
     assert len(reads) > n_linears * 2 if needs_calibration(cfg) else reads == []
     assert model.get_input_embeddings().weight.is_meta  # and the embedding is left on disk again
+    # every finished linear of a calibrated block waits on disk (codes or mask and kept values), read back for the
+    # block's forwards and once more at its end; nothing is left there
+    if needs_calibration(cfg):
+        big = {"codes"} if cfg.prune is None else {"mask", "kept"} if cfg.quant is None else {"mask", "codes"}
+        assert sorted(parked) == sorted([f"{n}.{a}" for n in linear_layers(layers[0]) for a in big] * len(layers))
+        assert set(unparked) == set(parked) and len(unparked) > 2 * len(parked)
+    else:
+        assert parked == []
+    assert not (tmp_path / PARKED_DIR).exists()
     save_compressed(model, None, report2, tmp_path / "blocks", encoded=spill)
 
     a, _, ca = load_compressed(tmp_path / "whole")
@@ -284,3 +299,39 @@ def test_block_source_reads_every_shape_and_dtype_in_chunks(tmp_path):
     assert torch.equal(source.rows("a", torch.tensor([6, 1]), torch.float16), ts["a"][[6, 1]])
     with pytest.raises(CTPError, match="token id 3000 is outside big's 3000 rows"):
         source.rows("big", torch.tensor([1, 3000]), torch.float32)
+
+
+def test_parked_tensors_come_back_bit_for_bit(tmp_path):
+    """A parked tensor reads back with its bits, shape, dtype and device, as often as asked; discard leaves nothing."""
+    park = ParkedTensors(tmp_path / "parked")
+    values = torch.tensor([[-0.0, 0.0, float("nan"), float("inf")], [1e-45, -3.5, 2.0, 1 / 3]])
+    tensors = {"w.kept": values, "w.mask": values.isfinite(), "w.codes": torch.arange(12, dtype=torch.uint8),
+               "w.t": values.t(), "empty": torch.zeros(0, 3)}
+    for k, t in tensors.items():
+        park.put(k, t)
+    del values
+    for _ in range(2):
+        for k, t in tensors.items():
+            got = park.get(k)
+            assert got.shape == t.shape and got.dtype == t.dtype and got.device == t.device, k
+            assert got.is_contiguous() and same_bits(got, t.contiguous()), k
+    park.discard()
+    assert not (tmp_path / "parked").exists()
+
+
+def test_parking_on_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
+    import builtins
+
+    park = ParkedTensors(tmp_path / "parked")
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):
+        if "w" in mode and str(path).endswith(".bin"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(CTPError) as e:
+        park.put("self_attn.q_proj.codes", torch.zeros(4, 4, dtype=torch.uint8))
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "free disk space" in msg

@@ -14,7 +14,7 @@ from conftest import TINY_CONFIGS
 
 import ctp.compress.driver as D
 from ctp.compress.artifact import COMPRESSED_FILE, DENSE_FILE, save_compressed
-from ctp.compress.checkpoint import STATE_FILE, discard_checkpoint
+from ctp.compress.checkpoint import PARKED_DIR, STATE_FILE, discard_checkpoint
 from ctp.compress.config import CompressConfig, PruneConfig, QuantConfig
 from ctp.errors import CTPError
 from ctp.io import load_tensors
@@ -227,6 +227,8 @@ def test_damaged_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):
 def test_discard_only_removes_checkpoint_files(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
     compress(tiny(), tmp_path)
+    (tmp_path / PARKED_DIR).mkdir()  # as a run killed mid-block leaves it
+    (tmp_path / PARKED_DIR / "mlp.up_proj.codes.bin").write_bytes(b"\0" * 16)
     assert (tmp_path / STATE_FILE).is_file()
     discard_checkpoint(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
@@ -253,6 +255,7 @@ def test_cli_compress_killed_then_rerun_resumes_and_cleans_up(tiny_dir, tmp_path
     monkeypatch.setattr(D, "_compress_group", dying)
     assert main([*argv, "--out", str(out)]) == 130
     assert not out.exists() and (partial / "block-0000.safetensors").is_file()
+    assert not (partial / PARKED_DIR).exists()  # the interrupted block's finished linears left no files
 
     calls["n"] = -10**9  # no more kills; count what the rerun compresses
     assert main([*argv, "--out", str(out)]) == 0

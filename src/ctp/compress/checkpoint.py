@@ -81,6 +81,7 @@ def _inputs_file(root: Path, i: int) -> Path:
 
 ENCODED_DIR = "encoded"
 ACTIVATIONS_DIR = "activations"  # calibration activations kept on disk (ctp.compress.spill.SpilledActivations)
+PARKED_DIR = "parked"  # a block's finished linears while its others are at work (ctp.compress.spill.ParkedTensors)
 
 
 def discard_checkpoint(root: str | Path) -> None:
@@ -103,6 +104,12 @@ def discard_checkpoint(root: str | Path) -> None:
                 d.rmdir()
         with contextlib.suppress(OSError):
             acts.rmdir()
+    parked = root / PARKED_DIR  # left by a run killed mid-block
+    if parked.is_dir():
+        for f in parked.glob("*.bin"):
+            f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            parked.rmdir()
     for f in root.iterdir():
         name = f.name.lstrip(".")
         if f.is_file() and (name.startswith(("block-", "inputs-", STATE_FILE))):

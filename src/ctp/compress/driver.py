@@ -54,7 +54,7 @@ from ctp.compress.config import CompressConfig
 from ctp.compress.report import CompressionReport
 from ctp.compress.kernels import accumulate_hessian, accumulate_sq_norms, output_energy, same_bits
 from ctp.compress.registry import compress_weight, needs_calibration, needs_norms_only
-from ctp.compress.spill import SpilledActivations
+from ctp.compress.spill import ParkedTensors, SpilledActivations
 from ctp.compress.weight import CompressedWeight
 from ctp.errors import require
 from ctp.io import map_large_allocations, release_memory, trimmed_heap
@@ -645,12 +645,22 @@ def _compress_block(model: nn.Module, layer: nn.Module, call: _BlockCall, inps, 
     true_seq = cfg.quant is not None and cfg.quant.true_sequential
     groups = sequential_groups(model, layer) if true_seq else [list(linear_layers(layer))]
     results: dict[str, tuple[CompressedWeight, dict]] = {}
-    with _AsCodes(layer) as as_codes, _OnDisk(layer, stream) as on_disk:
+    with _AsCodes(layer, _parking(stream)) as as_codes, _OnDisk(layer, stream) as on_disk:
         for names in groups:
             # (each linear's Hessian and kernel temporaries went back to the system as it finished)
             results.update(_compress_group(layer, names, call, inps, cfg, compute, as_codes.add, on_disk.take))
         outs = _run_block(layer, call, inps, compute, out)
     return results, outs
+
+
+def _parking(stream: _Stream | None) -> ParkedTensors | None:
+    """Where a block's finished linears wait while its others are calibrated and compressed: on disk beside the
+    encoded blocks for a block read from a checkpoint onto the CPU (:class:`_AsCodes`), else (None) in memory."""
+    from ctp.compress.checkpoint import PARKED_DIR
+
+    if stream is None or stream.spill is None or stream.device.type != "cpu":
+        return None
+    return ParkedTensors(stream.spill.root.parent / PARKED_DIR)
 
 
 class _OnDisk:
@@ -697,11 +707,19 @@ class _AsCodes:
     ones as their integer codes (a quarter of the bytes), pruned ones as their kept values beside the mask (half).
     Each forward rebuilds the weight just before the linear runs and drops it after. Only where the rebuilt weight
     equals the compressed one bit for bit (checked), so no number changes; on exit, normal or not, every weight is
-    back in its module. This lowers the peak while a block's last linears are calibrated and compressed."""
+    back in its module. This lowers the peak while a block's last linears are calibrated and compressed.
 
-    def __init__(self, layer: nn.Module):
+    With ``park`` (:class:`ctp.compress.spill.ParkedTensors`) the waiting forms (codes, masks, kept values) wait on
+    disk instead, read back for each forward: memory then holds the linear at work, not the block's finished ones
+    (on the CPU, a block's finished linears were the larger part of SparseGPT's peak)."""
+
+    BIG = ("mask", "codes")  # the payload tensors as large as the weight; scales and group indices stay
+
+    def __init__(self, layer: nn.Module, park=None):
         self.mods = linear_layers(layer)
-        self.waiting: dict[str, tuple[CompressedWeight, Tensor | None, list]] = {}  # payload, kept values, hooks
+        self.park = park
+        # name -> (payload, kept values, hooks, the names of its tensors on disk)
+        self.waiting: dict[str, tuple[CompressedWeight, Tensor | None, list, list[str]]] = {}
 
     def __enter__(self) -> "_AsCodes":
         return self
@@ -719,17 +737,45 @@ class _AsCodes:
                 continue
             _drop_weight(mod)
             cw.weight = mod.weight  # (meta) the codes or kept values are the only copy now
-            handles = [mod.register_forward_pre_hook(lambda m, _i, cw=cw, kept=kept: _rebuild_weight(m, cw, kept)),
+            parked = []
+            if self.park is not None:
+                for attr in self.BIG:
+                    if getattr(cw, attr) is not None:
+                        self.park.put(f"{n}.{attr}", getattr(cw, attr))
+                        setattr(cw, attr, None)
+                        parked.append(attr)
+                if kept is not None:
+                    self.park.put(f"{n}.kept", kept)
+                    kept = None
+                    parked.append("kept")
+            handles = [mod.register_forward_pre_hook(lambda m, _i, n=n: self._rebuild(n)),
                        mod.register_forward_hook(lambda m, _i, _o: _drop_weight(m))]
-            self.waiting[n] = (cw, kept, handles)
+            self.waiting[n] = (cw, kept, handles, parked)
+
+    def _rebuild(self, n: str, for_good: bool = False) -> None:
+        """Linear ``n``'s weight back in its module, its parked tensors read for the while (``for_good``: kept in
+        its payload again)."""
+        cw, kept, _, parked = self.waiting[n]
+        read = {attr: self.park.get(f"{n}.{attr}") for attr in parked}
+        kept = read.pop("kept", kept)
+        for attr, t in read.items():
+            setattr(cw, attr, t)
+        _rebuild_weight(self.mods[n], cw, kept)
+        if not for_good:
+            for attr in read:
+                setattr(cw, attr, None)
 
     def __exit__(self, *exc) -> None:
-        for n, (cw, kept, handles) in self.waiting.items():
-            for h in handles:
-                h.remove()
-            _rebuild_weight(self.mods[n], cw, kept)
-            cw.weight = weight_matrix(self.mods[n]).detach()
-        self.waiting.clear()
+        try:
+            for n, (cw, _, handles, _) in self.waiting.items():
+                for h in handles:
+                    h.remove()
+                self._rebuild(n, for_good=True)
+                cw.weight = weight_matrix(self.mods[n]).detach()
+            self.waiting.clear()
+        finally:
+            if self.park is not None:
+                self.park.discard()
 
 
 def _rebuilt(cw: CompressedWeight, kept: Tensor | None) -> Tensor:

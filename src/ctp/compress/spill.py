@@ -5,7 +5,8 @@ Together with :mod:`ctp.models.shards` (blocks read when they are compressed) th
 needs grows with one block, not with the model.
 
 The calibration activations can leave memory too (:class:`SpilledActivations`): a block's inputs and
-outputs on disk, one chunk of windows in memory at a time, for calibrations larger than memory.
+outputs on disk, one chunk of windows in memory at a time, for calibrations larger than memory. And so can
+a block's compressed linears while its last ones are still at work (:class:`ParkedTensors`).
 """
 
 from __future__ import annotations
@@ -114,6 +115,55 @@ class EncodedBlocks:
             return f.get_tensor(name)
 
 
+def _write_raw(path: Path, t: Tensor, what: str, fix: str) -> None:
+    """``t``'s exact bytes (CPU, contiguous) to ``path``; a failed write is a :class:`CTPError` naming ``what``,
+    with ``fix``."""
+    try:
+        with open(path, "wb") as f:
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    except OSError as e:
+        raise CTPError(f"cannot write {what} to {path} ({e.strerror or e})", fix) from e
+
+
+def _read_raw(path: Path, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The tensor :func:`_write_raw` wrote, bit for bit, on ``device``."""
+    n = math.prod(shape)
+    if not n:
+        return torch.empty(shape, dtype=dtype, device=device)
+    t = torch.from_file(str(path), shared=False, size=n * dtype.itemsize, dtype=torch.uint8)
+    return t.view(dtype).view(shape).to(device)
+
+
+class ParkedTensors:
+    """Tensors set aside on disk while they wait, one raw file each under ``root``: :meth:`put` writes a tensor's
+    exact bytes (the caller then drops its own reference), :meth:`get` reads a copy back where the tensor was,
+    bit for bit, as often as asked; :meth:`discard` removes the files and the directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.bin"
+
+    def put(self, key: str, t: Tensor) -> None:
+        _write_raw(self._path(key), t.detach().cpu().contiguous(), "a finished linear of the block",
+                   f"free disk space under {self.root.parent}, where a block's finished linears wait")
+        self._meta[key] = (tuple(t.shape), t.dtype, t.device)
+
+    def get(self, key: str) -> Tensor:
+        return _read_raw(self._path(key), *self._meta[key])
+
+    def discard(self) -> None:
+        for key in self._meta:
+            self._path(key).unlink(missing_ok=True)
+        self._meta.clear()
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+
+
 class SpilledActivations:
     """A block's calibration hidden states on disk: a sequence of chunks (one tensor per chunk of windows, as the
     driver's in-memory list holds them), one raw file each under ``root``, read back one at a time.
@@ -134,26 +184,15 @@ class SpilledActivations:
 
     def append(self, t: Tensor) -> None:
         t = t.detach().to("cpu", self.dtype).contiguous()
-        path = self._path(len(self._shapes))
-        try:
-            with open(path, "wb") as f:
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        except OSError as e:
-            raise CTPError(f"cannot write calibration activations to {path} ({e.strerror or e})",
-                           f"free disk space under {self.root.parent}, or compress without offloading them") from e
+        _write_raw(self._path(len(self._shapes)), t, "calibration activations",
+                   f"free disk space under {self.root.parent}, or compress without offloading the activations")
         self._shapes.append(tuple(t.shape))
 
     def __len__(self) -> int:
         return len(self._shapes)
 
     def __getitem__(self, j: int) -> Tensor:
-        shape = self._shapes[j]
-        n = math.prod(shape)
-        if not n:
-            return torch.empty(shape, dtype=self.dtype, device=self.device)
-        t = torch.from_file(str(self._path(j)), shared=False, size=n * self.dtype.itemsize, dtype=torch.uint8)
-        return t.view(self.dtype).view(shape).to(self.device)
+        return _read_raw(self._path(j), self._shapes[j], self.dtype, self.device)
 
     def __iter__(self) -> Iterator[Tensor]:
         return (self[j] for j in range(len(self)))
@@ -167,4 +206,4 @@ class SpilledActivations:
             self.root.rmdir()
 
 
-__all__ = ["EncodedBlocks", "SpilledActivations"]
+__all__ = ["EncodedBlocks", "ParkedTensors", "SpilledActivations"]

@@ -11,6 +11,11 @@ records the child's peak resident set size (``VmHWM``) against the model's fp16 
 * ``offload``: ``blocks`` with the calibration activations on disk, one ``--calib-batch`` of windows in memory
   at a time (``ctp compress --offload-activations``).
 
+With ``--stages`` each child also samples its resident set every few milliseconds and reports the highest
+reading in each stage of a block's work (the Hessian pass, each linear's kernel by weight shape, the pass that
+makes the next block's inputs, the block's other steps, between blocks), the largest over all blocks: where the
+peak is.
+
 All run resumable, with a compression checkpoint beside the output, as ``ctp compress`` does.
 
 All runs store the dense parts in fp16 (``ctp compress --save-dtype auto``). The calibration activations
@@ -72,9 +77,74 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class StageSampler:
+    """The highest resident set seen in each stage of the driver's block loop: a thread reads ``VmRSS`` every
+    ``period`` seconds under the label of the step running (the driver's steps are wrapped for the while; their
+    results are untouched). ``peaks``: stage -> [bytes, block where it was highest]."""
+
+    def __init__(self, period: float = 0.003):
+        import threading
+
+        self.period, self.stage, self.block = period, "before the blocks", -1
+        self.peaks: dict[str, list[int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, stage = current_rss(), self.stage
+            if rss > self.peaks.setdefault(stage, [0, self.block])[0]:
+                self.peaks[stage] = [rss, self.block]
+            self._stop.wait(self.period)
+
+    def _label(self, stage, fn, block_arg: int | None = None, after: str = "between blocks"):
+        def wrapped(*a, **k):
+            if block_arg is not None:
+                self.block = a[block_arg]
+            self.stage = stage(a) if callable(stage) else stage
+            try:
+                return fn(*a, **k)
+            finally:
+                self.stage = after
+
+        return wrapped
+
+    def __enter__(self) -> "StageSampler":
+        import ctp.compress.driver as D
+
+        self._saved = {n: getattr(D, n) for n in ("_compress_one_block", "_collect_hessians", "compress_weight",
+                                                   "_run_block")}
+        # "block at work": the block's other steps (reading it, rebuilding and encoding its weights at the end)
+        D._compress_one_block = self._label("block at work", D._compress_one_block, block_arg=2)
+        D._collect_hessians = self._label("Hessian pass", D._collect_hessians, after="block at work")
+        D.compress_weight = self._label(lambda a: f"kernel {tuple(a[0].shape)}", D.compress_weight,
+                                        after="block at work")
+        D._run_block = self._label("next block's inputs", D._run_block, after="block at work")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ctp.compress.driver as D
+
+        self._stop.set()
+        self._thread.join()
+        for n, fn in self._saved.items():
+            setattr(D, n, fn)
+
+
 def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int, threads: int,
-          calib_batch: int = 8) -> dict[str, Any]:
-    """One compression in this (fresh) process; returns its peak RSS and time."""
+          calib_batch: int = 8, stages: bool = False) -> dict[str, Any]:
+    """One compression in this (fresh) process; returns its peak RSS and time (and with ``stages`` the peak of
+    each stage, :class:`StageSampler`)."""
+    from contextlib import nullcontext
+
     torch.set_num_threads(threads)
     from ctp.compress.artifact import default_dense_dtype, save_compressed
     from ctp.compress.checkpoint import ACTIVATIONS_DIR, ENCODED_DIR, checkpoint_dir_for
@@ -97,13 +167,16 @@ def child(mode: str, src: str, out: str, recipe: str, nsamples: int, seqlen: int
     partial = checkpoint_dir_for(out)  # resumable, as `ctp compress` runs it (its memory included)
     if mode in ("blocks", "offload"):
         spill = EncodedBlocks(partial / ENCODED_DIR, dense_dtype, source)
-    report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source, spill=spill,
-                            checkpoint_dir=partial, chunk=calib_batch,
-                            activations_dir=partial / ACTIVATIONS_DIR if mode == "offload" else None)
+    with StageSampler() if stages else nullcontext() as sampler:
+        report = compress_model(model, tok, cfg, device="cpu", calib_ids=ids, progress=False, source=source,
+                                spill=spill, checkpoint_dir=partial, chunk=calib_batch,
+                                activations_dir=partial / ACTIVATIONS_DIR if mode == "offload" else None)
     storage = save_compressed(model, tok, report, out, dense_dtype=dense_dtype, encoded=spill)
-    return {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0,
-            "peak_rss_bytes": peak_rss(),
-            "rss_after_imports_bytes": rss_start, "artifact_bytes": storage["weights_file_bytes"]}
+    row = {"mode": mode, "recipe": recipe, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss(),
+           "rss_after_imports_bytes": rss_start, "artifact_bytes": storage["weights_file_bytes"]}
+    if sampler is not None:
+        row["stages"] = [{"stage": k, "peak_rss_bytes": v[0], "block": v[1]} for k, v in sampler.peaks.items()]
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -118,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-batch", type=int, default=8,
                    help="calibration windows per block forward (ctp compress --calib-batch; default 8)")
+    p.add_argument("--stages", action="store_true",
+                   help="also report the peak of each stage of a block's work (RSS sampled every 3 ms)")
     p.add_argument("--workdir", default=None, help="where the model and artifacts go (default: a temporary dir)")
     p.add_argument("--child", default=None, help="(internal) JSON arguments of one child run")
     args = p.parse_args(argv)
@@ -138,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in args.modes.split(","):
                 spec = {"mode": mode, "src": str(src), "out": str(Path(tmp) / f"{mode}-{recipe}"),
                         "recipe": recipe, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "threads": args.threads or 1, "calib_batch": args.calib_batch}
+                        "threads": args.threads or 1, "calib_batch": args.calib_batch, "stages": args.stages}
                 proc = subprocess.run([sys.executable, "-m", "bench.compress_memory", "--child", json.dumps(spec)],
                                       capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -178,6 +253,10 @@ def report(r: dict[str, Any]) -> str:
              table(r["runs"], ["mode", "recipe", "seconds", "peak_rss_bytes", "peak_rss_vs_fp16",
                                "peak_minus_activations_vs_fp16", "rss_after_imports_bytes", "artifact_bytes"],
                    "peak resident memory of one compression (child process, VmHWM)")]
+    for row in r["runs"]:
+        if "stages" in row:
+            parts.append(table(row["stages"], ["stage", "peak_rss_bytes", "block"],
+                               f"{row['mode']} {row['recipe']}: highest resident set in each stage"))
     if "bit_identical" in r:
         parts.append("artifacts bit-identical: " + ", ".join(f"{k} {v}" for k, v in r["bit_identical"].items()))
     parts.append(f"wall time {r['wall_s']:.0f}s")

@@ -292,10 +292,18 @@ def test_compress_memory_bench_at_toy_size():
     from bench import compress_memory
 
     r = compress_memory.main(["--threads", "1", "--hidden", "128", "--layers", "1", "--recipes", "gptq",
-                              "--modes", "blocks,offload", "--nsamples", "4", "--seqlen", "32", "--calib-batch", "2"])
+                              "--modes", "blocks,offload", "--nsamples", "4", "--seqlen", "32", "--calib-batch", "2",
+                              "--stages"])
     assert [row["mode"] for row in r["runs"]] == ["blocks", "offload"]
     assert all(row["peak_rss_bytes"] > row["rss_after_imports_bytes"] > 0 for row in r["runs"])
     assert r["bit_identical"] == {"gptq (blocks vs offload)": True}
+    # --stages: each stage of the block's work was seen, never above the process's high-water mark; GPTQ's
+    # kernel ran on the MLP's two weight shapes (hidden 128, intermediate 320)
+    for row in r["runs"]:
+        stages = {s["stage"]: s["peak_rss_bytes"] for s in row["stages"]}
+        assert {"Hessian pass", "next block's inputs", "block at work", "kernel (320, 128)",
+                "kernel (128, 320)"} <= set(stages)
+        assert all(0 < v <= row["peak_rss_bytes"] for v in stages.values())
 
 
 def test_inference_dequant_section_smoke():

@@ -68,20 +68,23 @@ def build_model(hidden: int, layers: int, out: Path) -> int:
     return 2 * n
 
 
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (``VmHWM``, ``VmRSS``) as bytes, or None where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss() -> int:
     """This process's peak resident set size since its ``exec`` (``VmHWM``). Not ``ru_maxrss``: on Linux that
     keeps the high-water mark of the parent's pages shared at ``fork``, so a child of a big process reads big."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 class StageSampler:
